@@ -1,0 +1,454 @@
+//! Configuration: the structs, their documented defaults, loading and validation.
+//!
+//! Loading order (lowest to highest precedence): built-in defaults, the TOML file
+//! (or the embedded `config/tether.toml` when none is given), then environment
+//! variables `TETHER_<SECTION>__<KEY>`. Unknown keys are errors, and [`Config::validate`]
+//! reports every problem at once so an operator fixes a file in one pass.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The commented default configuration, compiled in so `tether` runs with no file.
+pub const EMBEDDED_CONFIG: &str = include_str!("../config/tether.toml");
+
+/// Prefix of environment overrides; `__` separates nesting levels because a single
+/// `_` collides with snake_case keys.
+pub const ENV_PREFIX: &str = "TETHER_";
+
+/// Forward-proxy listener: Squid's customary port, loopback so nothing is exposed by default.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:3128";
+/// Admin listener (Envoy's customary admin port), loopback by default.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Shorter than most clients' own idle timeouts (Go: 90 s) so tether, not the
+/// client, decides when a leaked connection dies.
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 4096;
+/// hyper's own default read buffer limit is ~400 KiB; 64 KiB is what nginx and
+/// HAProxy accept by default for a request head and keeps per-connection memory small.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Declares the pool keys once: generates [`PoolConfig`] (the `[pool]` table) and
+/// [`UpstreamConfig`], whose `[[upstream]]` tables take the same keys as optional
+/// overrides beside their own. (serde's `flatten` cannot be combined with
+/// `deny_unknown_fields`, so the keys are spelled into both structs here.)
+macro_rules! pool_keys {
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr $(, with $serde:literal)?; )*) => {
+        /// Limits of one upstream's pool. `config/tether.toml` documents each key.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct PoolConfig {
+            $( $(#[$doc])* $(#[serde(with = $serde)])? pub $name: $ty, )*
+        }
+
+        impl Default for PoolConfig {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        /// One `[[upstream]]`: a named origin tether may reach, with its own pool.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct UpstreamConfig {
+            /// Metric label and route target; `[a-z0-9_-]`, unique.
+            pub name: String,
+            /// `host:port` of the origin.
+            pub origin: String,
+            /// Originate TLS to the origin (clients speak plain HTTP to tether).
+            #[serde(default)]
+            pub tls: bool,
+            /// TLS server name; defaults to the origin's host.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub sni: Option<String>,
+            /// Extra PEM trust anchors, added to the system roots.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub ca_file: Option<PathBuf>,
+            /// Accept any certificate. Logged as a warning at start-up.
+            #[serde(default)]
+            pub insecure_skip_verify: bool,
+            /// Which HTTP version to speak to the origin.
+            #[serde(default)]
+            pub protocol: Protocol,
+            /// Rewrite `WWW-Authenticate` realms and `Location` headers that point at
+            /// another configured upstream so the follow-up request comes through tether.
+            #[serde(default = "default_true")]
+            pub rewrite_realm: bool,
+            $(
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                $(#[serde(with = $serde)])?
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        impl UpstreamConfig {
+            /// A plain upstream with every pool key taken from `[pool]`.
+            pub fn new(name: impl Into<String>, origin: impl Into<String>) -> Self {
+                Self {
+                    name: name.into(),
+                    origin: origin.into(),
+                    tls: false,
+                    sni: None,
+                    ca_file: None,
+                    insecure_skip_verify: false,
+                    protocol: Protocol::default(),
+                    rewrite_realm: true,
+                    $( $name: None, )*
+                }
+            }
+
+            /// The pool limits in force for this upstream: `defaults` with this
+            /// upstream's overrides applied.
+            pub fn pool(&self, defaults: &PoolConfig) -> PoolConfig {
+                let mut pool = PoolConfig { $( $name: self.$name.clone().unwrap_or_else(|| defaults.$name.clone()), )* };
+                // A lowered cap carries the inherited max_idle down with it; only an
+                // explicit max_idle above the cap is an error.
+                if self.max_idle.is_none() {
+                    pool.max_idle = pool.max_idle.min(pool.max_connections);
+                }
+                pool
+            }
+        }
+    };
+}
+
+pool_keys! {
+    /// Hard cap: connecting + active + idle (+ tunnels).
+    max_connections: usize = 32;
+    max_idle: usize = 16;
+    idle_timeout: Duration = Duration::from_secs(30), with "humantime_serde";
+    reap_interval: Duration = Duration::from_secs(1), with "humantime_serde";
+    max_lifetime: Duration = Duration::from_secs(600), with "humantime_serde";
+    max_requests_per_connection: u64 = 1000;
+    queue_limit: usize = 1024;
+    queue_timeout: Duration = Duration::from_secs(5), with "humantime_serde";
+    connect_timeout: Duration = Duration::from_secs(3), with "humantime_serde";
+    response_header_timeout: Duration = Duration::from_secs(30), with "humantime_serde";
+    request_timeout: Duration = Duration::from_secs(60), with "humantime_serde";
+    tunnel_idle_timeout: Duration = Duration::from_secs(60), with "humantime_serde";
+    min_idle_for_eviction: Duration = Duration::from_secs(1), with "humantime_serde";
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The HTTP version spoken to an upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// ALPN offers h2 and http/1.1 over TLS; plain TCP uses HTTP/1.1.
+    #[default]
+    Auto,
+    Http1,
+    /// h2 over TLS (ALPN) or prior knowledge over plain TCP.
+    Http2,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub egress: EgressConfig,
+    pub pool: PoolConfig,
+    pub upstream: Vec<UpstreamConfig>,
+    pub route: Vec<RouteConfig>,
+}
+
+/// `[proxy]`: the forward-proxy listener and limits on the client side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    pub max_client_connections: usize,
+    pub max_header_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_PROXY_LISTEN.parse().expect("valid default"),
+            client_idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_client_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// `[admin]`: metrics, health and debug endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+        }
+    }
+}
+
+/// `[egress]`: which origins beyond the listed upstreams may be reached.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// `host:port`, `*.suffix:port`, `host:*` patterns.
+    pub allow: Vec<String>,
+    /// Let allow patterns reach loopback, link-local and unspecified addresses.
+    pub allow_private: bool,
+}
+
+/// `[[route]]`: a plain HTTP listener standing in for one upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub listen: SocketAddr,
+    pub upstream: String,
+}
+
+/// One problem found while loading or validating, with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct ConfigError(pub Vec<Problem>);
+
+impl Config {
+    /// Defaults, then `path` (or the embedded default config when `None`), then
+    /// `TETHER_` environment variables; validated.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(p) if !p.exists() => {
+                return Err(ConfigError(vec![Problem {
+                    path: String::new(),
+                    message: format!("config file {} does not exist", p.display()),
+                }]))
+            }
+            Some(p) => Toml::file_exact(p),
+            None => Toml::string(EMBEDDED_CONFIG),
+        };
+        Self::from_figment(
+            Self::figment()
+                .merge(file)
+                .merge(Env::prefixed(ENV_PREFIX).split("__")),
+        )
+    }
+
+    /// Parses a TOML document on top of the defaults (no environment); validated.
+    pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment().merge(Toml::string(toml)))
+    }
+
+    fn figment() -> Figment {
+        Figment::from(Serialized::defaults(Config::default()))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(|errors| {
+            ConfigError(
+                errors
+                    .into_iter()
+                    .map(|e| Problem {
+                        path: e.path.join("."),
+                        message: e.kind.to_string(),
+                    })
+                    .collect(),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the relations serde cannot: limits that contradict each other, routes
+    /// naming unknown upstreams, listeners sharing an address. Reports all at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+
+        check_pool("pool", &self.pool, &mut problem);
+        if self.proxy.max_client_connections == 0 {
+            problem(
+                "proxy.max_client_connections".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.proxy.max_header_bytes < 1024 {
+            problem(
+                "proxy.max_header_bytes".into(),
+                "must be at least 1024".into(),
+            );
+        }
+        for (key, d) in [
+            ("client_idle_timeout", self.proxy.client_idle_timeout),
+            ("header_read_timeout", self.proxy.header_read_timeout),
+        ] {
+            if d.is_zero() {
+                problem(format!("proxy.{key}"), "must be greater than zero".into());
+            }
+        }
+
+        let mut names = HashSet::new();
+        let mut origins = HashSet::new();
+        for (i, up) in self.upstream.iter().enumerate() {
+            let at = format!("upstream[{i}]");
+            if up.name.is_empty()
+                || !up
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                problem(
+                    format!("{at}.name"),
+                    format!(
+                        "{:?} must be non-empty and use only a-z, 0-9, '-', '_'",
+                        up.name
+                    ),
+                );
+            } else if !names.insert(up.name.as_str()) {
+                problem(
+                    format!("{at}.name"),
+                    format!("upstream {:?} is defined twice", up.name),
+                );
+            }
+            match crate::policy::Origin::parse_authority(&up.origin) {
+                Ok(origin) => {
+                    if !origins.insert(origin) {
+                        problem(
+                            format!("{at}.origin"),
+                            format!("origin {:?} is listed by two upstreams", up.origin),
+                        );
+                    }
+                }
+                Err(e) => problem(format!("{at}.origin"), format!("{:?}: {e}", up.origin)),
+            }
+            if !up.tls && (up.sni.is_some() || up.ca_file.is_some() || up.insecure_skip_verify) {
+                problem(
+                    format!("{at}.tls"),
+                    "sni, ca_file and insecure_skip_verify need tls = true".into(),
+                );
+            }
+            if let Some(ca) = &up.ca_file {
+                if !ca.is_file() {
+                    problem(
+                        format!("{at}.ca_file"),
+                        format!("{} is not a readable file", ca.display()),
+                    );
+                }
+            }
+            check_pool(&at, &up.pool(&self.pool), &mut problem);
+        }
+
+        for (i, route) in self.route.iter().enumerate() {
+            if !names.contains(route.upstream.as_str()) {
+                problem(
+                    format!("route[{i}].upstream"),
+                    format!("no upstream is named {:?}", route.upstream),
+                );
+            }
+        }
+
+        let mut listeners: Vec<(String, SocketAddr)> = vec![
+            ("proxy.listen".into(), self.proxy.listen),
+            ("admin.listen".into(), self.admin.listen),
+        ];
+        listeners.extend(
+            self.route
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (format!("route[{i}].listen"), r.listen)),
+        );
+        for (i, (path, addr)) in listeners.iter().enumerate() {
+            if addr.port() == 0 {
+                continue; // the kernel picks a distinct port for each
+            }
+            if let Some((first, _)) = listeners[..i].iter().find(|(_, a)| a == addr) {
+                problem(path.clone(), format!("{addr} is already used by {first}"));
+            }
+        }
+
+        for (i, pattern) in self.egress.allow.iter().enumerate() {
+            if let Err(e) = crate::policy::Pattern::parse(pattern) {
+                problem(format!("egress.allow[{i}]"), format!("{pattern:?}: {e}"));
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    /// The effective configuration as TOML, for `tether check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration serializes to TOML")
+    }
+}
+
+fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, String)) {
+    if pool.max_connections == 0 {
+        problem(format!("{at}.max_connections"), "must be at least 1".into());
+    }
+    if pool.max_idle > pool.max_connections {
+        problem(
+            format!("{at}.max_idle"),
+            format!(
+                "{} exceeds max_connections ({})",
+                pool.max_idle, pool.max_connections
+            ),
+        );
+    }
+    if pool.max_requests_per_connection == 0 {
+        problem(
+            format!("{at}.max_requests_per_connection"),
+            "must be at least 1".into(),
+        );
+    }
+    for (key, d) in [
+        ("idle_timeout", pool.idle_timeout),
+        ("reap_interval", pool.reap_interval),
+        ("max_lifetime", pool.max_lifetime),
+        ("connect_timeout", pool.connect_timeout),
+        ("response_header_timeout", pool.response_header_timeout),
+        ("request_timeout", pool.request_timeout),
+        ("tunnel_idle_timeout", pool.tunnel_idle_timeout),
+    ] {
+        if d.is_zero() {
+            problem(format!("{at}.{key}"), "must be greater than zero".into());
+        }
+    }
+}

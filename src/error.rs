@@ -1,0 +1,97 @@
+//! Errors a request can meet on its way through tether, and the one place that maps
+//! them to what the client sees: a status, an `x-tether-error` code and a plain-text
+//! body naming the cause.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+/// Header naming the cause of a response tether synthesised itself.
+pub const ERROR_HEADER: &str = "x-tether-error";
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why tether could not (or would not) forward a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("malformed request target: {0}")]
+    BadTarget(String),
+    #[error("method {0} is not supported here")]
+    MethodNotAllowed(http::Method),
+    #[error("{origin} is not allowed by the egress policy")]
+    Denied { origin: String },
+    #[error("{origin} resolves to a private or link-local address ({addr}), which allow patterns may not reach")]
+    DeniedPrivate {
+        origin: String,
+        addr: std::net::IpAddr,
+    },
+    #[error("too many requests are already waiting for a connection to {upstream}")]
+    QueueFull { upstream: String },
+    #[error("no connection to {upstream} became free within {:?}", .timeout)]
+    QueueTimeout { upstream: String, timeout: Duration },
+    #[error("connecting to {origin} took longer than {:?}", .timeout)]
+    ConnectTimeout { origin: String, timeout: Duration },
+    #[error("could not connect to {origin}: {source}")]
+    Connect {
+        origin: String,
+        source: std::io::Error,
+    },
+    #[error("TLS with {origin} failed: {reason}")]
+    Tls { origin: String, reason: String },
+    #[error("{origin} sent no response head within {:?}", .timeout)]
+    ResponseHeaderTimeout { origin: String, timeout: Duration },
+    #[error("the exchange with {origin} took longer than {:?}", .timeout)]
+    RequestTimeout { origin: String, timeout: Duration },
+    #[error("upstream {origin} failed: {source}")]
+    Upstream {
+        origin: String,
+        source: hyper::Error,
+    },
+    #[error("upstream {origin} kept closing pooled connections before the request could be sent")]
+    UpstreamClosed { origin: String },
+    #[error("tether is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    /// The status and `x-tether-error` code for this error. The single place where
+    /// failures are classified.
+    pub fn classify(&self) -> (StatusCode, &'static str) {
+        use ProxyError::*;
+        match self {
+            BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target"),
+            MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Denied { .. } | DeniedPrivate { .. } => (StatusCode::FORBIDDEN, "denied"),
+            QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
+            QueueTimeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_timeout"),
+            ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout"),
+            Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream_connect"),
+            Tls { .. } => (StatusCode::BAD_GATEWAY, "upstream_tls"),
+            ResponseHeaderTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            RequestTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
+            Upstream { .. } | UpstreamClosed { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),
+            ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        }
+    }
+
+    /// The response the client sees.
+    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+        let (status, code) = self.classify();
+        let mut body = self.to_string();
+        body.push('\n');
+        let mut resp = Response::new(B::from(Bytes::from(body)));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(code));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // A waiting client should come back once the pool has had time to drain.
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

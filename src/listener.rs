@@ -1,0 +1,453 @@
+//! Client connections: accept loops, the per-connection watcher that enforces
+//! `header_read_timeout` and `client_idle_timeout`, the `max_client_connections`
+//! limit (closing the longest-idle client first), and downstream accounting.
+//!
+//! Every accepted socket is registered here and carries a [`ClientGuard`] inside its
+//! IO, so the `tether_downstream_connections` gauge falls exactly when the socket is
+//! dropped — also when it was upgraded into a CONNECT tunnel.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics::{Counter, Gauge};
+use parking_lot::Mutex;
+use pin_project_lite::pin_project;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::proxy::{self, Mode};
+use crate::telemetry::{self as t, Telemetry};
+use crate::Shared;
+
+/// Why a client connection closed: the `reason` label of the closed counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClientClose {
+    ClientClosed = 0,
+    IdleTimeout = 1,
+    HeaderTimeout = 2,
+    Evicted = 3,
+    Shutdown = 4,
+    Error = 5,
+    /// Refused at accept: `max_client_connections` reached and none idle.
+    Limit = 6,
+}
+
+const CLOSE_REASONS: [&str; 7] = [
+    "client_closed",
+    "idle_timeout",
+    "header_timeout",
+    "evicted",
+    "shutdown",
+    "error",
+    "limit",
+];
+
+/// Downstream accounting shared by all listeners.
+pub struct Downstream {
+    active: Gauge,
+    idle: Gauge,
+    opened: Counter,
+    closed: [Counter; 7],
+    rejected: Mutex<HashMap<&'static str, Counter>>,
+    telemetry: Arc<Telemetry>,
+    conns: Mutex<HashMap<u64, Arc<ClientConn>>>,
+    ids: AtomicU64,
+}
+
+/// One client connection's shared state.
+pub struct ClientConn {
+    pub id: u64,
+    pub peer: SocketAddr,
+    base: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds since `base` when the connection last went idle.
+    idle_since: AtomicU64,
+    /// Milliseconds since `base` (+1, 0 = none) when the first byte of a request
+    /// head arrived on an idle connection.
+    head_started: AtomicU64,
+    reason: AtomicU8,
+    changed: Notify,
+    kill: Notify,
+    downstream: Arc<Downstream>,
+}
+
+impl Downstream {
+    pub fn new(telemetry: Arc<Telemetry>) -> Arc<Downstream> {
+        Arc::new(Downstream {
+            active: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "active")]),
+            idle: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "idle")]),
+            opened: telemetry.counter(t::DOWNSTREAM_OPENED, &[]),
+            closed: CLOSE_REASONS
+                .map(|r| telemetry.counter(t::DOWNSTREAM_CLOSED, &[("reason", r)])),
+            rejected: Mutex::default(),
+            telemetry,
+            conns: Mutex::default(),
+            ids: AtomicU64::new(1),
+        })
+    }
+
+    /// Counts a request refused before it reached an upstream, by its error code.
+    pub fn reject(&self, code: &'static str) {
+        self.rejected
+            .lock()
+            .entry(code)
+            .or_insert_with(|| {
+                self.telemetry
+                    .counter(t::DOWNSTREAM_REJECTED, &[("reason", code)])
+            })
+            .increment(1);
+    }
+
+    pub fn open(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    fn register(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
+        let base = Instant::now();
+        let conn = Arc::new(ClientConn {
+            id: self.ids.fetch_add(1, Ordering::Relaxed),
+            peer,
+            base,
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            // A new connection is reading its first head from the start, so a client
+            // that connects and sends nothing is closed after header_read_timeout.
+            head_started: AtomicU64::new(1),
+            reason: AtomicU8::new(ClientClose::ClientClosed as u8),
+            changed: Notify::new(),
+            kill: Notify::new(),
+            downstream: self.clone(),
+        });
+        self.conns.lock().insert(conn.id, conn.clone());
+        self.opened.increment(1);
+        self.idle.increment(1.0);
+        conn
+    }
+
+    /// Asks the client connection idle longest to close; false when none is idle.
+    fn evict_idle(&self) -> bool {
+        let conns = self.conns.lock();
+        let victim = conns
+            .values()
+            .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
+            .max_by_key(|c| c.idle_for());
+        match victim {
+            Some(c) => {
+                c.set_reason(ClientClose::Evicted);
+                c.kill.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Per-client summary for `/debug/clients`: connections and requests in flight
+    /// per peer address, most connections first.
+    pub fn clients(&self) -> Vec<ClientSummary> {
+        let mut by_ip: HashMap<std::net::IpAddr, ClientSummary> = HashMap::new();
+        for c in self.conns.lock().values() {
+            let entry = by_ip.entry(c.peer.ip()).or_insert_with(|| ClientSummary {
+                address: c.peer.ip().to_string(),
+                connections: 0,
+                active: 0,
+            });
+            entry.connections += 1;
+            if c.in_flight.load(Ordering::Relaxed) > 0 {
+                entry.active += 1;
+            }
+        }
+        let mut out: Vec<_> = by_ip.into_values().collect();
+        out.sort_by_key(|c| std::cmp::Reverse(c.connections));
+        out
+    }
+
+    /// Asks every idle client connection to close (shutdown).
+    pub fn close_idle(&self) {
+        for c in self.conns.lock().values() {
+            c.set_reason(ClientClose::Shutdown);
+            c.kill.notify_one();
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClientSummary {
+    pub address: String,
+    pub connections: usize,
+    pub active: usize,
+}
+
+impl ClientConn {
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    fn idle_for(&self) -> Duration {
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.idle_since.load(Ordering::Relaxed)),
+        )
+    }
+
+    fn set_reason(&self, reason: ClientClose) {
+        self.reason.store(reason as u8, Ordering::Relaxed);
+    }
+
+    /// Marks a request in flight until the returned guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        self.head_started.store(0, Ordering::Relaxed);
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.downstream.idle.decrement(1.0);
+            self.downstream.active.increment(1.0);
+            self.changed.notify_one();
+        }
+        RequestGuard { conn: self.clone() }
+    }
+
+    fn bytes_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+        {
+            self.head_started
+                .store(self.now_ms() + 1, Ordering::Relaxed);
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// A request in flight on a client connection; dropped when its response is done.
+pub struct RequestGuard {
+    conn: Arc<ClientConn>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let conn = &self.conn;
+        conn.idle_since.store(conn.now_ms(), Ordering::Relaxed);
+        if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            conn.downstream.active.decrement(1.0);
+            conn.downstream.idle.increment(1.0);
+            conn.changed.notify_one();
+        }
+    }
+}
+
+/// Lives inside the client socket's IO: deregisters and counts the close when the
+/// socket is dropped.
+struct ClientGuard {
+    conn: Arc<ClientConn>,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let conn = &self.conn;
+        let d = &conn.downstream;
+        d.conns.lock().remove(&conn.id);
+        if conn.in_flight.load(Ordering::Acquire) > 0 {
+            d.active.decrement(1.0);
+        } else {
+            d.idle.decrement(1.0);
+        }
+        d.closed[conn.reason.load(Ordering::Relaxed) as usize].increment(1);
+    }
+}
+
+pin_project! {
+    /// The client socket, noting when a request head starts arriving.
+    struct ClientIo {
+        #[pin]
+        stream: TcpStream,
+        guard: ClientGuard,
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = this.stream.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.guard.conn.bytes_read();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().stream.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().stream.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().stream.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().stream.poll_shutdown(cx)
+    }
+}
+
+/// Accepts client connections on `listener` until `stop` fires.
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mode: Mode,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(ok) => ok,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let limit = shared.config.proxy.max_client_connections;
+        if shared.downstream.open() >= limit && !shared.downstream.evict_idle() {
+            shared.downstream.closed[ClientClose::Limit as usize].increment(1);
+            tracing::warn!(client = %peer, limit, "max_client_connections reached and no idle client to close: refusing");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let conn = shared.downstream.register(peer);
+        tracker.spawn(serve(stream, conn, shared.clone(), mode, stop.clone()));
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+    mode: Mode,
+    stop: CancellationToken,
+) {
+    let io = ClientIo {
+        stream,
+        guard: ClientGuard { conn: conn.clone() },
+    };
+    let proxy_config = &shared.config.proxy;
+    let service = {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        service_fn(move |req| {
+            let guard = conn.begin_request();
+            let shared = shared.clone();
+            let conn = conn.clone();
+            async move {
+                let resp = proxy::handle(req, shared, mode, conn).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| b.with_guard(guard)))
+            }
+        })
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // tether enforces its own head and idle timeouts (below); hyper's single
+        // timer cannot tell the two apart.
+        .header_read_timeout(None)
+        .max_buf_size(proxy_config.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut connection = pin!(connection);
+    let idle_timeout = proxy_config.client_idle_timeout;
+    let head_timeout = proxy_config.header_read_timeout;
+    let mut shutting_down = false;
+    loop {
+        let now = conn.now_ms();
+        let head = conn.head_started.load(Ordering::Relaxed);
+        let busy = conn.in_flight.load(Ordering::Acquire) > 0;
+        let wait = if busy {
+            None
+        } else if head != 0 {
+            let elapsed = Duration::from_millis(now.saturating_sub(head - 1));
+            if elapsed >= head_timeout {
+                conn.set_reason(ClientClose::HeaderTimeout);
+                return; // slowloris: drop the socket, no graceful close
+            }
+            Some(head_timeout - elapsed)
+        } else {
+            let elapsed = conn.idle_for();
+            if elapsed >= idle_timeout && !shutting_down {
+                conn.set_reason(ClientClose::IdleTimeout);
+                shutting_down = true;
+                connection.as_mut().graceful_shutdown();
+                None
+            } else {
+                Some(idle_timeout.saturating_sub(elapsed))
+            }
+        };
+        let sleep = async {
+            match wait {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    if conn.reason.load(Ordering::Relaxed) == ClientClose::ClientClosed as u8 && !e.is_incomplete_message() {
+                        conn.set_reason(ClientClose::Error);
+                    }
+                    tracing::debug!(client = %conn.peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = sleep => {}
+            _ = conn.changed.notified() => {}
+            _ = conn.kill.notified(), if !shutting_down => {
+                shutting_down = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = stop.cancelled(), if !shutting_down => {
+                conn.set_reason(ClientClose::Shutdown);
+                shutting_down = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Egress policy: which origins a client may reach through tether.
+//!
+//! Only origins listed as `[[upstream]]` and origins matching an explicit `[egress]
+//! allow` pattern are reachable; everything else is denied before any upstream socket
+//! is opened. tether is never an open proxy by default.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use http::uri::{Authority, Scheme, Uri};
+
+/// A `host:port` an upstream socket connects to. Hosts are lower-cased; IPv6
+/// literals keep their brackets so the value prints as an authority.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+impl Origin {
+    /// Parses `host:port` (the port is required), as written in the config or a
+    /// CONNECT request.
+    pub fn parse_authority(s: &str) -> Result<Origin, String> {
+        let authority =
+            Authority::from_str(s).map_err(|e| format!("not a host:port authority ({e})"))?;
+        Self::from_authority(&authority, None)
+    }
+
+    /// The origin of an absolute-form request URI (`http://host[:port]/...`).
+    pub fn from_uri(uri: &Uri) -> Result<Origin, String> {
+        match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP => {}
+            Some(s) => {
+                return Err(format!(
+                    "scheme {s:?} is not supported (use CONNECT for https)"
+                ))
+            }
+            None => return Err("expected an absolute URI (http://host/path)".into()),
+        }
+        let authority = uri.authority().ok_or("the URI has no host")?;
+        Self::from_authority(authority, Some(80))
+    }
+
+    fn from_authority(authority: &Authority, default_port: Option<u16>) -> Result<Origin, String> {
+        if authority.as_str().contains('@') {
+            return Err("userinfo in the authority is not allowed".into());
+        }
+        let host = authority.host();
+        if host.is_empty() {
+            return Err("the host is empty".into());
+        }
+        let port = match (authority.port_u16(), authority.port()) {
+            (Some(0), _) => return Err("port 0 is not valid".into()),
+            (Some(p), _) => p,
+            (None, Some(p)) => return Err(format!("port {:?} is not valid", p.as_str())),
+            (None, None) => default_port.ok_or("a port is required (host:port)")?,
+        };
+        if authority.as_str().ends_with(':') {
+            return Err("the port is empty".into());
+        }
+        Ok(Origin {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// The host without IPv6 brackets, for DNS and TLS server names.
+    pub fn bare_host(&self) -> &str {
+        self.host.trim_start_matches('[').trim_end_matches(']')
+    }
+
+    /// The host as an IP address, when it is a literal.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.bare_host().parse().ok()
+    }
+}
+
+/// An `[egress] allow` pattern: `host:port`, `*.suffix:port`, or any of them with
+/// port `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    host: HostPattern,
+    port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostPattern {
+    Exact(String),
+    /// Matches any strict subdomain of the suffix (stored with its leading dot).
+    Suffix(String),
+}
+
+impl Pattern {
+    pub fn parse(s: &str) -> Result<Pattern, String> {
+        let (host, port) = s.rsplit_once(':').ok_or("expected host:port or host:*")?;
+        let port = match port {
+            "*" => None,
+            p => Some(
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or(format!("port {p:?} is not valid"))?,
+            ),
+        };
+        let host = host.to_ascii_lowercase();
+        let host = if let Some(suffix) = host.strip_prefix("*.") {
+            if suffix.is_empty() || suffix.contains('*') {
+                return Err("a wildcard must look like *.example.com".into());
+            }
+            HostPattern::Suffix(format!(".{suffix}"))
+        } else if host.is_empty() || host.contains('*') {
+            return Err("the host must be a name, an address or *.suffix".into());
+        } else {
+            HostPattern::Exact(host)
+        };
+        Ok(Pattern { host, port })
+    }
+
+    pub fn matches(&self, origin: &Origin) -> bool {
+        self.port.is_none_or(|p| p == origin.port)
+            && match &self.host {
+                HostPattern::Exact(h) => *h == origin.host,
+                HostPattern::Suffix(s) => origin.host.ends_with(s.as_str()),
+            }
+    }
+}
+
+/// What the policy says about an origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// A listed upstream, by index in the config.
+    Upstream(usize),
+    /// Matched an allow pattern; pooled under the `unlisted` label. Private
+    /// destinations are refused at connect time unless `allow_private`.
+    Allowed,
+    Denied,
+}
+
+/// The egress policy built from the config.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    upstreams: HashMap<Origin, usize>,
+    allow: Vec<Pattern>,
+    pub allow_private: bool,
+}
+
+impl Policy {
+    pub fn new(config: &crate::config::Config) -> Policy {
+        Policy {
+            upstreams: config
+                .upstream
+                .iter()
+                .enumerate()
+                .filter_map(|(i, u)| Origin::parse_authority(&u.origin).ok().map(|o| (o, i)))
+                .collect(),
+            allow: config
+                .egress
+                .allow
+                .iter()
+                .filter_map(|p| Pattern::parse(p).ok())
+                .collect(),
+            allow_private: config.egress.allow_private,
+        }
+    }
+
+    pub fn decide(&self, origin: &Origin) -> Decision {
+        if let Some(&i) = self.upstreams.get(origin) {
+            Decision::Upstream(i)
+        } else if self.allow.iter().any(|p| p.matches(origin)) {
+            Decision::Allowed
+        } else {
+            Decision::Denied
+        }
+    }
+}
+
+/// Loopback, link-local (the cloud metadata service lives at 169.254.169.254),
+/// unspecified and other non-routable destinations that allow patterns may not reach.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback() || v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_private(IpAddr::V4(v4));
+            }
+            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_parse_from_config_and_uris() {
+        assert_eq!(
+            Origin::parse_authority("Example.COM:8080")
+                .unwrap()
+                .to_string(),
+            "example.com:8080"
+        );
+        assert_eq!(
+            Origin::parse_authority("[::1]:443").unwrap().bare_host(),
+            "::1"
+        );
+        assert!(
+            Origin::parse_authority("example.com").is_err(),
+            "port required"
+        );
+        assert!(Origin::parse_authority("example.com:0").is_err());
+        assert!(Origin::parse_authority("example.com:99999").is_err());
+        assert!(Origin::parse_authority("user:pw@example.com:80").is_err());
+        let uri: Uri = "http://example.com/x".parse().unwrap();
+        assert_eq!(Origin::from_uri(&uri).unwrap().port, 80);
+        assert!(Origin::from_uri(&"https://example.com/".parse().unwrap()).is_err());
+        assert!(Origin::from_uri(&"/relative".parse().unwrap()).is_err());
+        assert!(Origin::from_uri(&"http://u:p@example.com/".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn patterns_match_exact_suffix_and_any_port() {
+        let o = |s| Origin::parse_authority(s).unwrap();
+        let p = Pattern::parse("*.example.com:443").unwrap();
+        assert!(p.matches(&o("a.example.com:443")));
+        assert!(
+            !p.matches(&o("example.com:443")),
+            "wildcard needs a subdomain"
+        );
+        assert!(!p.matches(&o("a.example.com:80")));
+        assert!(!p.matches(&o("badexample.com:443")));
+        assert!(Pattern::parse("host:*").unwrap().matches(&o("host:1")));
+        assert!(Pattern::parse("host").is_err());
+        assert!(Pattern::parse("*:80").is_err());
+        assert!(Pattern::parse("a*b:80").is_err());
+    }
+
+    #[test]
+    fn private_addresses_include_metadata_and_loopback() {
+        for ip in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_private(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.0.0.1", "93.184.216.34", "2001:db8::1"] {
+            assert!(!is_private(ip.parse().unwrap()), "{ip}");
+        }
+    }
+}

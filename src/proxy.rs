@@ -1,0 +1,251 @@
+//! The request path, in the order a request travels: classify the request (forward,
+//! CONNECT, route), look the origin up in the egress policy, rewrite the head for the
+//! upstream (origin-form, Host, hop-by-hop headers, Via), send it through the
+//! upstream's governed pool, and rewrite the response head for the client.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::listener::ClientConn;
+use crate::policy::{Decision, Origin};
+use crate::rewrite;
+use crate::upstream::{CloseReason, Tracked, Upstream};
+use crate::Shared;
+
+/// How a client reached tether.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The forward-proxy listener: absolute-form requests and CONNECT.
+    Forward,
+    /// A route listener standing in for listed upstream `n`.
+    Route(usize),
+}
+
+const VIA: HeaderValue = HeaderValue::from_static("1.1 tether");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-only ones, never forwarded.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Handles one request from a client connection.
+pub async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    mode: Mode,
+    client: Arc<ClientConn>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    // Only the path is logged: query strings carry tokens.
+    let path = req.uri().path().to_owned();
+    let result = if method == Method::CONNECT {
+        connect(req, &shared, mode, client.clone()).await
+    } else {
+        forward(req, &shared, mode).await
+    };
+    let (response, upstream) = match result {
+        Ok(ok) => ok,
+        Err(e) => {
+            let (status, code) = e.classify();
+            shared.downstream.reject(code);
+            tracing::warn!(client = %client.peer, %method, path, status = status.as_u16(), error = %e, "request refused");
+            (e.to_response(), None)
+        }
+    };
+    tracing::info!(
+        target: "tether::access",
+        client = %client.peer,
+        upstream = upstream.as_deref().unwrap_or("-"),
+        %method,
+        path,
+        status = response.status().as_u16(),
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+    );
+    response
+}
+
+type Handled = (Response<ProxyBody>, Option<Arc<str>>);
+
+async fn forward(
+    mut req: Request<Incoming>,
+    shared: &Shared,
+    mode: Mode,
+) -> Result<Handled, ProxyError> {
+    let upstream = match mode {
+        Mode::Route(i) => shared.upstreams.listed[i].clone(),
+        Mode::Forward => {
+            if req.uri().scheme().is_none() {
+                return Err(ProxyError::BadTarget(
+                    "an origin-form request reached the forward proxy; send absolute-form (HTTP_PROXY) or use a route listener".into(),
+                ));
+            }
+            let origin = Origin::from_uri(req.uri()).map_err(ProxyError::BadTarget)?;
+            lookup(shared, &origin)?
+        }
+    };
+    let client_host = req.headers().get(header::HOST).cloned();
+    prepare_request(&mut req, &upstream.origin)?;
+    let mut response = upstream.send(req).await?;
+    strip_hop_by_hop(response.headers_mut());
+    response.headers_mut().append(header::VIA, VIA);
+    if upstream.rewrite_realm {
+        rewrite::response_headers(shared, mode, client_host.as_ref(), response.headers_mut());
+    }
+    let name = upstream.name.clone();
+    Ok((response.map(ProxyBody::upstream), Some(name)))
+}
+
+/// The upstream for an origin, by the egress policy.
+fn lookup(shared: &Shared, origin: &Origin) -> Result<Arc<Upstream>, ProxyError> {
+    match shared.policy.decide(origin) {
+        Decision::Upstream(i) => Ok(shared.upstreams.listed[i].clone()),
+        Decision::Allowed => Ok(shared
+            .upstreams
+            .unlisted(origin, !shared.policy.allow_private)),
+        Decision::Denied => Err(ProxyError::Denied {
+            origin: origin.to_string(),
+        }),
+    }
+}
+
+/// Turns the client's request head into the one the upstream gets: origin-form
+/// target, `Host` naming the upstream, no hop-by-hop headers, `Via` added.
+fn prepare_request(req: &mut Request<Incoming>, origin: &Origin) -> Result<(), ProxyError> {
+    reject_smuggling(req.headers())?;
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let target = if path.is_empty() { "/" } else { path };
+    *req.uri_mut() = Uri::try_from(target).map_err(|e| ProxyError::BadTarget(e.to_string()))?;
+    *req.version_mut() = http::Version::HTTP_11;
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    let host = if origin.port == 80 {
+        origin.host.clone()
+    } else {
+        origin.to_string()
+    };
+    headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&host).map_err(|e| ProxyError::BadTarget(e.to_string()))?,
+    );
+    headers.append(header::VIA, VIA);
+    Ok(())
+}
+
+/// hyper already refuses a request with both `Content-Length` and
+/// `Transfer-Encoding`; differing duplicate lengths are refused here too.
+fn reject_smuggling(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next() {
+        if lengths.any(|other| other != first) {
+            return Err(ProxyError::BadTarget(
+                "conflicting Content-Length headers".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// `CONNECT host:port`: a governed byte tunnel to an allowed origin.
+async fn connect(
+    req: Request<Incoming>,
+    shared: &Shared,
+    mode: Mode,
+    client: Arc<ClientConn>,
+) -> Result<Handled, ProxyError> {
+    if mode != Mode::Forward {
+        return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .filter(|_| {
+            req.uri().scheme().is_none()
+                && req
+                    .uri()
+                    .path_and_query()
+                    .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
+        })
+        .ok_or_else(|| ProxyError::BadTarget("CONNECT needs a host:port target".into()))?;
+    let origin = Origin::parse_authority(authority.as_str()).map_err(ProxyError::BadTarget)?;
+    let upstream = lookup(shared, &origin)?;
+    let config = upstream.pool.config();
+    let slot = upstream.pool.checkout_tunnel(&upstream.tunnels).await?;
+    let tcp = match upstream
+        .pool
+        .connector()
+        .connect_tcp_within(config.connect_timeout)
+        .await
+    {
+        Ok(tcp) => tcp,
+        Err(e) => return Err(e), // the slot drops here: never opened, nothing counted
+    };
+    let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+    upstream.pool.connected(
+        slot.id(),
+        local_port,
+        crate::upstream::pool::ConnState::TunnelActive,
+    );
+    let upstream_io = Tracked::new(tcp, slot);
+    let tunnels = upstream.tunnels.clone();
+    // The client connection stays "active" for the tunnel's lifetime.
+    let busy = client.begin_request();
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => tunnels.run(TokioIo::new(upgraded), upstream_io).await,
+            Err(e) => {
+                upstream_io.slot().close_reason(CloseReason::Error);
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+            }
+        }
+        drop(busy);
+    });
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = StatusCode::OK;
+    Ok((response, Some(upstream.name.clone())))
+}
+
+/// A plain-text response tether writes itself.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,332 @@
+//! Opening upstream sockets: DNS, TCP with `TCP_NODELAY`, and TLS origination with
+//! rustls (SNI, ALPN, system/webpki roots plus an optional CA file). The connect
+//! timeout covers all of it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{Protocol, UpstreamConfig};
+use crate::error::ProxyError;
+use crate::policy::{is_private, Origin};
+
+/// How to reach one origin.
+#[derive(Clone)]
+pub struct Connector {
+    origin: Origin,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Refuse loopback/link-local destinations (origins reached by allow pattern).
+    deny_private: bool,
+}
+
+/// A connected upstream socket, plain or TLS.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// What the handshake settled.
+pub struct Connected {
+    pub io: Io,
+    pub local_port: u16,
+    /// The server chose h2 by ALPN.
+    pub h2: bool,
+}
+
+impl Connector {
+    /// A connector for a listed upstream.
+    pub fn for_upstream(origin: Origin, config: &UpstreamConfig) -> Result<Connector, String> {
+        let tls = if config.tls {
+            let tls_config = client_config(config)?;
+            let name = config
+                .sni
+                .clone()
+                .unwrap_or_else(|| origin.bare_host().to_string());
+            let server_name = ServerName::try_from(name.clone())
+                .map_err(|e| format!("server name {name:?}: {e}"))?;
+            Some((TlsConnector::from(Arc::new(tls_config)), server_name))
+        } else {
+            None
+        };
+        Ok(Connector {
+            origin,
+            tls,
+            deny_private: false,
+        })
+    }
+
+    /// A plain connector for an origin reached through an allow pattern.
+    pub fn plain(origin: Origin, deny_private: bool) -> Connector {
+        Connector {
+            origin,
+            tls: None,
+            deny_private,
+        }
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// Resolves, connects and (for TLS upstreams) handshakes within `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> Result<Connected, ProxyError> {
+        let origin = self.origin.to_string();
+        match tokio::time::timeout(timeout, self.connect_inner()).await {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::ConnectTimeout { origin, timeout }),
+        }
+    }
+
+    async fn connect_inner(&self) -> Result<Connected, ProxyError> {
+        let tcp = self.connect_tcp().await?;
+        let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+        let Some((connector, server_name)) = &self.tls else {
+            return Ok(Connected {
+                io: Io::Plain(tcp),
+                local_port,
+                h2: false,
+            });
+        };
+        let tls = connector
+            .connect(server_name.clone(), tcp)
+            .await
+            .map_err(|e| ProxyError::Tls {
+                origin: self.origin.to_string(),
+                reason: tls_reason(&e),
+            })?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        Ok(Connected {
+            io: Io::Tls(Box::new(tls)),
+            local_port,
+            h2,
+        })
+    }
+
+    /// A raw TCP connection (for CONNECT tunnels: the client speaks TLS end to end).
+    pub async fn connect_tcp_within(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
+        match tokio::time::timeout(timeout, self.connect_tcp()).await {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::ConnectTimeout {
+                origin: self.origin.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, ProxyError> {
+        let origin = self.origin.to_string();
+        let connect_err = |source| ProxyError::Connect {
+            origin: origin.clone(),
+            source,
+        };
+        let addrs: Vec<SocketAddr> = match self.origin.ip() {
+            Some(ip) => vec![SocketAddr::new(ip, self.origin.port)],
+            None => tokio::net::lookup_host((self.origin.bare_host(), self.origin.port))
+                .await
+                .map_err(connect_err)?
+                .collect(),
+        };
+        if self.deny_private {
+            if let Some(addr) = addrs.iter().find(|a| is_private(a.ip())) {
+                return Err(ProxyError::DeniedPrivate {
+                    origin: origin.clone(),
+                    addr: addr.ip(),
+                });
+            }
+        }
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    // Requests and responses are small writes; Nagle would hold them back.
+                    stream.set_nodelay(true).map_err(connect_err)?;
+                    return Ok(stream);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(connect_err(last))
+    }
+}
+
+/// A one-line cause for a failed handshake, unwrapping rustls' error from io::Error.
+fn tls_reason(e: &io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(cert)) => format!("invalid certificate: {cert:?}"),
+        Some(other) => other.to_string(),
+        None => e.to_string(),
+    }
+}
+
+fn client_config(config: &UpstreamConfig) -> Result<ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let mut tls = if config.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            // A malformed system certificate must not stop tether from starting.
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = &config.ca_file {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            let mut added = 0;
+            for cert in rustls_pemfile_certs(&pem)
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?
+            {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(format!("ca_file {} holds no certificate", path.display()));
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    tls.alpn_protocols = match config.protocol {
+        Protocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        Protocol::Http1 => vec![b"http/1.1".to_vec()],
+        Protocol::Http2 => vec![b"h2".to_vec()],
+    };
+    Ok(tls)
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+}
+
+/// `insecure_skip_verify`: accepts any certificate but still checks signatures, so the
+/// handshake itself stays sound.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Upstreams: one governed pool per origin, and sending a request through it.
+//!
+//! `send` is the part of the data path after policy: pool checkout (reuse, connect
+//! within the cap, or queue), the HTTP/1.1 exchange with its timeouts, one retry on
+//! a fresh socket when a pooled one turns out closed before the request was written,
+//! and a response body that checks the connection back in when it ends.
+
+pub mod body;
+pub mod connect;
+pub mod pool;
+pub mod tunnel;
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{header, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+pub use body::UpstreamBody;
+use connect::Connector;
+pub use pool::{Checkout, CloseReason, Pool, PoolCounts, PoolSnapshot, Pooled, Slot};
+
+use crate::config::{Config, PoolConfig};
+use crate::error::ProxyError;
+use crate::policy::Origin;
+use crate::telemetry::{Telemetry, UNLISTED};
+
+/// A listed upstream (or an origin reached through an allow pattern) and its pool.
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub origin: Origin,
+    pub pool: Pool,
+    pub tunnels: tunnel::Tunnels,
+    /// Rewrite realms/Location pointing at other upstreams.
+    pub rewrite_realm: bool,
+    pub tls: bool,
+}
+
+impl Upstream {
+    pub fn new(
+        name: &str,
+        connector: Connector,
+        config: PoolConfig,
+        telemetry: &Telemetry,
+    ) -> Upstream {
+        let origin = connector.origin().clone();
+        let pool = Pool::new(name, connector, config, telemetry);
+        Upstream {
+            name: name.into(),
+            origin,
+            tunnels: tunnel::Tunnels::new(pool.clone()),
+            pool,
+            rewrite_realm: true,
+            tls: false,
+        }
+    }
+
+    /// Sends `req` (already in origin form, hop-by-hop headers removed) and returns
+    /// the response with a body that returns the connection to the pool.
+    pub async fn send(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let config = self.pool.config();
+        let started = Instant::now();
+        let deadline = started + config.request_timeout;
+        let origin = || self.origin.to_string();
+        // A pooled socket the upstream already closed costs no request (the request is
+        // handed back unsent), so retrying is always safe; bound it by the cap anyway.
+        let mut stale_budget = config.max_connections + 1;
+        loop {
+            let mut pooled = match self.pool.checkout().await? {
+                Checkout::Reused(p) => p,
+                Checkout::Connect(slot) => self.connect(slot, &config).await?,
+            };
+            if pooled.ready().await.is_err() {
+                pooled.discard(CloseReason::RemoteClosed);
+                self.pool.metrics().stale_retries.increment(1);
+                stale_budget -= 1;
+                if stale_budget == 0 {
+                    return Err(ProxyError::UpstreamClosed { origin: origin() });
+                }
+                continue;
+            }
+            let reused = pooled.reused;
+            let sent_at = Instant::now();
+            let wait = config
+                .response_header_timeout
+                .min(deadline.saturating_duration_since(sent_at));
+            let exchange = pooled.send().try_send_request(req);
+            let result = match tokio::time::timeout(wait, exchange).await {
+                Ok(result) => result,
+                Err(_) => {
+                    pooled.discard(CloseReason::Error);
+                    return Err(if wait < config.response_header_timeout {
+                        ProxyError::RequestTimeout {
+                            origin: origin(),
+                            timeout: config.request_timeout,
+                        }
+                    } else {
+                        ProxyError::ResponseHeaderTimeout {
+                            origin: origin(),
+                            timeout: config.response_header_timeout,
+                        }
+                    });
+                }
+            };
+            match result {
+                Ok(resp) => {
+                    let metrics = self.pool.metrics();
+                    metrics.duration.record(sent_at.elapsed().as_secs_f64());
+                    metrics.request(resp.status(), reused);
+                    let reusable = !wants_close(resp.headers());
+                    let (parts, body) = resp.into_parts();
+                    return Ok(Response::from_parts(
+                        parts,
+                        UpstreamBody::new(body, pooled, reusable, deadline),
+                    ));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if stale_budget > 1 => {
+                        // Closed before our bytes went out: the upstream never saw it.
+                        req = unsent;
+                        stale_budget -= 1;
+                        pooled.discard(CloseReason::RemoteClosed);
+                        self.pool.metrics().stale_retries.increment(1);
+                    }
+                    _ => {
+                        pooled.discard(CloseReason::Error);
+                        return Err(ProxyError::Upstream {
+                            origin: origin(),
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// Opens a socket under `slot` and starts its HTTP/1.1 driver. The slot rides
+    /// inside the IO, so whenever the driver drops the socket the place is freed.
+    async fn connect(&self, slot: Slot, config: &PoolConfig) -> Result<Pooled, ProxyError> {
+        let connected = self
+            .pool
+            .connector()
+            .connect(config.connect_timeout)
+            .await?;
+        let id = slot.id();
+        self.pool
+            .connected(id, connected.local_port, pool::ConnState::Active);
+        let io = TokioIo::new(Tracked::new(connected.io, slot));
+        let (send, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| ProxyError::Upstream {
+                origin: self.origin.to_string(),
+                source,
+            })?;
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut conn = pin!(conn);
+            let result = conn.as_mut().await;
+            pool.driver_ended(id, result.is_err());
+        });
+        Ok(self.pool.fresh(id, send))
+    }
+}
+
+fn wants_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
+pin_project! {
+    /// An upstream socket carrying its [`Slot`]: dropping the socket frees its place
+    /// under the cap and counts the close, on every path.
+    pub struct Tracked<T> {
+        #[pin]
+        io: T,
+        slot: Slot,
+    }
+}
+
+impl<T> Tracked<T> {
+    pub fn new(io: T, slot: Slot) -> Tracked<T> {
+        Tracked { io, slot }
+    }
+
+    pub fn slot(&self) -> &Slot {
+        &self.slot
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Tracked<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+/// All upstreams of a running instance: the listed ones by index, and the ones
+/// created on demand for origins matched by allow patterns (removed when idle).
+pub struct Upstreams {
+    pub listed: Vec<Arc<Upstream>>,
+    unlisted: Mutex<HashMap<Origin, Arc<Upstream>>>,
+    telemetry: Arc<Telemetry>,
+    defaults: PoolConfig,
+}
+
+impl Upstreams {
+    pub fn new(config: &Config, telemetry: Arc<Telemetry>) -> Result<Upstreams, String> {
+        let mut listed = Vec::new();
+        for up in &config.upstream {
+            let origin = Origin::parse_authority(&up.origin)?;
+            let connector = Connector::for_upstream(origin, up)
+                .map_err(|e| format!("upstream {}: {e}", up.name))?;
+            let mut upstream =
+                Upstream::new(&up.name, connector, up.pool(&config.pool), &telemetry);
+            upstream.rewrite_realm = up.rewrite_realm;
+            upstream.tls = up.tls;
+            listed.push(Arc::new(upstream));
+        }
+        Ok(Upstreams {
+            listed,
+            unlisted: Mutex::new(HashMap::new()),
+            telemetry,
+            defaults: config.pool.clone(),
+        })
+    }
+
+    /// The pool for an origin matched by an allow pattern, created on first use.
+    pub fn unlisted(&self, origin: &Origin, deny_private: bool) -> Arc<Upstream> {
+        let mut map = self.unlisted.lock();
+        // Forget pools with no socket left, so the map cannot grow without bound.
+        if map.len() > 64 {
+            map.retain(|_, u| u.pool.counts().open() > 0);
+        }
+        map.entry(origin.clone())
+            .or_insert_with(|| {
+                let connector = Connector::plain(origin.clone(), deny_private);
+                Arc::new(Upstream::new(
+                    UNLISTED,
+                    connector,
+                    self.defaults.clone(),
+                    &self.telemetry,
+                ))
+            })
+            .clone()
+    }
+
+    /// Every upstream, listed first.
+    pub fn all(&self) -> Vec<Arc<Upstream>> {
+        let mut all = self.listed.clone();
+        all.extend(self.unlisted.lock().values().cloned());
+        all
+    }
+}

@@ -1,0 +1,909 @@
+//! The governed pool of one upstream.
+//!
+//! Guarantees, each stated by a test:
+//! - `open = connecting + active + idle + tunnels ≤ max_connections` at every instant.
+//!   The right to a socket is a [`Slot`]; it is created under the pool lock when the
+//!   cap allows and dropped (any path: success, error, panic, reap, shutdown) when the
+//!   socket itself is dropped, because the slot travels inside the socket's IO.
+//! - Nothing waits while a socket could be had: a check-in while requests wait goes
+//!   straight to the oldest waiter, and a freed slot becomes the oldest waiter's right
+//!   to connect (FIFO).
+//! - A state change and its gauge change happen under the same lock, so a scrape never
+//!   sees more than the cap.
+//! - The reaper holds only a weak reference; a pool nobody uses goes away.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use metrics::{Counter, Gauge, Histogram};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::connect::Connector;
+use crate::config::PoolConfig;
+use crate::error::ProxyError;
+use crate::telemetry::{self as t, Telemetry};
+
+/// The client half of a pooled HTTP/1.1 connection.
+pub type SendRequest = http1::SendRequest<Incoming>;
+
+/// What a socket is doing. Tunnels count against the same cap as pooled sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    Connecting,
+    Active,
+    Idle,
+    TunnelActive,
+    TunnelIdle,
+}
+
+impl ConnState {
+    const ALL: [ConnState; 5] = [
+        ConnState::Connecting,
+        ConnState::Active,
+        ConnState::Idle,
+        ConnState::TunnelActive,
+        ConnState::TunnelIdle,
+    ];
+}
+
+/// Why a socket was closed: the `reason` label of the closed counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    IdleTimeout,
+    MaxLifetime,
+    MaxRequests,
+    MaxIdle,
+    RemoteClosed,
+    Error,
+    Evicted,
+    Shutdown,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 8] = [
+        CloseReason::IdleTimeout,
+        CloseReason::MaxLifetime,
+        CloseReason::MaxRequests,
+        CloseReason::MaxIdle,
+        CloseReason::RemoteClosed,
+        CloseReason::Error,
+        CloseReason::Evicted,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::MaxLifetime => "max_lifetime",
+            CloseReason::MaxRequests => "max_requests",
+            CloseReason::MaxIdle => "max_idle",
+            CloseReason::RemoteClosed => "remote_closed",
+            CloseReason::Error => "error",
+            CloseReason::Evicted => "evicted",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a request never reached the upstream: the `reason` label of the rejected counter.
+#[derive(Debug, Clone, Copy)]
+pub enum Rejection {
+    QueueFull = 0,
+    QueueTimeout = 1,
+    Denied = 2,
+}
+
+/// The metric handles of one pool, registered once.
+pub struct PoolMetrics {
+    states: [Gauge; 5],
+    opened: Counter,
+    closed: [Counter; 8],
+    /// `[status class 1xx..5xx][reused]`.
+    requests: [[Counter; 2]; 5],
+    pub duration: Histogram,
+    queue_depth: Gauge,
+    queue_wait: Histogram,
+    rejected: [Counter; 3],
+    pub stale_retries: Counter,
+    /// `[client→upstream, upstream→client]`.
+    pub tunnel_bytes: [Counter; 2],
+}
+
+impl PoolMetrics {
+    pub fn new(telemetry: &Telemetry, upstream: &str) -> PoolMetrics {
+        let up = ("upstream", upstream);
+        let states = ConnState::ALL.map(|s| match s {
+            ConnState::Connecting => {
+                telemetry.gauge(t::UPSTREAM_CONNECTIONS, &[up, ("state", "connecting")])
+            }
+            ConnState::Active => {
+                telemetry.gauge(t::UPSTREAM_CONNECTIONS, &[up, ("state", "active")])
+            }
+            ConnState::Idle => telemetry.gauge(t::UPSTREAM_CONNECTIONS, &[up, ("state", "idle")]),
+            ConnState::TunnelActive => telemetry.gauge(t::TUNNELS, &[up, ("state", "active")]),
+            ConnState::TunnelIdle => telemetry.gauge(t::TUNNELS, &[up, ("state", "idle")]),
+        });
+        let class = |c: usize, reused: &str| {
+            let code = ["1xx", "2xx", "3xx", "4xx", "5xx"][c];
+            telemetry.counter(
+                t::UPSTREAM_REQUESTS,
+                &[up, ("code", code), ("reused", reused)],
+            )
+        };
+        PoolMetrics {
+            states,
+            opened: telemetry.counter(t::UPSTREAM_OPENED, &[up]),
+            closed: CloseReason::ALL
+                .map(|r| telemetry.counter(t::UPSTREAM_CLOSED, &[up, ("reason", r.as_str())])),
+            requests: std::array::from_fn(|c| [class(c, "false"), class(c, "true")]),
+            duration: telemetry.histogram(t::UPSTREAM_REQUEST_DURATION, &[up]),
+            queue_depth: telemetry.gauge(t::UPSTREAM_QUEUE_DEPTH, &[up]),
+            queue_wait: telemetry.histogram(t::UPSTREAM_QUEUE_WAIT, &[up]),
+            rejected: ["queue_full", "queue_timeout", "denied"]
+                .map(|r| telemetry.counter(t::UPSTREAM_REJECTED, &[up, ("reason", r)])),
+            stale_retries: telemetry.counter(t::UPSTREAM_STALE_RETRIES, &[up]),
+            tunnel_bytes: ["upstream", "downstream"]
+                .map(|d| telemetry.counter(t::TUNNEL_BYTES, &[up, ("direction", d)])),
+        }
+    }
+
+    pub fn request(&self, status: http::StatusCode, reused: bool) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.requests[class][reused as usize].increment(1);
+    }
+
+    pub fn reject(&self, why: Rejection) {
+        self.rejected[why as usize].increment(1);
+    }
+}
+
+/// One governed pool.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    name: Arc<str>,
+    connector: Connector,
+    config: RwLock<Arc<PoolConfig>>,
+    state: Mutex<State>,
+    pub(crate) metrics: PoolMetrics,
+    ids: AtomicU64,
+}
+
+struct State {
+    conns: HashMap<u64, Entry>,
+    /// Ready HTTP/1.1 connections, most recently used last (LIFO reuse keeps the
+    /// rest idle long enough to be reaped).
+    idle: Vec<Idle>,
+    waiters: VecDeque<Waiter>,
+    next_waiter: u64,
+    draining: bool,
+}
+
+/// An idle connection, named as hyper-util names it.
+struct Idle {
+    id: u64,
+    idle_at: Instant,
+    value: SendRequest,
+}
+
+struct Entry {
+    state: ConnState,
+    created: Instant,
+    /// When the socket last went idle (or was created).
+    idle_since: Instant,
+    requests: u64,
+    local_port: u16,
+    /// Set by whoever decides to close the socket; read when it is dropped.
+    reason: Option<CloseReason>,
+    /// The TCP connection was established (failed connects are not "closed").
+    opened: bool,
+}
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Grant>,
+}
+
+/// What a waiter is handed: a ready connection, or the right to open one.
+enum Grant {
+    Idle(Pooled),
+    Connect(Slot),
+}
+
+/// The right to one socket under the cap. Dropping it frees the place and counts the
+/// close; it is moved into the socket's IO so it drops exactly when the socket does.
+pub struct Slot {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+/// A connection checked out for one request. Dropped without [`Pooled::check_in`]
+/// after a request was sent, it is closed (its exchange did not finish cleanly); if no
+/// request was sent it goes back idle.
+pub struct Pooled {
+    inner: Arc<Inner>,
+    id: u64,
+    value: Option<SendRequest>,
+    pub reused: bool,
+    sent: bool,
+}
+
+/// What [`Pool::checkout`] gives: a connection to use, or the right to open one.
+pub enum Checkout {
+    Reused(Pooled),
+    Connect(Slot),
+}
+
+impl Pool {
+    pub fn new(
+        name: &str,
+        connector: Connector,
+        config: PoolConfig,
+        telemetry: &Telemetry,
+    ) -> Pool {
+        let inner = Arc::new(Inner {
+            name: name.into(),
+            connector,
+            config: RwLock::new(Arc::new(config)),
+            state: Mutex::new(State {
+                conns: HashMap::new(),
+                idle: Vec::new(),
+                waiters: VecDeque::new(),
+                next_waiter: 0,
+                draining: false,
+            }),
+            metrics: PoolMetrics::new(telemetry, name),
+            ids: AtomicU64::new(1),
+        });
+        spawn_reaper(Arc::downgrade(&inner));
+        Pool { inner }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn connector(&self) -> &Connector {
+        &self.inner.connector
+    }
+
+    pub fn config(&self) -> Arc<PoolConfig> {
+        self.inner.config.read().clone()
+    }
+
+    pub fn metrics(&self) -> &PoolMetrics {
+        &self.inner.metrics
+    }
+
+    /// An idle connection (most recently used first), else the right to connect if
+    /// under the cap, else a place in the FIFO queue until one of those frees up.
+    pub async fn checkout(&self) -> Result<Checkout, ProxyError> {
+        let config = self.config();
+        let rx = {
+            let mut st = self.inner.state.lock();
+            if let Some(pooled) = self.inner.take_idle(&mut st) {
+                return Ok(Checkout::Reused(pooled));
+            }
+            if st.conns.len() < config.max_connections {
+                return Ok(Checkout::Connect(
+                    self.inner.new_slot(&mut st, ConnState::Connecting),
+                ));
+            }
+            if st.waiters.len() >= config.queue_limit {
+                drop(st);
+                self.inner.metrics.reject(Rejection::QueueFull);
+                return Err(ProxyError::QueueFull {
+                    upstream: self.inner.name.to_string(),
+                });
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = st.next_waiter;
+            st.next_waiter += 1;
+            st.waiters.push_back(Waiter { id, tx });
+            self.inner.metrics.queue_depth.set(st.waiters.len() as f64);
+            (
+                rx,
+                WaitGuard {
+                    inner: &self.inner,
+                    id,
+                },
+            )
+        };
+        let (rx, _guard) = rx;
+        let started = Instant::now();
+        let granted = tokio::time::timeout(config.queue_timeout, rx).await;
+        self.inner
+            .metrics
+            .queue_wait
+            .record(started.elapsed().as_secs_f64());
+        match granted {
+            Ok(Ok(Grant::Idle(pooled))) => Ok(Checkout::Reused(pooled)),
+            Ok(Ok(Grant::Connect(slot))) => Ok(Checkout::Connect(slot)),
+            // The sender is only dropped by a pool being torn down.
+            Ok(Err(_)) => Err(ProxyError::ShuttingDown),
+            Err(_) => {
+                self.inner.metrics.reject(Rejection::QueueTimeout);
+                Err(ProxyError::QueueTimeout {
+                    upstream: self.inner.name.to_string(),
+                    timeout: config.queue_timeout,
+                })
+            }
+        }
+    }
+
+    /// Takes a slot for a CONNECT tunnel: under the cap, or by evicting the tunnel
+    /// idle longest (at least `min_idle_for_eviction`), else through the queue.
+    pub async fn checkout_tunnel(
+        &self,
+        idle_tunnels: &super::tunnel::Tunnels,
+    ) -> Result<Slot, ProxyError> {
+        let config = self.config();
+        {
+            let mut st = self.inner.state.lock();
+            if st.conns.len() < config.max_connections {
+                return Ok(self.inner.new_slot(&mut st, ConnState::Connecting));
+            }
+        }
+        idle_tunnels.evict_longest_idle(config.min_idle_for_eviction);
+        // An idle pooled HTTP connection can make room too: closing it frees a slot
+        // for the oldest waiter, which may be us.
+        {
+            let mut st = self.inner.state.lock();
+            if let Some(idle) = st.idle.first().map(|i| i.id) {
+                let victim = self.inner.remove_idle(&mut st, idle, CloseReason::Evicted);
+                drop(st);
+                drop(victim);
+            }
+        }
+        match self.checkout().await? {
+            Checkout::Connect(slot) => Ok(slot),
+            Checkout::Reused(pooled) => {
+                // A tunnel needs its own socket: close this one and wait for its place.
+                pooled.discard(CloseReason::Evicted);
+                match self.checkout().await? {
+                    Checkout::Connect(slot) => Ok(slot),
+                    Checkout::Reused(pooled) => {
+                        pooled.discard(CloseReason::Evicted);
+                        Err(ProxyError::QueueTimeout {
+                            upstream: self.inner.name.to_string(),
+                            timeout: config.queue_timeout,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks socket `id` connected (TCP, and TLS when originated), in `state`.
+    pub fn connected(&self, id: u64, local_port: u16, state: ConnState) {
+        let mut st = self.inner.state.lock();
+        if let Some(entry) = st.conns.get_mut(&id) {
+            entry.opened = true;
+            entry.local_port = local_port;
+            self.inner.set_state(entry, state);
+        }
+        self.inner.metrics.opened.increment(1);
+    }
+
+    /// A [`Pooled`] handle for the fresh connection `id`.
+    pub fn fresh(&self, id: u64, value: SendRequest) -> Pooled {
+        Pooled {
+            inner: self.inner.clone(),
+            id,
+            value: Some(value),
+            reused: false,
+            sent: false,
+        }
+    }
+
+    /// Chooses the reason socket `id` will be counted as closed with, if none was.
+    pub fn close_reason(&self, id: u64, reason: CloseReason) {
+        self.inner.set_reason(id, reason);
+    }
+
+    /// Records how a connection's driver ended, unless a reason was already chosen.
+    pub fn driver_ended(&self, id: u64, error: bool) {
+        let reason = if error {
+            CloseReason::Error
+        } else {
+            CloseReason::RemoteClosed
+        };
+        self.inner.set_reason(id, reason);
+    }
+
+    /// Closes idle connections now and keeps the pool from idling any more: for
+    /// shutdown, and for pools whose upstream was removed from the config.
+    pub fn drain(&self) {
+        let victims = {
+            let mut st = self.inner.state.lock();
+            st.draining = true;
+            let ids: Vec<u64> = st.idle.iter().map(|i| i.id).collect();
+            ids.into_iter()
+                .filter_map(|id| self.inner.remove_idle(&mut st, id, CloseReason::Shutdown))
+                .collect::<Vec<_>>()
+        };
+        drop(victims);
+    }
+
+    /// Applies new limits to the live pool: surplus idle sockets close, a raised cap
+    /// admits waiters. In-flight requests are untouched.
+    pub fn reconfigure(&self, config: PoolConfig) {
+        *self.inner.config.write() = Arc::new(config.clone());
+        let (victims, grants) = {
+            let mut st = self.inner.state.lock();
+            let mut victims = Vec::new();
+            while !st.idle.is_empty()
+                && (st.idle.len() > config.max_idle || st.conns.len() > config.max_connections)
+            {
+                let id = st.idle[0].id;
+                victims.extend(self.inner.remove_idle(&mut st, id, CloseReason::MaxIdle));
+            }
+            let grants = self.inner.grant_waiters(&mut st, &config);
+            (victims, grants)
+        };
+        drop(victims);
+        drop(grants);
+    }
+
+    /// One reaper pass: closes idle sockets past `idle_timeout` or `max_lifetime`.
+    /// Returns how many it closed.
+    pub fn reap(&self) -> usize {
+        self.inner.reap(Instant::now())
+    }
+
+    /// Counts by state, for tests and the debug endpoint.
+    pub fn counts(&self) -> PoolCounts {
+        let st = self.inner.state.lock();
+        let mut counts = PoolCounts {
+            queued: st.waiters.len(),
+            ..PoolCounts::default()
+        };
+        for e in st.conns.values() {
+            match e.state {
+                ConnState::Connecting => counts.connecting += 1,
+                ConnState::Active => counts.active += 1,
+                ConnState::Idle => counts.idle += 1,
+                ConnState::TunnelActive => counts.tunnels_active += 1,
+                ConnState::TunnelIdle => counts.tunnels_idle += 1,
+            }
+        }
+        counts
+    }
+
+    /// A JSON-ready picture of the pool for `/debug/pools`.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let config = self.config();
+        let now = Instant::now();
+        let counts = self.counts();
+        let st = self.inner.state.lock();
+        let mut connections: Vec<ConnSnapshot> = st
+            .conns
+            .iter()
+            .map(|(&id, e)| ConnSnapshot {
+                id,
+                state: e.state,
+                age_ms: now.saturating_duration_since(e.created).as_millis() as u64,
+                idle_ms: match e.state {
+                    ConnState::Idle | ConnState::TunnelIdle => {
+                        now.saturating_duration_since(e.idle_since).as_millis() as u64
+                    }
+                    _ => 0,
+                },
+                requests: e.requests,
+                local_port: e.local_port,
+            })
+            .collect();
+        connections.sort_by_key(|c| c.id);
+        PoolSnapshot {
+            upstream: self.inner.name.to_string(),
+            origin: self.inner.connector.origin().to_string(),
+            limits: (*config).clone(),
+            open: connections.len(),
+            counts,
+            connections,
+        }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+/// Connection counts of one pool.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PoolCounts {
+    pub connecting: usize,
+    pub active: usize,
+    pub idle: usize,
+    pub tunnels_active: usize,
+    pub tunnels_idle: usize,
+    pub queued: usize,
+}
+
+impl PoolCounts {
+    /// Every socket of the pool, tunnels included.
+    pub fn open(&self) -> usize {
+        self.connecting + self.active + self.idle + self.tunnels_active + self.tunnels_idle
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct PoolSnapshot {
+    pub upstream: String,
+    pub origin: String,
+    pub limits: PoolConfig,
+    pub open: usize,
+    pub counts: PoolCounts,
+    pub connections: Vec<ConnSnapshot>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnSnapshot {
+    pub id: u64,
+    pub state: ConnState,
+    pub age_ms: u64,
+    pub idle_ms: u64,
+    pub requests: u64,
+    pub local_port: u16,
+}
+
+impl Inner {
+    fn new_slot(self: &Arc<Self>, st: &mut State, state: ConnState) -> Slot {
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        st.conns.insert(
+            id,
+            Entry {
+                state,
+                created: now,
+                idle_since: now,
+                requests: 0,
+                local_port: 0,
+                reason: None,
+                opened: false,
+            },
+        );
+        self.metrics.states[state as usize].increment(1.0);
+        Slot {
+            inner: self.clone(),
+            id,
+        }
+    }
+
+    fn set_state(&self, entry: &mut Entry, state: ConnState) {
+        if entry.state != state {
+            self.metrics.states[entry.state as usize].decrement(1.0);
+            self.metrics.states[state as usize].increment(1.0);
+            entry.state = state;
+        }
+    }
+
+    fn set_reason(&self, id: u64, reason: CloseReason) {
+        if let Some(entry) = self.state.lock().conns.get_mut(&id) {
+            entry.reason.get_or_insert(reason);
+        }
+    }
+
+    /// Pops the most recently used idle connection that is still open.
+    fn take_idle(self: &Arc<Self>, st: &mut State) -> Option<Pooled> {
+        while let Some(idle) = st.idle.pop() {
+            let Some(entry) = st.conns.get_mut(&idle.id) else {
+                continue;
+            };
+            if idle.value.is_closed() {
+                // Its driver is finishing; the slot's drop will count it.
+                entry.reason.get_or_insert(CloseReason::RemoteClosed);
+                self.set_state(entry, ConnState::Active);
+                continue;
+            }
+            self.set_state(entry, ConnState::Active);
+            return Some(Pooled {
+                inner: self.clone(),
+                id: idle.id,
+                value: Some(idle.value),
+                reused: true,
+                sent: false,
+            });
+        }
+        None
+    }
+
+    /// Takes one connection off the idle list to be closed with `reason`. The caller
+    /// drops the returned handle after releasing the lock.
+    fn remove_idle(&self, st: &mut State, id: u64, reason: CloseReason) -> Option<SendRequest> {
+        let pos = st.idle.iter().position(|i| i.id == id)?;
+        let idle = st.idle.remove(pos);
+        if let Some(entry) = st.conns.get_mut(&id) {
+            entry.reason.get_or_insert(reason);
+        }
+        Some(idle.value)
+    }
+
+    /// Hands free capacity to waiters, oldest first. Returns grants whose waiter had
+    /// already gone, to be dropped (and so released) after the lock.
+    fn grant_waiters(self: &Arc<Self>, st: &mut State, config: &PoolConfig) -> Vec<Grant> {
+        let mut undelivered = Vec::new();
+        while st.conns.len() < config.max_connections {
+            let Some(waiter) = st.waiters.pop_front() else {
+                break;
+            };
+            let slot = self.new_slot(st, ConnState::Connecting);
+            if let Err(grant) = waiter.tx.send(Grant::Connect(slot)) {
+                undelivered.push(grant);
+                // The undelivered slot still holds its place until it is dropped; stop
+                // here and let its release grant the next waiter.
+                break;
+            }
+        }
+        self.metrics.queue_depth.set(st.waiters.len() as f64);
+        undelivered
+    }
+
+    /// Called when a socket (or a failed connect) is gone: frees its place and
+    /// counts the close.
+    fn release(self: &Arc<Self>, id: u64) {
+        let config = self.config.read().clone();
+        let (victim, grants) = {
+            let mut st = self.state.lock();
+            let Some(entry) = st.conns.remove(&id) else {
+                return;
+            };
+            self.metrics.states[entry.state as usize].decrement(1.0);
+            let victim = st
+                .idle
+                .iter()
+                .position(|i| i.id == id)
+                .map(|pos| st.idle.remove(pos));
+            if entry.opened {
+                let reason = entry.reason.unwrap_or(CloseReason::RemoteClosed);
+                self.metrics.closed[reason as usize].increment(1);
+            }
+            let grants = self.grant_waiters(&mut st, &config);
+            (victim, grants)
+        };
+        drop(victim);
+        drop(grants);
+    }
+
+    /// Returns a connection after a complete exchange. It goes to the oldest waiter,
+    /// else idle, unless a limit says it must close.
+    fn check_in(self: &Arc<Self>, id: u64, value: SendRequest) {
+        let config = self.config.read().clone();
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        let close = match st.conns.get(&id) {
+            None => return,
+            Some(_) if value.is_closed() => Some(CloseReason::RemoteClosed),
+            Some(e) if e.requests >= config.max_requests_per_connection => {
+                Some(CloseReason::MaxRequests)
+            }
+            Some(e) if now.saturating_duration_since(e.created) >= config.max_lifetime => {
+                Some(CloseReason::MaxLifetime)
+            }
+            Some(_) if st.draining => Some(CloseReason::Shutdown),
+            Some(_) if st.conns.len() > config.max_connections => Some(CloseReason::MaxIdle),
+            Some(_) => None,
+        };
+        if let Some(reason) = close {
+            st.conns
+                .get_mut(&id)
+                .expect("checked above")
+                .reason
+                .get_or_insert(reason);
+            drop(st);
+            drop(value);
+            return;
+        }
+        // Hand-off before idling: the oldest live waiter gets it.
+        let mut pooled = Pooled {
+            inner: self.clone(),
+            id,
+            value: Some(value),
+            reused: true,
+            sent: false,
+        };
+        while let Some(waiter) = st.waiters.pop_front() {
+            match waiter.tx.send(Grant::Idle(pooled)) {
+                Ok(()) => {
+                    self.metrics.queue_depth.set(st.waiters.len() as f64);
+                    return;
+                }
+                Err(Grant::Idle(back)) => pooled = back,
+                Err(Grant::Connect(_)) => unreachable!("sent an idle grant"),
+            }
+        }
+        self.metrics.queue_depth.set(0.0);
+        let value = pooled.value.take().expect("present until handed on");
+        drop(pooled); // value taken: dropping it does nothing
+        if st.idle.len() >= config.max_idle {
+            st.conns
+                .get_mut(&id)
+                .expect("checked above")
+                .reason
+                .get_or_insert(CloseReason::MaxIdle);
+            drop(st);
+            drop(value);
+            return;
+        }
+        let entry = st.conns.get_mut(&id).expect("checked above");
+        entry.idle_since = now;
+        self.set_state(entry, ConnState::Idle);
+        st.idle.push(Idle {
+            id,
+            idle_at: now,
+            value,
+        });
+    }
+
+    fn reap(&self, now: Instant) -> usize {
+        let config = self.config.read().clone();
+        let victims = {
+            let mut st = self.state.lock();
+            let mut victims = Vec::new();
+            let mut i = 0;
+            while i < st.idle.len() {
+                let idle = &st.idle[i];
+                let created = st
+                    .conns
+                    .get(&idle.id)
+                    .map(|e| e.created)
+                    .unwrap_or(idle.idle_at);
+                let reason = if now.saturating_duration_since(idle.idle_at) >= config.idle_timeout {
+                    Some(CloseReason::IdleTimeout)
+                } else if now.saturating_duration_since(created) >= config.max_lifetime {
+                    Some(CloseReason::MaxLifetime)
+                } else {
+                    None
+                };
+                match reason {
+                    Some(reason) => {
+                        let idle = st.idle.remove(i);
+                        if let Some(entry) = st.conns.get_mut(&idle.id) {
+                            entry.reason.get_or_insert(reason);
+                        }
+                        victims.push(idle.value);
+                    }
+                    None => i += 1,
+                }
+            }
+            victims
+        };
+        let n = victims.len();
+        drop(victims);
+        n
+    }
+
+    /// Counts a request on a connection.
+    fn note_request(&self, id: u64) {
+        if let Some(entry) = self.state.lock().conns.get_mut(&id) {
+            entry.requests += 1;
+        }
+    }
+
+    pub(crate) fn set_tunnel_idle(&self, id: u64, idle: bool) {
+        let mut st = self.state.lock();
+        if let Some(entry) = st.conns.get_mut(&id) {
+            let state = if idle {
+                ConnState::TunnelIdle
+            } else {
+                ConnState::TunnelActive
+            };
+            if idle && entry.state != ConnState::TunnelIdle {
+                entry.idle_since = Instant::now();
+            }
+            self.set_state(entry, state);
+        }
+    }
+}
+
+impl Slot {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Chooses the reason this socket will be counted as closed with.
+    pub fn close_reason(&self, reason: CloseReason) {
+        self.inner.set_reason(self.id, reason);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.inner.release(self.id);
+    }
+}
+
+impl Pooled {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits until the connection can take a request; an error means it closed.
+    pub async fn ready(&mut self) -> Result<(), hyper::Error> {
+        self.value
+            .as_mut()
+            .expect("present until checked in")
+            .ready()
+            .await
+    }
+
+    /// The request sender; counts the request against the connection.
+    pub fn send(&mut self) -> &mut SendRequest {
+        if !self.sent {
+            self.sent = true;
+            self.inner.note_request(self.id);
+        }
+        self.value.as_mut().expect("present until checked in")
+    }
+
+    /// Returns the connection after a complete exchange.
+    pub fn check_in(mut self) {
+        if let Some(value) = self.value.take() {
+            self.inner.check_in(self.id, value);
+        }
+    }
+
+    /// Closes the connection, counted with `reason`.
+    pub fn discard(mut self, reason: CloseReason) {
+        self.inner.set_reason(self.id, reason);
+        self.value = None;
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(value) = self.value.take() {
+            if self.sent {
+                // The exchange was cut short: the connection's state is unknown.
+                self.inner.set_reason(self.id, CloseReason::Error);
+            } else {
+                self.inner.check_in(self.id, value);
+            }
+        }
+    }
+}
+
+/// Removes a waiter that gave up (timeout, or its client went away) from the queue.
+struct WaitGuard<'a> {
+    inner: &'a Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.inner.state.lock();
+        // Waiter ids increase along the queue, so a binary search finds ours.
+        if let Ok(pos) = st.waiters.binary_search_by_key(&self.id, |w| w.id) {
+            st.waiters.remove(pos);
+            self.inner.metrics.queue_depth.set(st.waiters.len() as f64);
+        }
+    }
+}
+
+fn spawn_reaper(weak: Weak<Inner>) {
+    let Some(inner) = weak.upgrade() else { return };
+    let mut period = inner.config.read().reap_interval;
+    drop(inner);
+    tokio::spawn(async move {
+        let mut next = Instant::now() + period;
+        loop {
+            tokio::time::sleep_until(next).await;
+            let Some(inner) = weak.upgrade() else { return };
+            inner.reap(Instant::now());
+            period = inner.config.read().reap_interval;
+            next = Instant::now() + period.max(Duration::from_millis(10));
+        }
+    });
+}
