@@ -107,13 +107,7 @@ macro_rules! pool_keys {
             /// The pool limits in force for this upstream: `defaults` with this
             /// upstream's overrides applied.
             pub fn pool(&self, defaults: &PoolConfig) -> PoolConfig {
-                let mut pool = PoolConfig { $( $name: self.$name.clone().unwrap_or_else(|| defaults.$name.clone()), )* };
-                // A lowered cap carries the inherited max_idle down with it; only an
-                // explicit max_idle above the cap is an error.
-                if self.max_idle.is_none() {
-                    pool.max_idle = pool.max_idle.min(pool.max_connections);
-                }
-                pool
+                PoolConfig { $( $name: self.$name.clone().unwrap_or_else(|| defaults.$name.clone()), )* }
             }
         }
     };
@@ -122,7 +116,8 @@ macro_rules! pool_keys {
 pool_keys! {
     /// Hard cap: connecting + active + idle (+ tunnels).
     max_connections: usize = 32;
-    max_idle: usize = 16;
+    /// Idle sockets kept; unset means `min(16, max_connections)`.
+    max_idle: Option<usize> = None;
     idle_timeout: Duration = Duration::from_secs(30), with "humantime_serde";
     reap_interval: Duration = Duration::from_secs(1), with "humantime_serde";
     max_lifetime: Duration = Duration::from_secs(600), with "humantime_serde";
@@ -134,6 +129,17 @@ pool_keys! {
     request_timeout: Duration = Duration::from_secs(60), with "humantime_serde";
     tunnel_idle_timeout: Duration = Duration::from_secs(60), with "humantime_serde";
     min_idle_for_eviction: Duration = Duration::from_secs(1), with "humantime_serde";
+}
+
+/// Idle sockets kept per upstream when `max_idle` is not set (capped by `max_connections`).
+pub const DEFAULT_MAX_IDLE: usize = 16;
+
+impl PoolConfig {
+    /// The idle limit in force: `max_idle`, or the default capped by the hard cap.
+    pub fn idle_limit(&self) -> usize {
+        self.max_idle
+            .unwrap_or(DEFAULT_MAX_IDLE.min(self.max_connections))
+    }
 }
 
 fn default_true() -> bool {
@@ -261,16 +267,17 @@ impl Config {
             Some(p) => Toml::file_exact(p),
             None => Toml::string(EMBEDDED_CONFIG),
         };
-        Self::from_figment(
-            Self::figment()
-                .merge(file)
-                .merge(Env::prefixed(ENV_PREFIX).split("__")),
-        )
+        Self::from_figment(Self::figment().merge(file).merge(env()))
     }
 
     /// Parses a TOML document on top of the defaults (no environment); validated.
     pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
         Self::from_figment(Self::figment().merge(Toml::string(toml)))
+    }
+
+    /// Defaults, then `toml`, then the environment; validated. (For tests.)
+    pub fn from_toml_and_env(toml: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment().merge(Toml::string(toml)).merge(env()))
     }
 
     fn figment() -> Figment {
@@ -419,16 +426,31 @@ impl Config {
     }
 }
 
+/// `TETHER_<SECTION>__<KEY>` variables. Only the scalar sections can be set this way,
+/// and other `TETHER_*` variables (a script's `TETHER_BIN`, say) are not config.
+fn env() -> Env {
+    const SECTIONS: [&str; 4] = ["proxy", "admin", "egress", "pool"];
+    Env::prefixed(ENV_PREFIX)
+        .filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            SECTIONS.iter().any(|s| {
+                key.strip_prefix(s)
+                    .is_some_and(|rest| rest.starts_with("__") || rest.starts_with('.'))
+            })
+        })
+        .split("__")
+}
+
 fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, String)) {
     if pool.max_connections == 0 {
         problem(format!("{at}.max_connections"), "must be at least 1".into());
     }
-    if pool.max_idle > pool.max_connections {
+    if let Some(max_idle) = pool.max_idle.filter(|m| *m > pool.max_connections) {
         problem(
             format!("{at}.max_idle"),
             format!(
-                "{} exceeds max_connections ({})",
-                pool.max_idle, pool.max_connections
+                "{max_idle} exceeds max_connections ({})",
+                pool.max_connections
             ),
         );
     }

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod proxy;
 pub mod rewrite;
 pub mod telemetry;
+pub mod testkit;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -445,7 +445,7 @@ impl Pool {
             let mut st = self.inner.state.lock();
             let mut victims = Vec::new();
             while !st.idle.is_empty()
-                && (st.idle.len() > config.max_idle || st.conns.len() > config.max_connections)
+                && (st.idle.len() > config.idle_limit() || st.conns.len() > config.max_connections)
             {
                 let id = st.idle[0].id;
                 victims.extend(self.inner.remove_idle(&mut st, id, CloseReason::MaxIdle));
@@ -727,7 +727,7 @@ impl Inner {
         self.metrics.queue_depth.set(0.0);
         let value = pooled.value.take().expect("present until handed on");
         drop(pooled); // value taken: dropping it does nothing
-        if st.idle.len() >= config.max_idle {
+        if st.idle.len() >= config.idle_limit() {
             st.conns
                 .get_mut(&id)
                 .expect("checked above")

@@ -1,0 +1,55 @@
+//! Loopback peers for tests, benches and `tether demo`: an origin server that counts
+//! the sockets it accepted and closed, and a leaky client that imitates the Dragonfly
+//! manager (a new HTTP client per job, never closed). They bind `127.0.0.1:0` only.
+
+pub mod leaky;
+pub mod origin;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Polls `check` until it returns true or `within` passes; returns the last result.
+/// Tests wait on conditions, never on sleeps.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of one sample in a Prometheus text exposition: `name` with exactly
+/// the given labels (in any order). `None` when absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, rest) = match series.find('{') {
+                Some(i) => (&series[..i], &series[i + 1..series.len() - 1]),
+                None => (series, ""),
+            };
+            if metric_name != name {
+                return None;
+            }
+            let found: Vec<(&str, &str)> = rest
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            let same = found.len() == labels.len() && labels.iter().all(|l| found.contains(l));
+            same.then(|| value.parse().ok()).flatten()
+        })
+}

@@ -1,0 +1,234 @@
+//! Configuration loading, precedence and validation, and the `check-config` command.
+// figment::Jail closures return figment::Error, which is large by design.
+#![allow(clippy::result_large_err)]
+
+use std::path::Path;
+use std::process::Command;
+
+use figment::Jail;
+use tether::config::{Config, EMBEDDED_CONFIG};
+
+fn tether_bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    // The test's own environment must not leak TETHER_ overrides into the binary.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TETHER_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn jail_err(e: tether::config::ConfigError) -> figment::Error {
+    figment::Error::from(e.to_string())
+}
+
+#[test]
+fn env_overrides_beat_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "tether.toml",
+            r#"
+            [pool]
+            max_connections = 8
+            idle_timeout = "20s"
+            [proxy]
+            listen = "127.0.0.1:4000"
+            "#,
+        )?;
+        jail.set_env("TETHER_POOL__MAX_CONNECTIONS", "3");
+        jail.set_env("TETHER_PROXY__CLIENT_IDLE_TIMEOUT", "5s");
+        jail.set_env("TETHER_BIN", "/not/config"); // other TETHER_ variables are not config
+        let config = Config::load(Some(Path::new("tether.toml"))).map_err(jail_err)?;
+        assert_eq!(config.pool.max_connections, 3, "env beats file");
+        assert_eq!(
+            config.pool.idle_timeout.as_secs(),
+            20,
+            "file beats defaults"
+        );
+        assert_eq!(config.proxy.client_idle_timeout.as_secs(), 5);
+        assert_eq!(config.proxy.listen.port(), 4000);
+        assert_eq!(config.pool.queue_limit, 1024, "defaults fill the rest");
+        Ok(())
+    });
+}
+
+#[test]
+fn the_embedded_default_is_valid_and_used_without_a_file() {
+    Jail::expect_with(|_| {
+        let config = Config::load(None).map_err(jail_err)?;
+        assert_eq!(config, Config::from_toml(EMBEDDED_CONFIG).unwrap());
+        assert_eq!(config.proxy.listen.to_string(), "127.0.0.1:3128");
+        assert_eq!(config.upstream[0].name, "local");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_missing_explicit_config_file_is_an_error() {
+    let err = Config::load(Some(Path::new("/nonexistent/tether.toml"))).unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_their_path() {
+    let err = Config::from_toml("[pool]\nmax_conections = 3\n").unwrap_err();
+    assert_eq!(err.0[0].path, "pool.max_conections");
+    assert!(err.0[0].message.contains("max_conections"), "{err}");
+    let err =
+        Config::from_toml("[[upstream]]\nname = \"a\"\norigin = \"a:1\"\nbogus = 1\n").unwrap_err();
+    assert!(err.to_string().contains("bogus"), "{err}");
+}
+
+#[test]
+fn durations_are_human_strings() {
+    let config =
+        Config::from_toml("[pool]\nidle_timeout = \"1m 30s\"\nqueue_timeout = \"250ms\"\n")
+            .unwrap();
+    assert_eq!(config.pool.idle_timeout.as_secs(), 90);
+    assert_eq!(config.pool.queue_timeout.as_millis(), 250);
+    assert!(Config::from_toml("[pool]\nidle_timeout = \"soon\"\n").is_err());
+}
+
+#[test]
+fn upstream_overrides_apply_to_its_pool_only() {
+    let config = Config::from_toml(
+        r#"
+        [pool]
+        max_connections = 10
+        [[upstream]]
+        name = "a"
+        origin = "a.example:80"
+        max_connections = 2
+        idle_timeout = "5s"
+        [[upstream]]
+        name = "b"
+        origin = "b.example:80"
+        "#,
+    )
+    .unwrap();
+    let a = config.upstream[0].pool(&config.pool);
+    let b = config.upstream[1].pool(&config.pool);
+    assert_eq!(
+        (a.max_connections, a.idle_timeout.as_secs(), a.idle_limit()),
+        (2, 5, 2)
+    );
+    assert_eq!((b.max_connections, b.idle_timeout.as_secs()), (10, 30));
+}
+
+const BAD: &str = r#"
+[proxy]
+listen = "127.0.0.1:7000"
+[admin]
+listen = "127.0.0.1:7000"
+[pool]
+max_connections = 4
+max_idle = 9
+[[upstream]]
+name = "Registry!"
+origin = "no-port"
+[[upstream]]
+name = "auth"
+origin = "auth:1"
+sni = "auth"
+[[route]]
+listen = "127.0.0.1:7001"
+upstream = "missing"
+[egress]
+allow = ["*:80"]
+"#;
+
+#[test]
+fn validation_reports_every_problem_at_once() {
+    let err = Config::from_toml(BAD).unwrap_err();
+    let paths: Vec<&str> = err.0.iter().map(|p| p.path.as_str()).collect();
+    for expected in [
+        "pool.max_idle",
+        "upstream[0].name",
+        "upstream[0].origin",
+        "upstream[1].tls",
+        "route[0].upstream",
+        "admin.listen",
+        "egress.allow[0]",
+    ] {
+        assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
+    }
+}
+
+#[test]
+fn check_config_prints_every_error_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, BAD).unwrap();
+    let out = tether_bin()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().filter(|l| l.starts_with("error: ")).count() >= 7,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("route[0].upstream: no upstream is named \"missing\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_config_prints_the_effective_config() {
+    let out = tether_bin()
+        .args(["check-config"])
+        .env("TETHER_POOL__MAX_CONNECTIONS", "5")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective = Config::from_toml(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(effective.pool.max_connections, 5);
+    assert_eq!(effective.upstream[0].origin, "127.0.0.1:8080");
+}
+
+#[test]
+fn check_config_rejects_a_missing_file() {
+    let out = tether_bin()
+        .args(["check-config", "--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn every_shipped_config_passes_check_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for dir in ["config", "deploy/sidecar", "deploy/gateway"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let out = tether_bin()
+                    .arg("check-config")
+                    .arg("--config")
+                    .arg(&path)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}: {}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 1);
+}

@@ -1,0 +1,168 @@
+//! The client side: idle and header timeouts, the connection limit, oversized heads.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn downstream_closed(tether: &tether::Running, reason: &str) -> f64 {
+    metric(
+        &tether.metrics(),
+        "tether_downstream_connections_closed_total",
+        &[("reason", reason)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Reads until the server closes the socket; true if it did within `within`.
+async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_client_connections_are_closed_after_client_idle_timeout() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.proxy.client_idle_timeout = Duration::from_millis(300);
+    let tether = start(cfg).await;
+    let mut client = LeakyClient::new();
+    for _ in 0..3 {
+        assert_eq!(
+            client
+                .job(tether.route_addrs[0], "x", "/")
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    assert_eq!(client.open(), 3);
+    assert!(
+        eventually(WAIT, || async { client.open() == 0 }).await,
+        "tether closed the leaked client sockets"
+    );
+    assert_eq!(downstream_closed(&tether, "idle_timeout"), 3.0);
+}
+
+#[tokio::test]
+async fn a_busy_client_connection_is_not_cut_by_the_idle_timeout() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.proxy.client_idle_timeout = Duration::from_millis(200);
+    let tether = start(cfg).await;
+    let reply = route_get(tether.route_addrs[0], "/delay/700").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "ok");
+}
+
+#[tokio::test]
+async fn slowloris_heads_are_cut_at_header_read_timeout() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.proxy.header_read_timeout = Duration::from_millis(300);
+    cfg.proxy.client_idle_timeout = Duration::from_secs(30);
+    let tether = start(cfg).await;
+    let mut stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Keep trickling a byte now and then; the head never completes.
+    let trickle = async {
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if stream.write_all(b"X").await.is_err() {
+                break;
+            }
+        }
+    };
+    trickle.await;
+    assert!(closed_by_server(&mut stream, WAIT).await);
+    assert_eq!(downstream_closed(&tether, "header_timeout"), 1.0);
+    assert_eq!(origin.accepted(), 0);
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_is_closed_at_header_read_timeout() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    cfg.proxy.header_read_timeout = Duration::from_millis(200);
+    let tether = start(cfg).await;
+    let mut stream = TcpStream::connect(tether.proxy_addr).await.unwrap();
+    assert!(closed_by_server(&mut stream, WAIT).await);
+    assert_eq!(downstream_closed(&tether, "header_timeout"), 1.0);
+}
+
+#[tokio::test]
+async fn oversized_request_heads_get_431() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.proxy.max_header_bytes = 8192;
+    let tether = start(cfg).await;
+    let mut stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
+    let big = "a".repeat(20_000);
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+    assert_eq!(origin.accepted(), 0);
+}
+
+#[tokio::test]
+async fn at_max_client_connections_the_longest_idle_client_is_closed_first() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.proxy.max_client_connections = 5;
+    let tether = start(cfg).await;
+    let route = tether.route_addrs[0];
+    let mut client = LeakyClient::new();
+    for _ in 0..5 {
+        assert_eq!(client.job(route, "x", "/").await.unwrap().status, 200);
+    }
+    // A sixth client arrives: one idle client is closed to make room, and the new
+    // one is served.
+    assert_eq!(client.job(route, "x", "/").await.unwrap().status, 200);
+    assert!(eventually(WAIT, || async { client.open() == 5 }).await);
+    assert_eq!(downstream_closed(&tether, "evicted"), 1.0);
+    assert!(tether.shared.downstream.open() <= 5);
+}
+
+#[tokio::test]
+async fn at_max_client_connections_with_none_idle_new_clients_are_refused() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.proxy.max_client_connections = 2;
+    let tether = start(cfg).await;
+    let route = tether.route_addrs[0];
+    let busy: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { route_get(route, "/delay/1000").await.status }))
+        .collect();
+    assert!(eventually(WAIT, || async { origin.requests() == 2 }).await);
+    let mut refused = TcpStream::connect(route).await.unwrap();
+    assert!(closed_by_server(&mut refused, WAIT).await);
+    assert_eq!(downstream_closed(&tether, "limit"), 1.0);
+    for b in busy {
+        assert_eq!(b.await.unwrap(), 200);
+    }
+}

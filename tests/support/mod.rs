@@ -1,0 +1,163 @@
+//! Shared test helpers: start tether in-process on `127.0.0.1:0` listeners, talk to
+//! it over real sockets, read its metrics. Loopback peers live in `tether::testkit`
+//! so `tether demo` and the benches use the same code.
+#![allow(dead_code, unused_imports)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tether::config::{Config, RouteConfig, UpstreamConfig};
+use tether::Running;
+use tokio::net::TcpStream;
+
+pub use tether::testkit::leaky::LeakyClient;
+pub use tether::testkit::origin::{Origin, OriginOptions};
+pub use tether::testkit::{eventually, metric};
+
+/// How long a condition may take to become true before a test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A config with every listener on `127.0.0.1:0` and one upstream per origin.
+pub fn config(upstreams: &[(&str, &Origin)]) -> Config {
+    let mut config = Config::default();
+    config.proxy.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    config.upstream = upstreams
+        .iter()
+        .map(|(name, origin)| UpstreamConfig::new(*name, origin.authority()))
+        .collect();
+    config
+}
+
+/// Adds a route listener on `127.0.0.1:0` for `upstream`.
+pub fn route(config: &mut Config, upstream: &str) {
+    config.route.push(RouteConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: upstream.into(),
+    });
+}
+
+pub async fn start(config: Config) -> Running {
+    tether::start(config).await.expect("tether starts")
+}
+
+/// A response read in full.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn tether_error(&self) -> Option<&str> {
+        self.headers
+            .get("x-tether-error")
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends one request on a new connection to `addr` and reads the whole reply.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
+    let stream = TcpStream::connect(addr).await.expect("connect to tether");
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// `GET url` through the forward proxy at `proxy` (absolute-form, as HTTP_PROXY clients send).
+pub async fn proxy_get(proxy: SocketAddr, url: &str) -> Reply {
+    let uri: http::Uri = url.parse().unwrap();
+    let req = Request::get(url)
+        .header(http::header::HOST, uri.authority().unwrap().as_str())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(proxy, req).await
+}
+
+/// `GET path` on a route listener.
+pub async fn route_get(listener: SocketAddr, path: &str) -> Reply {
+    let req = Request::get(path)
+        .header(http::header::HOST, listener.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(listener, req).await
+}
+
+/// The admin endpoint `path` as text.
+pub async fn admin(running: &Running, path: &str) -> Reply {
+    route_get(running.admin_addr, path).await
+}
+
+/// Sockets in ESTABLISHED state to `port` as the kernel sees them (`ss`), from the
+/// connecting side. `None` where `ss` is not installed.
+pub fn ss_established_to(port: u16) -> Option<usize> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( dport = :{port} )"),
+        ])
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    })
+}
+
+/// The sum of `tether_upstream_connections` over states for `upstream`.
+pub fn upstream_gauge(metrics: &str, upstream: &str) -> f64 {
+    ["connecting", "active", "idle"]
+        .iter()
+        .map(|s| {
+            metric(
+                metrics,
+                "tether_upstream_connections",
+                &[("upstream", upstream), ("state", s)],
+            )
+            .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// Waits until tether's gauge, tether's pool, the origin's own count and (where
+/// available) `ss` all agree that `expected` sockets are open.
+pub async fn assert_sockets(running: &Running, origin: &Origin, upstream: &str, expected: usize) {
+    let agreed = eventually(WAIT, || async {
+        let gauge = upstream_gauge(&running.metrics(), upstream);
+        let pool = running.pool_counts(upstream).map(|c| c.open()).unwrap_or(0);
+        let ss = ss_established_to(origin.addr.port()).unwrap_or(expected);
+        gauge == expected as f64 && pool == expected && origin.open() == expected && ss == expected
+    })
+    .await;
+    assert!(
+        agreed,
+        "expected {expected} sockets to {upstream}: gauge {}, pool {:?}, origin {}, ss {:?}",
+        upstream_gauge(&running.metrics(), upstream),
+        running.pool_counts(upstream),
+        origin.open(),
+        ss_established_to(origin.addr.port()),
+    );
+}
