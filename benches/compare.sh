@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Side-by-side throughput/latency benchmark: tether vs HAProxy vs nginx (issue 11).
+#
+# One nginx origin on loopback serves /1k (1 KiB) and /1m (1 MiB). In front of it:
+#   tether       route listener -> upstream, max_connections = max_idle = 16
+#   haproxy-1t   nbthread 1, http-reuse always, server maxconn 16
+#   haproxy-2t   the same with nbthread 2
+#   nginx-proxy  upstream keepalive 16, proxy_http_version 1.1, 2 workers
+# and `direct` (wrk straight at the origin) as the ceiling. For each file size,
+# `wrk -t2 -c64 -d${DURATION}s --latency` runs against every target in turn,
+# alternating targets over ${ROUNDS} rounds so drift hits all of them alike.
+# While a target runs, its established sockets to the origin are sampled with
+# `ss -tnp` (peak reported); for tether the opened-connections counter from
+# /metrics is read before and after every run.
+#
+# Usage:  benches/compare.sh [--skip-tether] [--targets "direct haproxy-1t ..."]
+# Env:    TETHER_BIN      use this binary instead of `cargo build --release`
+#         TARGETS         default "direct tether haproxy-1t haproxy-2t nginx-proxy"
+#         DURATION=10 ROUNDS=3 WARMUP=2 (seconds; 0 = no warm-up run)
+#         THREADS=2 CONNECTIONS=64 POOL_SIZE=16 SIZES="1k 1m"
+#         NGINX_PROXY_WORKERS=2 UPSTREAM_WORKERS=1 SAMPLE_INTERVAL=0.25
+#         OUT_DIR         keep raw wrk output, results.tsv and the tables here
+#         KEEP_TMP=1      keep the work directory (configs, logs)
+# Output: markdown on stdout (paste into benches/RESULTS.md); progress on stderr.
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=compare/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/compare/lib.sh"
+
+TARGETS=${TARGETS:-"direct tether haproxy-1t haproxy-2t nginx-proxy"}
+while (($#)); do
+    case $1 in
+    --skip-tether) TARGETS=$(tr ' ' '\n' <<<"$TARGETS" | grep -vx tether | tr '\n' ' ' || true) ;;
+    --targets) TARGETS=$2; shift ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument $1 (try --help)" ;;
+    esac
+    shift
+done
+read -r -a TARGET_LIST <<<"$TARGETS"
+((${#TARGET_LIST[@]})) || die "no targets"
+for t in "${TARGET_LIST[@]}"; do
+    case $t in direct | tether | haproxy-1t | haproxy-2t | nginx-proxy) ;; *) die "unknown target $t" ;; esac
+done
+has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+WARMUP=${WARMUP:-2}
+THREADS=${THREADS:-2}
+CONNECTIONS=${CONNECTIONS:-64}
+SIZES=${SIZES:-"1k 1m"}
+SAMPLE_INTERVAL=${SAMPLE_INTERVAL:-0.25}
+POOL_SIZE=${POOL_SIZE:-16}
+CLIENT_IDLE_TIMEOUT=${CLIENT_IDLE_TIMEOUT:-10m}
+MAX_CLIENTS=${MAX_CLIENTS:-4096}
+export POOL_SIZE CLIENT_IDLE_TIMEOUT MAX_CLIENTS
+
+require_tools wrk haproxy nginx curl ss python3 envsubst
+has_target tether && resolve_tether
+
+ulimit -n "$(ulimit -Hn)"
+bench_init
+log "work directory $WORK"
+
+# --- start everything -----------------------------------------------------
+read -r P_UP P_TETHER P_TETHER_FWD P_TETHER_ADMIN P_H1 P_H2 P_NGX <<<"$(free_ports 7)"
+declare -A PORT PID
+start_upstream "$P_UP"
+PORT[direct]=$P_UP
+if has_target tether; then
+    start_tether tether "$P_TETHER" "$P_TETHER_FWD" "$P_TETHER_ADMIN"
+    PORT[tether]=$P_TETHER PID[tether]=$PROXY_PID
+fi
+if has_target haproxy-1t; then
+    start_haproxy haproxy-1t "$P_H1" 1
+    PORT[haproxy-1t]=$P_H1 PID[haproxy-1t]=$PROXY_PID
+fi
+if has_target haproxy-2t; then
+    start_haproxy haproxy-2t "$P_H2" 2
+    PORT[haproxy-2t]=$P_H2 PID[haproxy-2t]=$PROXY_PID
+fi
+if has_target nginx-proxy; then
+    start_nginx_proxy nginx-proxy "$P_NGX" "${NGINX_PROXY_WORKERS:-2}"
+    PORT[nginx-proxy]=$P_NGX PID[nginx-proxy]=$PROXY_PID
+fi
+for t in "${TARGET_LIST[@]}"; do
+    check_get "http://127.0.0.1:${PORT[$t]}/1k" 1024
+    check_get "http://127.0.0.1:${PORT[$t]}/1m" 1048576
+done
+log "origin :$P_UP; targets: $(for t in "${TARGET_LIST[@]}"; do printf '%s=:%s ' "$t" "${PORT[$t]}"; done)"
+
+# --- one wrk run ----------------------------------------------------------
+
+# sampler OUTFILE PID... : every SAMPLE_INTERVAL, count the PIDs' established
+# sockets to the origin; keep the peak in OUTFILE. Runs until killed.
+sampler() {
+    local out=$1 peak=0 n
+    shift
+    echo 0 >"$out"
+    while :; do
+        n=$(count_socks "dst 127.0.0.1:$P_UP" "$@")
+        if ((n > peak)); then
+            peak=$n
+            echo "$peak" >"$out"
+        fi
+        sleep "$SAMPLE_INTERVAL"
+    done
+}
+
+# run_wrk SIZE TARGET ROUND DURATION : ROUND "warmup" is run but not recorded.
+run_wrk() {
+    local size=$1 target=$2 round=$3 dur=$4
+    local tag="$size.$target.$round" url="http://127.0.0.1:${PORT[$target]}/$size"
+    local out="$WORK/wrk.$tag.txt" peakf="$WORK/peak.$tag" opens="-" before="" after
+    local wpid spid rc=0 pids
+    if [[ $target == tether ]]; then before=$(tether_opens "$P_TETHER_ADMIN"); fi
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${dur}s" --latency "$url" >"$out" 2>&1 &
+    wpid=$!
+    PIDS+=("$wpid")
+    if [[ $target == direct ]]; then
+        pids=$wpid
+    else
+        pids=$(proc_tree "${PID[$target]}" | tr '\n' ' ')
+    fi
+    # shellcheck disable=SC2086
+    sampler "$peakf" $pids &
+    spid=$!
+    PIDS+=("$spid")
+    wait "$wpid" || rc=$?
+    forget_pid "$wpid"
+    stop_tree "$spid"
+    ((rc == 0)) || { cat "$out" >&2; die "wrk failed against $target ($url)"; }
+    if [[ $target == tether ]]; then
+        after=$(tether_opens "$P_TETHER_ADMIN")
+        if [[ $before =~ ^[0-9.e+]+$ && $after =~ ^[0-9.e+]+$ ]]; then
+            opens=$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%d", a - b }')
+        else
+            opens="?"
+        fi
+    fi
+    [[ $round == warmup ]] && return 0
+    local parsed peak
+    parsed=$(python3 "$TEMPLATES/report.py" parse "$out")
+    peak=$(cat "$peakf")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$size" "$target" "$round" "$parsed" "$peak" "$opens" >>"$WORK/results.tsv"
+    local rps p50 p99 mib
+    IFS=$'\t' read -r rps mib p50 p99 _ _ <<<"$parsed"
+    log "$(printf '%-3s round %s %-12s %10s req/s  p50 %8s ms  p99 %8s ms  %9s MiB/s  peak upstream %3s  opens %s' \
+        "$size" "$round" "$target" "$rps" "$p50" "$p99" "$mib" "$peak" "$opens")"
+}
+
+# --- the runs ---------------------------------------------------------------
+: >"$WORK/results.tsv"
+for size in $SIZES; do
+    if ((WARMUP > 0)); then
+        for t in "${TARGET_LIST[@]}"; do
+            log "$size warm-up $t (${WARMUP}s)"
+            run_wrk "$size" "$t" warmup "$WARMUP"
+        done
+    fi
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for t in "${TARGET_LIST[@]}"; do
+            run_wrk "$size" "$t" "$r" "$DURATION"
+        done
+    done
+done
+
+# --- the report -------------------------------------------------------------
+version() { "$@" 2>&1 | head -n 1 || true; }
+{
+    echo "### compare.sh — $(date -u +'%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "- host: $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr)"
+    warm=""
+    ((WARMUP > 0)) && warm="; ${WARMUP}s unrecorded warm-up per target"
+    echo "- load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`, $ROUNDS rounds alternating targets, median shown$warm"
+    echo "- origin: nginx, $(version nginx -v | sed 's/^nginx version: //'), ${UPSTREAM_WORKERS:-1} worker(s), everything on 127.0.0.1"
+    echo "- pool: $POOL_SIZE upstream connections per proxy (tether max_connections/max_idle, HAProxy server maxconn, nginx keepalive)"
+    has_target haproxy-1t || has_target haproxy-2t && echo "- haproxy: $(version haproxy -v | sed 's/ - https.*//')"
+    has_target nginx-proxy && echo "- nginx-proxy: ${NGINX_PROXY_WORKERS:-2} worker(s)"
+    has_target tether && echo "- tether: $(version "$TETHER_BIN" --version)"
+    echo "- peak upstream sockets: established sockets to the origin owned by the target's processes, sampled every ${SAMPLE_INTERVAL}s (for direct: wrk's own)"
+    echo "- upstream opens/run: delta of tether_upstream_connections_opened_total per round (tether only)"
+    echo
+    for size in $SIZES; do
+        case $size in 1k) title="1 KiB (/1k)" ;; 1m) title="1 MiB (/1m)" ;; *) title=$size ;; esac
+        python3 "$TEMPLATES/report.py" table "$WORK/results.tsv" "$size" "$title"
+    done
+} >"$WORK/report.md"
+cat "$WORK/report.md"
+
+if [[ -n ${OUT_DIR:-} ]]; then
+    mkdir -p "$OUT_DIR"
+    cp "$WORK"/wrk.*.txt "$WORK/results.tsv" "$WORK/report.md" "$OUT_DIR"/
+    log "raw results in $OUT_DIR"
+fi

@@ -1,0 +1,280 @@
+# shellcheck shell=bash
+# Shared helpers for benches/compare.sh and benches/idle.sh. Sourced, not run.
+#
+# Every process started through start_bg() is recorded in PIDS and is stopped
+# (TERM, then KILL after a grace period, descendants included) by the EXIT trap
+# installed by bench_init(); the work directory is removed unless KEEP_TMP=1.
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
+TEMPLATES="$BENCH_DIR/compare"
+PIDS=()
+WORK=
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+bench_init() {
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/tether-bench.XXXXXX")
+    # nginx workers drop to `nobody` when started as root: let them read the tree.
+    chmod 755 "$WORK"
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM HUP
+}
+
+bench_cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    local pid
+    for pid in "${PIDS[@]}"; do
+        stop_tree "$pid"
+    done
+    if [[ -n $WORK && -d $WORK ]]; then
+        if [[ ${KEEP_TMP:-0} == 1 ]]; then
+            log "kept work directory $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+
+# require_tools TOOL... : exits with the apt-get hint when any is missing.
+require_tools() {
+    local missing=() t
+    for t in "$@"; do
+        command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+    done
+    if ((${#missing[@]})); then
+        echo "missing: ${missing[*]}" >&2
+        echo "install them with:  apt-get install -y wrk haproxy nginx" >&2
+        exit 1
+    fi
+}
+
+# free_ports N : N distinct free loopback TCP ports chosen by the kernel.
+free_ports() {
+    python3 - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
+
+# render TEMPLATE OUT : envsubst restricted to the ${NAMES} the template uses, so
+# nginx/HAProxy syntax that happens to contain `$` is left alone. Fails when a name
+# is unset.
+render() {
+    local tpl=$1 out=$2 names n
+    names=$(grep -oE '\$\{[A-Z_][A-Z0-9_]*\}' "$tpl" | sort -u | tr '\n' ' ')
+    for n in $names; do
+        n=${n#\$\{}; n=${n%\}}
+        [[ -n ${!n+x} ]] || die "render $tpl: \$$n is not set"
+        export "${n?}"
+    done
+    envsubst "$names" <"$tpl" >"$out"
+}
+
+# start_bg LOGFILE CMD... : start CMD in the background, record its PID in PIDS
+# and in BG_PID (not printed: a command substitution would run it in a subshell).
+start_bg() {
+    local logf=$1
+    shift
+    "$@" >"$logf" 2>&1 </dev/null &
+    BG_PID=$!
+    PIDS+=("$BG_PID")
+}
+
+forget_pid() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do
+        [[ $p == "$1" ]] || keep+=("$p")
+    done
+    PIDS=("${keep[@]}")
+}
+
+# proc_tree PID : PID and all its descendants, one per line.
+proc_tree() {
+    local p c
+    alive "$1" || return 0
+    echo "$1"
+    for c in $(pgrep -P "$1" 2>/dev/null || true); do
+        proc_tree "$c"
+    done
+}
+
+# alive PID : the process exists and is not a zombie (kill -0 succeeds on zombies).
+alive() {
+    local stat
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]]
+}
+
+# stop_tree PID : TERM the process (nginx/HAProxy masters stop their workers),
+# wait up to 5 s for it and every descendant, then KILL what is left.
+stop_tree() {
+    local pid=$1 tree i p left
+    tree=$(proc_tree "$pid")
+    if [[ -n $tree ]]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            left=0
+            for p in $tree; do
+                if alive "$p"; then left=1; fi
+            done
+            ((left)) || break
+            sleep 0.1
+        done
+        for p in $tree; do
+            if alive "$p"; then kill -KILL "$p" 2>/dev/null || true; fi
+        done
+    fi
+    wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
+}
+
+# wait_port PORT PID LOGFILE : wait until 127.0.0.1:PORT accepts, failing early
+# if PID dies (its log is shown).
+wait_port() {
+    local port=$1 pid=$2 logf=$3 i
+    for ((i = 0; i < 300; i++)); do
+        if ! alive "$pid"; then
+            log "process $pid exited before listening on $port; log:"
+            tail -n 30 "$logf" >&2 || true
+            exit 1
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "timed out waiting for port $port; log:"
+    tail -n 30 "$logf" >&2 || true
+    exit 1
+}
+
+# check_get URL BYTES : one request must return 200 with exactly BYTES of body.
+check_get() {
+    local got
+    got=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code} %{size_download}' "$1") ||
+        die "GET $1 failed"
+    [[ $got == "200 $2" ]] || die "GET $1: expected '200 $2', got '$got'"
+}
+
+# mem_kb PID... : "RSS_KB PSS_KB" summed over the processes (VmRSS from
+# /proc/PID/status, Pss from /proc/PID/smaps_rollup).
+mem_kb() {
+    local rss=0 pss=0 p v
+    for p in "$@"; do
+        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)
+        rss=$((rss + ${v:-0}))
+        v=$(awk '/^Pss:/ {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || true)
+        pss=$((pss + ${v:-0}))
+    done
+    echo "$rss $pss"
+}
+
+# count_socks FILTER PID... : established TCP sockets matching the ss FILTER
+# (e.g. "dst 127.0.0.1:8080") owned by one of the PIDs, counted by distinct
+# (local address, peer address) pair, i.e. one per socket.
+count_socks() {
+    local filter=$1
+    shift
+    local re
+    re="pid=($(IFS='|'; echo "$*")),"
+    # shellcheck disable=SC2086  # FILTER is deliberately split into ss words
+    ss -Htnp state established $filter 2>/dev/null |
+        { grep -E "$re" || true; } |
+        awk '{ k = ""; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9.]+:[0-9]+$/) k = k " " $i; print k }' |
+        sort -u | wc -l
+}
+
+# --- the servers ----------------------------------------------------------
+
+# Origin: nginx serving /1k and /1m. Sets UPSTREAM_PORT, UPSTREAM_PID.
+start_upstream() {
+    local port=$1 dir="$WORK/upstream"
+    mkdir -p "$dir/www"
+    head -c 1024 /dev/urandom >"$dir/www/1k"
+    head -c 1048576 /dev/urandom >"$dir/www/1m"
+    chmod -R a+rX "$dir"
+    PREFIX=$dir WWW=$dir/www LISTEN_PORT=$port WORKERS=${UPSTREAM_WORKERS:-1} \
+        RLIMIT=$(ulimit -n) WORKER_CONNECTIONS=${UPSTREAM_WORKER_CONNECTIONS:-4096} \
+        render "$TEMPLATES/nginx-upstream.conf.in" "$dir/nginx.conf"
+    start_bg "$dir/stdout.log" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+    UPSTREAM_PID=$BG_PID
+    export UPSTREAM_PORT=$port  # read by the proxy templates
+    wait_port "$port" "$UPSTREAM_PID" "$dir/error.log"
+    check_get "http://127.0.0.1:$port/1k" 1024
+    check_get "http://127.0.0.1:$port/1m" 1048576
+}
+
+# The proxies. Each takes NAME LISTEN_PORT and sets PROXY_PID. They read
+# UPSTREAM_PORT, POOL_SIZE, CLIENT_IDLE_TIMEOUT, MAX_CLIENTS from the caller.
+
+start_haproxy() { # NAME PORT NBTHREAD
+    local port=$2 dir="$WORK/$1"
+    mkdir -p "$dir"
+    LISTEN_PORT=$port NBTHREAD=$3 MAXCONN=$MAX_CLIENTS \
+        render "$TEMPLATES/haproxy.cfg.in" "$dir/haproxy.cfg"
+    haproxy -c -q -f "$dir/haproxy.cfg" >"$dir/check.log" 2>&1 ||
+        { cat "$dir/check.log" >&2; die "haproxy config check failed"; }
+    start_bg "$dir/haproxy.log" haproxy -db -f "$dir/haproxy.cfg"
+    PROXY_PID=$BG_PID
+    wait_port "$port" "$PROXY_PID" "$dir/haproxy.log"
+}
+
+start_nginx_proxy() { # NAME PORT WORKERS
+    local port=$2 dir="$WORK/$1"
+    mkdir -p "$dir"
+    PREFIX=$dir LISTEN_PORT=$port WORKERS=$3 RLIMIT=$(ulimit -n) \
+        WORKER_CONNECTIONS=$MAX_CLIENTS \
+        render "$TEMPLATES/nginx-proxy.conf.in" "$dir/nginx.conf"
+    start_bg "$dir/stdout.log" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+    PROXY_PID=$BG_PID
+    wait_port "$port" "$PROXY_PID" "$dir/error.log"
+}
+
+start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT
+    local port=$2 dir="$WORK/$1"
+    mkdir -p "$dir"
+    LISTEN_PORT=$port PROXY_PORT=$3 ADMIN_PORT=$4 MAX_CLIENT_CONNECTIONS=$MAX_CLIENTS \
+        render "$TEMPLATES/tether.toml.in" "$dir/tether.toml"
+    # tether merges every TETHER_* environment variable into its config (figment,
+    # unknown keys are errors), so the bench's own TETHER_BIN/TETHER_LOG and any
+    # stray overrides are kept out of its environment: the file is the whole config.
+    local -a clean=(-u TETHER_BIN -u TETHER_LOG)
+    local v
+    for v in $(compgen -e); do
+        if [[ $v == TETHER_* ]]; then clean+=(-u "$v"); fi
+    done
+    # Quiet logging so per-request log lines do not cost throughput.
+    start_bg "$dir/tether.log" env "${clean[@]}" RUST_LOG="${TETHER_LOG:-warn}" \
+        "$TETHER_BIN" run --config "$dir/tether.toml"
+    PROXY_PID=$BG_PID
+    wait_port "$port" "$PROXY_PID" "$dir/tether.log"
+    wait_port "$4" "$PROXY_PID" "$dir/tether.log"
+}
+
+# tether_opens ADMIN_PORT : tether_upstream_connections_opened_total{upstream="bench"}
+tether_opens() {
+    curl -sS --max-time 5 "http://127.0.0.1:$1/metrics" 2>/dev/null |
+        awk '/^tether_upstream_connections_opened_total\{/ && /upstream="bench"/ { v = $NF } END { print (v == "" ? "?" : v) }'
+}
+
+# resolve_tether : sets TETHER_BIN, building with cargo when it is not given.
+resolve_tether() {
+    if [[ -n ${TETHER_BIN:-} ]]; then
+        [[ -x $TETHER_BIN ]] || die "TETHER_BIN=$TETHER_BIN is not executable"
+    else
+        log "building tether (cargo build --release)"
+        (cd "$REPO_DIR" && cargo build --release) >&2
+        TETHER_BIN="$REPO_DIR/target/release/tether"
+    fi
+}
