@@ -122,6 +122,8 @@ pool_keys! {
     reap_interval: Duration = Duration::from_secs(1), with "humantime_serde";
     max_lifetime: Duration = Duration::from_secs(600), with "humantime_serde";
     max_requests_per_connection: u64 = 1000;
+    /// HTTP/2 streams one upstream connection carries before another opens.
+    max_streams_per_connection: usize = 100;
     queue_limit: usize = 1024;
     queue_timeout: Duration = Duration::from_secs(5), with "humantime_serde";
     connect_timeout: Duration = Duration::from_secs(3), with "humantime_serde";
@@ -452,6 +454,12 @@ fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, Stri
                 "{max_idle} exceeds max_connections ({})",
                 pool.max_connections
             ),
+        );
+    }
+    if pool.max_streams_per_connection == 0 {
+        problem(
+            format!("{at}.max_streams_per_connection"),
+            "must be at least 1".into(),
         );
     }
     if pool.max_requests_per_connection == 0 {

@@ -39,6 +39,8 @@ pub enum ProxyError {
     },
     #[error("TLS with {origin} failed: {reason}")]
     Tls { origin: String, reason: String },
+    #[error("{origin} cannot speak the configured protocol: {reason}")]
+    Protocol { origin: String, reason: String },
     #[error("{origin} sent no response head within {:?}", .timeout)]
     ResponseHeaderTimeout { origin: String, timeout: Duration },
     #[error("the exchange with {origin} took longer than {:?}", .timeout)]
@@ -68,6 +70,7 @@ impl ProxyError {
             ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout"),
             Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream_connect"),
             Tls { .. } => (StatusCode::BAD_GATEWAY, "upstream_tls"),
+            Protocol { .. } => (StatusCode::BAD_GATEWAY, "upstream_protocol"),
             ResponseHeaderTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             RequestTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
             Upstream { .. } | UpstreamClosed { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),

@@ -26,6 +26,7 @@ use crate::policy::{is_private, Origin};
 pub struct Connector {
     origin: Origin,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    protocol: Protocol,
     /// Refuse loopback/link-local destinations (origins reached by allow pattern).
     deny_private: bool,
 }
@@ -62,6 +63,7 @@ impl Connector {
         Ok(Connector {
             origin,
             tls,
+            protocol: config.protocol,
             deny_private: false,
         })
     }
@@ -71,12 +73,27 @@ impl Connector {
         Connector {
             origin,
             tls: None,
+            protocol: Protocol::Http1,
             deny_private,
         }
     }
 
     pub fn origin(&self) -> &Origin {
         &self.origin
+    }
+
+    /// The upstream is configured to speak HTTP/2.
+    pub fn expects_h2(&self) -> bool {
+        self.protocol == Protocol::Http2
+    }
+
+    /// `https` when tether originates TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// Resolves, connects and (for TLS upstreams) handshakes within `timeout`.
@@ -95,7 +112,8 @@ impl Connector {
             return Ok(Connected {
                 io: Io::Plain(tcp),
                 local_port,
-                h2: false,
+                // Plain TCP has no ALPN: h2 only by prior knowledge.
+                h2: self.protocol == Protocol::Http2,
             });
         };
         let tls = connector
@@ -106,6 +124,12 @@ impl Connector {
                 reason: tls_reason(&e),
             })?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        if self.protocol == Protocol::Http2 && !h2 {
+            return Err(ProxyError::Protocol {
+                origin: self.origin.to_string(),
+                reason: "protocol = \"http2\" but the upstream did not negotiate h2 by ALPN".into(),
+            });
+        }
         Ok(Connected {
             io: Io::Tls(Box::new(tls)),
             local_port,

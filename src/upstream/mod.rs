@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 
 use http::{header, Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 pub use body::UpstreamBody;
 use connect::Connector;
-pub use pool::{Checkout, CloseReason, Pool, PoolCounts, PoolSnapshot, Pooled, Slot};
+pub use pool::{Checkout, Client, CloseReason, Pool, PoolCounts, PoolSnapshot, Pooled, Slot};
 
 use crate::config::{Config, PoolConfig};
 use crate::error::ProxyError;
@@ -91,6 +91,7 @@ impl Upstream {
                 continue;
             }
             let reused = pooled.reused;
+            self.request_form(&mut req, pooled.is_h2())?;
             let sent_at = Instant::now();
             let wait = config
                 .response_header_timeout
@@ -157,20 +158,62 @@ impl Upstream {
         self.pool
             .connected(id, connected.local_port, pool::ConnState::Active);
         let io = TokioIo::new(Tracked::new(connected.io, slot));
-        let (send, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|source| ProxyError::Upstream {
-                origin: self.origin.to_string(),
-                source,
-            })?;
+        let handshake_err = |source| ProxyError::Upstream {
+            origin: self.origin.to_string(),
+            source,
+        };
         let pool = self.pool.clone();
-        tokio::spawn(async move {
-            let mut conn = pin!(conn);
-            let result = conn.as_mut().await;
-            pool.driver_ended(id, result.is_err());
-        });
-        Ok(self.pool.fresh(id, send))
+        let client = if connected.h2 {
+            let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(handshake_err)?;
+            tokio::spawn(async move {
+                let result = conn.await;
+                pool.driver_ended(id, result.is_err());
+            });
+            Client::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(handshake_err)?;
+            tokio::spawn(async move {
+                let mut conn = pin!(conn);
+                let result = conn.as_mut().await;
+                pool.driver_ended(id, result.is_err());
+            });
+            Client::H1(send)
+        };
+        Ok(self.pool.fresh(id, client))
+    }
+}
+
+impl Upstream {
+    /// HTTP/1.1 takes an origin-form target and `Host`; HTTP/2 an absolute URI, from
+    /// which hyper writes `:scheme` and `:authority`.
+    fn request_form(&self, req: &mut Request<Incoming>, h2: bool) -> Result<(), ProxyError> {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let uri = if h2 {
+            format!(
+                "{}://{}{}",
+                self.pool.connector().scheme(),
+                self.origin,
+                path
+            )
+        } else {
+            path.to_string()
+        };
+        *req.uri_mut() = uri
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ProxyError::BadTarget(e.to_string()))?;
+        *req.version_mut() = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        Ok(())
     }
 }
 

@@ -17,8 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures_util::future::Either;
+use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2, TrySendError};
 use metrics::{Counter, Gauge, Histogram};
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
@@ -30,8 +32,48 @@ use crate::config::PoolConfig;
 use crate::error::ProxyError;
 use crate::telemetry::{self as t, Telemetry};
 
-/// The client half of a pooled HTTP/1.1 connection.
-pub type SendRequest = http1::SendRequest<Incoming>;
+/// The client half of a pooled connection: HTTP/1.1 (one exchange at a time) or
+/// HTTP/2 (shared by up to `max_streams_per_connection` streams).
+pub enum Client {
+    H1(http1::SendRequest<Incoming>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+impl Client {
+    fn is_closed(&self) -> bool {
+        match self {
+            Client::H1(c) => c.is_closed(),
+            Client::H2(c) => c.is_closed(),
+        }
+    }
+
+    pub fn is_h2(&self) -> bool {
+        matches!(self, Client::H2(_))
+    }
+
+    /// Waits until the connection can take a request; an error means it closed.
+    pub async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Client::H1(c) => c.ready().await,
+            Client::H2(c) => c.ready().await,
+        }
+    }
+
+    /// Sends `req`; on failure before any byte was written the request comes back.
+    pub fn try_send_request(
+        &mut self,
+        req: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Result<Response<Incoming>, TrySendError<Request<Incoming>>>>
+    {
+        match self {
+            Client::H1(c) => Either::Left(c.try_send_request(req)),
+            Client::H2(c) => Either::Right(c.try_send_request(req)),
+        }
+    }
+}
+
+/// The HTTP/1.1 sender kept on the idle list.
+pub type SendRequest = Client;
 
 /// What a socket is doing. Tunnels count against the same cap as pooled sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -186,9 +228,19 @@ struct State {
     /// Ready HTTP/1.1 connections, most recently used last (LIFO reuse keeps the
     /// rest idle long enough to be reaped).
     idle: Vec<Idle>,
+    /// Open HTTP/2 connections that may take more streams, oldest first.
+    h2: Vec<H2Conn>,
+    /// The upstream has spoken h2: while one of its connections is being opened,
+    /// further requests wait for its streams instead of opening more.
+    h2_known: bool,
     waiters: VecDeque<Waiter>,
     next_waiter: u64,
     draining: bool,
+}
+
+struct H2Conn {
+    id: u64,
+    value: http2::SendRequest<Incoming>,
 }
 
 /// An idle connection, named as hyper-util names it.
@@ -205,6 +257,9 @@ struct Entry {
     idle_since: Instant,
     requests: u64,
     local_port: u16,
+    /// Open HTTP/2 streams (0 for HTTP/1.1).
+    streams: usize,
+    h2: bool,
     /// Set by whoever decides to close the socket; read when it is dropped.
     reason: Option<CloseReason>,
     /// The TCP connection was established (failed connects are not "closed").
@@ -253,6 +308,7 @@ impl Pool {
         config: PoolConfig,
         telemetry: &Telemetry,
     ) -> Pool {
+        let h2_known = connector.expects_h2();
         let inner = Arc::new(Inner {
             name: name.into(),
             connector,
@@ -260,6 +316,8 @@ impl Pool {
             state: Mutex::new(State {
                 conns: HashMap::new(),
                 idle: Vec::new(),
+                h2: Vec::new(),
+                h2_known,
                 waiters: VecDeque::new(),
                 next_waiter: 0,
                 draining: false,
@@ -293,10 +351,23 @@ impl Pool {
         let config = self.config();
         let rx = {
             let mut st = self.inner.state.lock();
+            if let Some(pooled) = self.inner.take_stream(&mut st, &config) {
+                return Ok(Checkout::Reused(pooled));
+            }
             if let Some(pooled) = self.inner.take_idle(&mut st) {
                 return Ok(Checkout::Reused(pooled));
             }
-            if st.conns.len() < config.max_connections {
+            let expected_streams = if st.h2_known {
+                let connecting = st
+                    .conns
+                    .values()
+                    .filter(|e| e.state == ConnState::Connecting)
+                    .count();
+                connecting * config.max_streams_per_connection
+            } else {
+                0
+            };
+            if st.conns.len() < config.max_connections && st.waiters.len() >= expected_streams {
                 return Ok(Checkout::Connect(
                     self.inner.new_slot(&mut st, ConnState::Connecting),
                 ));
@@ -397,8 +468,38 @@ impl Pool {
         self.inner.metrics.opened.increment(1);
     }
 
-    /// A [`Pooled`] handle for the fresh connection `id`.
+    /// A [`Pooled`] handle for the fresh connection `id`. An HTTP/2 connection is
+    /// shared at once: waiting requests get streams on it.
     pub fn fresh(&self, id: u64, value: SendRequest) -> Pooled {
+        if let Client::H2(h2) = &value {
+            let config = self.config();
+            let mut st = self.inner.state.lock();
+            st.h2_known = true;
+            st.h2.push(H2Conn {
+                id,
+                value: h2.clone(),
+            });
+            if let Some(entry) = st.conns.get_mut(&id) {
+                entry.h2 = true;
+                entry.streams = 1;
+            }
+            let inner = self.inner.clone();
+            while !st.waiters.is_empty()
+                && st
+                    .conns
+                    .get(&id)
+                    .is_some_and(|e| e.streams < config.max_streams_per_connection)
+            {
+                let Some(pooled) = inner.stream_on(&mut st, id) else {
+                    break;
+                };
+                if let Err(pooled) = inner.hand_to_waiter(&mut st, pooled) {
+                    drop(st);
+                    drop(pooled); // no waiter took it: its stream is returned
+                    st = self.inner.state.lock();
+                }
+            }
+        }
         Pooled {
             inner: self.inner.clone(),
             id,
@@ -430,9 +531,24 @@ impl Pool {
             let mut st = self.inner.state.lock();
             st.draining = true;
             let ids: Vec<u64> = st.idle.iter().map(|i| i.id).collect();
-            ids.into_iter()
+            let mut victims: Vec<Client> = ids
+                .into_iter()
                 .filter_map(|id| self.inner.remove_idle(&mut st, id, CloseReason::Shutdown))
-                .collect::<Vec<_>>()
+                .collect();
+            let unused: Vec<u64> = st
+                .h2
+                .iter()
+                .map(|c| c.id)
+                .filter(|id| st.conns.get(id).is_some_and(|e| e.streams == 0))
+                .collect();
+            for id in unused {
+                victims.extend(
+                    self.inner
+                        .retire_h2(&mut st, id, CloseReason::Shutdown)
+                        .map(Client::H2),
+                );
+            }
+            victims
         };
         drop(victims);
     }
@@ -503,6 +619,12 @@ impl Pool {
                 },
                 requests: e.requests,
                 local_port: e.local_port,
+                protocol: match e.state {
+                    ConnState::TunnelActive | ConnState::TunnelIdle => "tunnel",
+                    _ if e.h2 => "h2",
+                    _ => "h1",
+                },
+                streams: e.streams,
             })
             .collect();
         connections.sort_by_key(|c| c.id);
@@ -557,6 +679,10 @@ pub struct ConnSnapshot {
     pub idle_ms: u64,
     pub requests: u64,
     pub local_port: u16,
+    /// `h1`, `h2` or `tunnel`.
+    pub protocol: &'static str,
+    /// Open HTTP/2 streams.
+    pub streams: usize,
 }
 
 impl Inner {
@@ -571,6 +697,8 @@ impl Inner {
                 idle_since: now,
                 requests: 0,
                 local_port: 0,
+                streams: 0,
+                h2: false,
                 reason: None,
                 opened: false,
             },
@@ -594,6 +722,64 @@ impl Inner {
         if let Some(entry) = self.state.lock().conns.get_mut(&id) {
             entry.reason.get_or_insert(reason);
         }
+    }
+
+    /// A stream on an open HTTP/2 connection with room for one, oldest connection
+    /// first so that surplus connections go idle and are reaped.
+    fn take_stream(self: &Arc<Self>, st: &mut State, config: &PoolConfig) -> Option<Pooled> {
+        let id = st.h2.iter().find_map(|c| {
+            let e = st.conns.get(&c.id)?;
+            (e.streams < config.max_streams_per_connection && !c.value.is_closed()).then_some(c.id)
+        })?;
+        self.stream_on(st, id)
+    }
+
+    /// Opens one more stream on HTTP/2 connection `id`.
+    fn stream_on(self: &Arc<Self>, st: &mut State, id: u64) -> Option<Pooled> {
+        let value = st.h2.iter().find(|c| c.id == id)?.value.clone();
+        let entry = st.conns.get_mut(&id)?;
+        entry.streams += 1;
+        let reused = entry.requests > 0 || entry.streams > 1;
+        self.set_state(entry, ConnState::Active);
+        Some(Pooled {
+            inner: self.clone(),
+            id,
+            value: Some(Client::H2(value)),
+            reused,
+            sent: false,
+        })
+    }
+
+    /// Gives `pooled` to the oldest waiter still waiting; back if there is none.
+    fn hand_to_waiter(&self, st: &mut State, mut pooled: Pooled) -> Result<(), Pooled> {
+        while let Some(waiter) = st.waiters.pop_front() {
+            match waiter.tx.send(Grant::Idle(pooled)) {
+                Ok(()) => {
+                    self.metrics.queue_depth.set(st.waiters.len() as f64);
+                    return Ok(());
+                }
+                Err(Grant::Idle(back)) => pooled = back,
+                Err(Grant::Connect(_)) => unreachable!("sent an idle grant"),
+            }
+        }
+        self.metrics.queue_depth.set(0.0);
+        Err(pooled)
+    }
+
+    /// Takes HTTP/2 connection `id` out of sharing so it closes once its last stream
+    /// ends. The caller drops the returned handle after releasing the lock.
+    fn retire_h2(
+        &self,
+        st: &mut State,
+        id: u64,
+        reason: CloseReason,
+    ) -> Option<http2::SendRequest<Incoming>> {
+        let pos = st.h2.iter().position(|c| c.id == id)?;
+        let conn = st.h2.remove(pos);
+        if let Some(entry) = st.conns.get_mut(&id) {
+            entry.reason.get_or_insert(reason);
+        }
+        Some(conn.value)
     }
 
     /// Pops the most recently used idle connection that is still open.
@@ -666,6 +852,9 @@ impl Inner {
                 .iter()
                 .position(|i| i.id == id)
                 .map(|pos| st.idle.remove(pos));
+            if let Some(pos) = st.h2.iter().position(|c| c.id == id) {
+                st.h2.remove(pos);
+            }
             if entry.opened {
                 let reason = entry.reason.unwrap_or(CloseReason::RemoteClosed);
                 self.metrics.closed[reason as usize].increment(1);
@@ -679,52 +868,71 @@ impl Inner {
 
     /// Returns a connection after a complete exchange. It goes to the oldest waiter,
     /// else idle, unless a limit says it must close.
-    fn check_in(self: &Arc<Self>, id: u64, value: SendRequest) {
+    fn check_in(self: &Arc<Self>, id: u64, value: Client) {
         let config = self.config.read().clone();
         let now = Instant::now();
         let mut st = self.state.lock();
-        let close = match st.conns.get(&id) {
-            None => return,
-            Some(_) if value.is_closed() => Some(CloseReason::RemoteClosed),
-            Some(e) if e.requests >= config.max_requests_per_connection => {
-                Some(CloseReason::MaxRequests)
-            }
-            Some(e) if now.saturating_duration_since(e.created) >= config.max_lifetime => {
-                Some(CloseReason::MaxLifetime)
-            }
-            Some(_) if st.draining => Some(CloseReason::Shutdown),
-            Some(_) if st.conns.len() > config.max_connections => Some(CloseReason::MaxIdle),
-            Some(_) => None,
+        let draining = st.draining;
+        let over_cap = st.conns.len() > config.max_connections;
+        let Some(entry) = st.conns.get_mut(&id) else {
+            return;
         };
+        if entry.h2 {
+            entry.streams = entry.streams.saturating_sub(1);
+        }
+        let idle_now = entry.streams == 0;
+        let close = if value.is_closed() {
+            Some(CloseReason::RemoteClosed)
+        } else if entry.requests >= config.max_requests_per_connection {
+            Some(CloseReason::MaxRequests)
+        } else if now.saturating_duration_since(entry.created) >= config.max_lifetime {
+            Some(CloseReason::MaxLifetime)
+        } else if draining {
+            Some(CloseReason::Shutdown)
+        } else if over_cap {
+            Some(CloseReason::MaxIdle)
+        } else {
+            None
+        };
+        if let Client::H2(_) = value {
+            drop(value); // the shared handle stays in `st.h2` while it may take streams
+            let retired = close.and_then(|reason| self.retire_h2(&mut st, id, reason));
+            if retired.is_none() && !st.waiters.is_empty() {
+                // Hand-off before idling: the oldest waiter gets this stream.
+                if let Some(pooled) = self.stream_on(&mut st, id) {
+                    if let Err(pooled) = self.hand_to_waiter(&mut st, pooled) {
+                        drop(st);
+                        drop(pooled); // nobody waited after all: returns the stream
+                    }
+                    return;
+                }
+            }
+            if idle_now {
+                let entry = st.conns.get_mut(&id).expect("checked above");
+                entry.idle_since = now;
+                self.set_state(entry, ConnState::Idle);
+            }
+            drop(st);
+            drop(retired);
+            return;
+        }
         if let Some(reason) = close {
-            st.conns
-                .get_mut(&id)
-                .expect("checked above")
-                .reason
-                .get_or_insert(reason);
+            entry.reason.get_or_insert(reason);
             drop(st);
             drop(value);
             return;
         }
         // Hand-off before idling: the oldest live waiter gets it.
-        let mut pooled = Pooled {
+        let pooled = Pooled {
             inner: self.clone(),
             id,
             value: Some(value),
             reused: true,
             sent: false,
         };
-        while let Some(waiter) = st.waiters.pop_front() {
-            match waiter.tx.send(Grant::Idle(pooled)) {
-                Ok(()) => {
-                    self.metrics.queue_depth.set(st.waiters.len() as f64);
-                    return;
-                }
-                Err(Grant::Idle(back)) => pooled = back,
-                Err(Grant::Connect(_)) => unreachable!("sent an idle grant"),
-            }
-        }
-        self.metrics.queue_depth.set(0.0);
+        let Err(mut pooled) = self.hand_to_waiter(&mut st, pooled) else {
+            return;
+        };
         let value = pooled.value.take().expect("present until handed on");
         drop(pooled); // value taken: dropping it does nothing
         if st.idle.len() >= config.idle_limit() {
@@ -749,7 +957,16 @@ impl Inner {
 
     fn reap(&self, now: Instant) -> usize {
         let config = self.config.read().clone();
-        let victims = {
+        let expired = |idle_at: Instant, created: Instant| {
+            if now.saturating_duration_since(idle_at) >= config.idle_timeout {
+                Some(CloseReason::IdleTimeout)
+            } else if now.saturating_duration_since(created) >= config.max_lifetime {
+                Some(CloseReason::MaxLifetime)
+            } else {
+                None
+            }
+        };
+        let (victims, h2_victims) = {
             let mut st = self.state.lock();
             let mut victims = Vec::new();
             let mut i = 0;
@@ -760,14 +977,7 @@ impl Inner {
                     .get(&idle.id)
                     .map(|e| e.created)
                     .unwrap_or(idle.idle_at);
-                let reason = if now.saturating_duration_since(idle.idle_at) >= config.idle_timeout {
-                    Some(CloseReason::IdleTimeout)
-                } else if now.saturating_duration_since(created) >= config.max_lifetime {
-                    Some(CloseReason::MaxLifetime)
-                } else {
-                    None
-                };
-                match reason {
+                match expired(idle.idle_at, created) {
                     Some(reason) => {
                         let idle = st.idle.remove(i);
                         if let Some(entry) = st.conns.get_mut(&idle.id) {
@@ -778,10 +988,26 @@ impl Inner {
                     None => i += 1,
                 }
             }
-            victims
+            let h2_expired: Vec<(u64, CloseReason)> = st
+                .h2
+                .iter()
+                .filter_map(|c| {
+                    let e = st.conns.get(&c.id)?;
+                    if e.streams > 0 {
+                        return None;
+                    }
+                    expired(e.idle_since, e.created).map(|r| (c.id, r))
+                })
+                .collect();
+            let h2_victims: Vec<_> = h2_expired
+                .into_iter()
+                .filter_map(|(id, reason)| self.retire_h2(&mut st, id, reason))
+                .collect();
+            (victims, h2_victims)
         };
-        let n = victims.len();
+        let n = victims.len() + h2_victims.len();
         drop(victims);
+        drop(h2_victims);
         n
     }
 
@@ -830,6 +1056,10 @@ impl Pooled {
         self.id
     }
 
+    pub fn is_h2(&self) -> bool {
+        self.value.as_ref().is_some_and(Client::is_h2)
+    }
+
     /// Waits until the connection can take a request; an error means it closed.
     pub async fn ready(&mut self) -> Result<(), hyper::Error> {
         self.value
@@ -840,7 +1070,7 @@ impl Pooled {
     }
 
     /// The request sender; counts the request against the connection.
-    pub fn send(&mut self) -> &mut SendRequest {
+    pub fn send(&mut self) -> &mut Client {
         if !self.sent {
             self.sent = true;
             self.inner.note_request(self.id);
