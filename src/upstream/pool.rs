@@ -269,6 +269,8 @@ struct Entry {
 struct Waiter {
     id: u64,
     tx: oneshot::Sender<Grant>,
+    /// Needs a socket of its own (a tunnel), not a pooled connection.
+    slot_only: bool,
 }
 
 /// What a waiter is handed: a ready connection, or the right to open one.
@@ -372,36 +374,64 @@ impl Pool {
                     self.inner.new_slot(&mut st, ConnState::Connecting),
                 ));
             }
-            if st.waiters.len() >= config.queue_limit {
-                drop(st);
-                self.inner.metrics.reject(Rejection::QueueFull);
-                return Err(ProxyError::QueueFull {
-                    upstream: self.inner.name.to_string(),
-                });
-            }
-            let (tx, rx) = oneshot::channel();
-            let id = st.next_waiter;
-            st.next_waiter += 1;
-            st.waiters.push_back(Waiter { id, tx });
-            self.inner.metrics.queue_depth.set(st.waiters.len() as f64);
-            (
-                rx,
-                WaitGuard {
-                    inner: &self.inner,
-                    id,
-                },
-            )
+            self.enqueue(st, &config, false)?
         };
-        let (rx, _guard) = rx;
+        match self.wait(rx, &config, std::future::pending()).await? {
+            Grant::Idle(pooled) => Ok(Checkout::Reused(pooled)),
+            Grant::Connect(slot) => Ok(Checkout::Connect(slot)),
+        }
+    }
+
+    /// Joins the FIFO queue, or refuses with `queue_full`. `slot_only` waiters (CONNECT
+    /// tunnels) need a socket of their own and are skipped by connection hand-offs.
+    fn enqueue<'a>(
+        &'a self,
+        mut st: parking_lot::MutexGuard<'_, State>,
+        config: &PoolConfig,
+        slot_only: bool,
+    ) -> Result<(oneshot::Receiver<Grant>, WaitGuard<'a>), ProxyError> {
+        if st.waiters.len() >= config.queue_limit {
+            drop(st);
+            self.inner.metrics.reject(Rejection::QueueFull);
+            return Err(ProxyError::QueueFull {
+                upstream: self.inner.name.to_string(),
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = st.next_waiter;
+        st.next_waiter += 1;
+        st.waiters.push_back(Waiter { id, tx, slot_only });
+        self.inner.metrics.queue_depth.set(st.waiters.len() as f64);
+        Ok((
+            rx,
+            WaitGuard {
+                inner: &self.inner,
+                id,
+            },
+        ))
+    }
+
+    /// Waits for a grant up to `queue_timeout`, running `meanwhile` alongside.
+    async fn wait(
+        &self,
+        (rx, _guard): (oneshot::Receiver<Grant>, WaitGuard<'_>),
+        config: &PoolConfig,
+        meanwhile: impl std::future::Future<Output = ()>,
+    ) -> Result<Grant, ProxyError> {
         let started = Instant::now();
-        let granted = tokio::time::timeout(config.queue_timeout, rx).await;
+        let granted = tokio::time::timeout(config.queue_timeout, async {
+            tokio::select! {
+                granted = rx => granted,
+                _ = meanwhile => unreachable!("runs until the grant arrives"),
+            }
+        })
+        .await;
         self.inner
             .metrics
             .queue_wait
             .record(started.elapsed().as_secs_f64());
         match granted {
-            Ok(Ok(Grant::Idle(pooled))) => Ok(Checkout::Reused(pooled)),
-            Ok(Ok(Grant::Connect(slot))) => Ok(Checkout::Connect(slot)),
+            Ok(Ok(grant)) => Ok(grant),
             // The sender is only dropped by a pool being torn down.
             Ok(Err(_)) => Err(ProxyError::ShuttingDown),
             Err(_) => {
@@ -414,47 +444,51 @@ impl Pool {
         }
     }
 
-    /// Takes a slot for a CONNECT tunnel: under the cap, or by evicting the tunnel
-    /// idle longest (at least `min_idle_for_eviction`), else through the queue.
+    /// Takes a slot for a CONNECT tunnel: under the cap at once; at the cap, by
+    /// closing the idle pooled socket or the tunnel idle longest (at least
+    /// `min_idle_for_eviction`), re-checked while the request waits in the queue.
     pub async fn checkout_tunnel(
         &self,
-        idle_tunnels: &super::tunnel::Tunnels,
+        tunnels: &super::tunnel::Tunnels,
     ) -> Result<Slot, ProxyError> {
         let config = self.config();
-        {
+        let queued = {
             let mut st = self.inner.state.lock();
             if st.conns.len() < config.max_connections {
                 return Ok(self.inner.new_slot(&mut st, ConnState::Connecting));
             }
-        }
-        idle_tunnels.evict_longest_idle(config.min_idle_for_eviction);
-        // An idle pooled HTTP connection can make room too: closing it frees a slot
-        // for the oldest waiter, which may be us.
-        {
-            let mut st = self.inner.state.lock();
-            if let Some(idle) = st.idle.first().map(|i| i.id) {
-                let victim = self.inner.remove_idle(&mut st, idle, CloseReason::Evicted);
-                drop(st);
-                drop(victim);
+            self.enqueue(st, &config, true)?
+        };
+        let make_room = async {
+            let tick = (config.min_idle_for_eviction / 4)
+                .clamp(Duration::from_millis(5), Duration::from_millis(250));
+            loop {
+                self.make_room(tunnels, &config);
+                tokio::time::sleep(tick).await;
             }
-        }
-        match self.checkout().await? {
-            Checkout::Connect(slot) => Ok(slot),
-            Checkout::Reused(pooled) => {
-                // A tunnel needs its own socket: close this one and wait for its place.
+        };
+        match self.wait(queued, &config, make_room).await? {
+            Grant::Connect(slot) => Ok(slot),
+            Grant::Idle(pooled) => {
+                // Slot-only waiters are skipped by hand-offs; be safe regardless.
                 pooled.discard(CloseReason::Evicted);
-                match self.checkout().await? {
-                    Checkout::Connect(slot) => Ok(slot),
-                    Checkout::Reused(pooled) => {
-                        pooled.discard(CloseReason::Evicted);
-                        Err(ProxyError::QueueTimeout {
-                            upstream: self.inner.name.to_string(),
-                            timeout: config.queue_timeout,
-                        })
-                    }
-                }
+                Err(ProxyError::ShuttingDown)
             }
         }
+    }
+
+    /// Closes one idle pooled socket, else the longest-idle tunnel past
+    /// `min_idle_for_eviction`. Its place goes to the oldest waiter.
+    fn make_room(&self, tunnels: &super::tunnel::Tunnels, config: &PoolConfig) -> bool {
+        let victim = {
+            let mut st = self.inner.state.lock();
+            let first = st.idle.first().map(|i| i.id);
+            first.and_then(|id| self.inner.remove_idle(&mut st, id, CloseReason::Evicted))
+        };
+        if victim.is_some() {
+            return true;
+        }
+        tunnels.evict_longest_idle(config.min_idle_for_eviction)
     }
 
     /// Marks socket `id` connected (TCP, and TLS when originated), in `state`.
@@ -484,7 +518,7 @@ impl Pool {
                 entry.streams = 1;
             }
             let inner = self.inner.clone();
-            while !st.waiters.is_empty()
+            while st.waiters.iter().any(|w| !w.slot_only)
                 && st
                     .conns
                     .get(&id)
@@ -752,7 +786,8 @@ impl Inner {
 
     /// Gives `pooled` to the oldest waiter still waiting; back if there is none.
     fn hand_to_waiter(&self, st: &mut State, mut pooled: Pooled) -> Result<(), Pooled> {
-        while let Some(waiter) = st.waiters.pop_front() {
+        while let Some(pos) = st.waiters.iter().position(|w| !w.slot_only) {
+            let waiter = st.waiters.remove(pos).expect("position is in range");
             match waiter.tx.send(Grant::Idle(pooled)) {
                 Ok(()) => {
                     self.metrics.queue_depth.set(st.waiters.len() as f64);
@@ -762,7 +797,7 @@ impl Inner {
                 Err(Grant::Connect(_)) => unreachable!("sent an idle grant"),
             }
         }
-        self.metrics.queue_depth.set(0.0);
+        self.metrics.queue_depth.set(st.waiters.len() as f64);
         Err(pooled)
     }
 
@@ -897,7 +932,7 @@ impl Inner {
         if let Client::H2(_) = value {
             drop(value); // the shared handle stays in `st.h2` while it may take streams
             let retired = close.and_then(|reason| self.retire_h2(&mut st, id, reason));
-            if retired.is_none() && !st.waiters.is_empty() {
+            if retired.is_none() && st.waiters.iter().any(|w| !w.slot_only) {
                 // Hand-off before idling: the oldest waiter gets this stream.
                 if let Some(pooled) = self.stream_on(&mut st, id) {
                     if let Err(pooled) = self.hand_to_waiter(&mut st, pooled) {
