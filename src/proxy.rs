@@ -152,8 +152,10 @@ fn prepare_request(req: &mut Request<Incoming>, origin: &Origin) -> Result<(), P
     Ok(())
 }
 
-/// hyper already refuses a request with both `Content-Length` and
-/// `Transfer-Encoding`; differing duplicate lengths are refused here too.
+/// Differing duplicate `Content-Length` values are refused. (A request framed by
+/// both `Content-Length` and `Transfer-Encoding` never gets here in that shape:
+/// hyper lets `Transfer-Encoding` win, drops the length and closes the client
+/// connection after the response, and tether re-frames the body upstream.)
 fn reject_smuggling(headers: &HeaderMap) -> Result<(), ProxyError> {
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next() {

@@ -120,6 +120,11 @@ impl Upstream {
                     metrics.duration.record(sent_at.elapsed().as_secs_f64());
                     metrics.request(resp.status(), reused);
                     let reusable = !wants_close(resp.headers());
+                    if !reusable {
+                        // Known now, before the driver sees the close.
+                        self.pool
+                            .close_reason(pooled.id(), CloseReason::RemoteClosed);
+                    }
                     let (parts, body) = resp.into_parts();
                     return Ok(Response::from_parts(
                         parts,

@@ -550,12 +550,16 @@ impl Pool {
 
     /// Records how a connection's driver ended, unless a reason was already chosen.
     pub fn driver_ended(&self, id: u64, error: bool) {
-        let reason = if error {
-            CloseReason::Error
-        } else {
-            CloseReason::RemoteClosed
-        };
-        self.inner.set_reason(id, reason);
+        if let Some(entry) = self.inner.state.lock().conns.get_mut(&id) {
+            // Closed under a request that had not finished: that exchange failed,
+            // whatever the driver's own result says.
+            let reason = if error || entry.state == ConnState::Active {
+                CloseReason::Error
+            } else {
+                CloseReason::RemoteClosed
+            };
+            entry.reason.get_or_insert(reason);
+        }
     }
 
     /// Closes idle connections now and keeps the pool from idling any more: for
