@@ -65,8 +65,7 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
 /// Every pool: limits, counts by state, queue depth, one entry per socket.
 pub fn pools_json(shared: &Shared) -> serde_json::Value {
     let pools: Vec<_> = shared
-        .upstreams
-        .all()
+        .all_upstreams()
         .iter()
         .map(|u| u.pool.snapshot())
         .collect();

@@ -104,6 +104,18 @@ macro_rules! pool_keys {
                 }
             }
 
+            /// Same name and the same way of connecting: a reload can keep the live pool.
+            pub fn same_connection(&self, other: &UpstreamConfig) -> bool {
+                self.name == other.name
+                    && self.origin == other.origin
+                    && self.tls == other.tls
+                    && self.sni == other.sni
+                    && self.ca_file == other.ca_file
+                    && self.insecure_skip_verify == other.insecure_skip_verify
+                    && self.protocol == other.protocol
+                    && self.rewrite_realm == other.rewrite_realm
+            }
+
             /// The pool limits in force for this upstream: `defaults` with this
             /// upstream's overrides applied.
             pub fn pool(&self, defaults: &PoolConfig) -> PoolConfig {

@@ -17,11 +17,16 @@ pub mod telemetry;
 pub mod testkit;
 pub mod upstream;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use metrics::Counter;
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,21 +36,52 @@ use listener::Downstream;
 use policy::Policy;
 use proxy::Mode;
 use telemetry::Telemetry;
-use upstream::Upstreams;
+use upstream::{Upstream, Upstreams};
+
+/// What a request is routed by: one configuration's policy, upstreams and routes.
+/// A reload builds a new table and swaps it in; requests in flight keep theirs.
+pub struct Table {
+    pub config: Arc<Config>,
+    pub policy: Policy,
+    /// The `[[upstream]]`s, in config order (policy decisions index into it).
+    pub listed: Vec<Arc<Upstream>>,
+    /// Route listener number → index into `listed`.
+    pub routes: HashMap<usize, usize>,
+    /// `(index into listed, bound address)` of each route listener.
+    pub route_addrs: Vec<(usize, SocketAddr)>,
+}
+
+impl Table {
+    /// The upstream route listener `route` stands in for, if it still exists.
+    pub fn route_upstream(&self, route: usize) -> Option<Arc<Upstream>> {
+        self.routes.get(&route).map(|&i| self.listed[i].clone())
+    }
+}
 
 /// State shared by every connection of one running instance.
 pub struct Shared {
-    pub config: Arc<Config>,
-    pub policy: Policy,
+    table: ArcSwap<Table>,
     pub upstreams: Upstreams,
     pub telemetry: Arc<Telemetry>,
     pub downstream: Arc<Downstream>,
-    /// `(upstream index, bound address)` of each route listener.
-    pub route_addrs: Vec<(usize, SocketAddr)>,
     pub ready: AtomicBool,
 }
 
-/// Why tether could not start.
+impl Shared {
+    /// The routing table in force.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// Every upstream that has a pool: listed, unlisted, and removed-but-draining.
+    pub fn all_upstreams(&self) -> Vec<Arc<Upstream>> {
+        let mut all = self.table().listed.clone();
+        all.extend(self.upstreams.others());
+        all
+    }
+}
+
+/// Why tether could not start (or reload).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
@@ -60,99 +96,274 @@ pub enum StartError {
     Upstream(String),
 }
 
+/// A route listener: identified across reloads by its configured address (and,
+/// for port-0 addresses that tests use, its position among equal addresses).
+type RouteKey = (SocketAddr, usize);
+
+struct RouteListener {
+    id: usize,
+    bound: SocketAddr,
+    stop: CancellationToken,
+}
+
 /// A running tether instance.
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    /// Bound addresses of the `[[route]]` listeners, in config order.
+    /// Bound addresses of the `[[route]]` listeners, in config order at start.
     pub route_addrs: Vec<SocketAddr>,
     pub shared: Arc<Shared>,
+    routes: Mutex<HashMap<RouteKey, RouteListener>>,
+    next_route: Mutex<usize>,
+    reloads: [Counter; 2],
     stop: CancellationToken,
+    /// The admin listener outlives the drain, so probes see `/readyz` turn 503.
+    admin_stop: CancellationToken,
     connections: TaskTracker,
+}
+
+async fn bind(what: String, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn route_keys(config: &Config) -> Vec<RouteKey> {
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    config
+        .route
+        .iter()
+        .map(|r| {
+            let n = seen.entry(r.listen).or_default();
+            *n += 1;
+            (r.listen, *n - 1)
+        })
+        .collect()
 }
 
 /// Binds every listener and starts serving. Listeners on port 0 get a free port;
 /// the bound addresses are in the returned [`Running`].
 pub async fn start(config: Config) -> Result<Running, StartError> {
     config.validate()?;
-    for up in config.upstream.iter().filter(|u| u.insecure_skip_verify) {
-        tracing::warn!(upstream = %up.name, "insecure_skip_verify is set: the upstream's certificate is not verified");
-    }
-    let bind = |what: String, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { what, addr, source })
-    };
+    raise_fd_limit(&config);
     let proxy_listener = bind("proxy.listen".into(), config.proxy.listen).await?;
     let admin_listener = bind("admin.listen".into(), config.admin.listen).await?;
-    let mut route_listeners = Vec::new();
-    for (i, route) in config.route.iter().enumerate() {
-        let upstream = config
-            .upstream
-            .iter()
-            .position(|u| u.name == route.upstream)
-            .expect("validated: routes name known upstreams");
-        route_listeners.push((
-            upstream,
-            bind(format!("route[{i}].listen"), route.listen).await?,
-        ));
-    }
     let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let proxy_addr = local(&proxy_listener);
     let admin_addr = local(&admin_listener);
-    let route_addrs: Vec<SocketAddr> = route_listeners.iter().map(|(_, l)| local(l)).collect();
 
     let telemetry = Telemetry::new();
+    let upstreams = Upstreams::new(telemetry.clone());
+    let listed = upstreams
+        .build(&config, &[])
+        .map_err(StartError::Upstream)?;
     let shared = Arc::new(Shared {
-        policy: Policy::new(&config),
-        upstreams: Upstreams::new(&config, telemetry.clone()).map_err(StartError::Upstream)?,
+        table: ArcSwap::from_pointee(Table {
+            config: Arc::new(Config::default()),
+            policy: Policy::default(),
+            listed: Vec::new(),
+            routes: HashMap::new(),
+            route_addrs: Vec::new(),
+        }),
+        upstreams,
         downstream: Downstream::new(telemetry.clone()),
-        telemetry,
-        route_addrs: route_listeners
-            .iter()
-            .zip(&route_addrs)
-            .map(|((u, _), a)| (*u, *a))
-            .collect(),
-        config: Arc::new(config),
+        telemetry: telemetry.clone(),
         ready: AtomicBool::new(false),
     });
+    let running = Running {
+        proxy_addr,
+        admin_addr,
+        route_addrs: Vec::new(),
+        shared: shared.clone(),
+        routes: Mutex::default(),
+        next_route: Mutex::new(0),
+        reloads: ["success", "failure"]
+            .map(|r| telemetry.counter(telemetry::CONFIG_RELOADS, &[("result", r)])),
+        stop: CancellationToken::new(),
+        admin_stop: CancellationToken::new(),
+        connections: TaskTracker::new(),
+    };
+    let route_addrs = running.apply(config, listed).await?;
+    let mut running = running;
+    running.route_addrs = route_addrs;
 
-    let stop = CancellationToken::new();
-    let connections = TaskTracker::new();
     tokio::spawn(listener::accept_loop(
         proxy_listener,
         shared.clone(),
         Mode::Forward,
-        stop.clone(),
-        connections.clone(),
+        running.stop.clone(),
+        running.connections.clone(),
     ));
-    for (upstream, l) in route_listeners {
-        tokio::spawn(listener::accept_loop(
-            l,
-            shared.clone(),
-            Mode::Route(upstream),
-            stop.clone(),
-            connections.clone(),
-        ));
-    }
     tokio::spawn(admin::serve(
         admin_listener,
         shared.clone(),
-        stop.child_token(),
+        running.admin_stop.clone(),
     ));
     shared.ready.store(true, Ordering::Release);
-    tracing::info!(%proxy_addr, %admin_addr, routes = ?route_addrs, "tether is ready");
-    Ok(Running {
-        proxy_addr,
-        admin_addr,
-        route_addrs,
-        shared,
-        stop,
-        connections,
-    })
+    tracing::info!(%proxy_addr, %admin_addr, routes = ?running.route_addrs, "tether is ready");
+    Ok(running)
 }
 
 impl Running {
+    /// Binds the route listeners `config` adds, swaps in its table, stops the route
+    /// listeners it dropped and drains the upstreams it removed. Returns the bound
+    /// address of every route, in config order. Nothing changes if a bind fails.
+    async fn apply(
+        &self,
+        config: Config,
+        listed: Vec<Arc<Upstream>>,
+    ) -> Result<Vec<SocketAddr>, StartError> {
+        let keys = route_keys(&config);
+        let mut fresh = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if !self.routes.lock().contains_key(key) {
+                fresh.push((*key, bind(format!("route[{i}].listen"), key.0).await?));
+            }
+        }
+        let mut routes = self.routes.lock();
+        for (key, listener) in fresh {
+            let id = {
+                let mut next = self.next_route.lock();
+                *next += 1;
+                *next - 1
+            };
+            let stop = self.stop.child_token();
+            let bound = listener
+                .local_addr()
+                .expect("bound listener has an address");
+            tokio::spawn(listener::accept_loop(
+                listener,
+                self.shared.clone(),
+                Mode::Route(id),
+                stop.clone(),
+                self.connections.clone(),
+            ));
+            routes.insert(key, RouteListener { id, bound, stop });
+        }
+        routes.retain(|key, route| {
+            let keep = keys.contains(key);
+            if !keep {
+                route.stop.cancel();
+            }
+            keep
+        });
+        let index_of = |name: &str| {
+            listed
+                .iter()
+                .position(|u| &*u.name == name)
+                .expect("validated")
+        };
+        let mut table_routes = HashMap::new();
+        let mut route_addrs = Vec::new();
+        for (key, route) in keys.iter().zip(&config.route) {
+            let listener = &routes[key];
+            table_routes.insert(listener.id, index_of(&route.upstream));
+            route_addrs.push(listener.bound);
+        }
+        drop(routes);
+        let previous = self.shared.table();
+        let table = Table {
+            policy: Policy::new(&config),
+            route_addrs: config
+                .route
+                .iter()
+                .zip(&route_addrs)
+                .map(|(r, a)| (index_of(&r.upstream), *a))
+                .collect(),
+            routes: table_routes,
+            listed,
+            config: Arc::new(config),
+        };
+        let removed = previous
+            .listed
+            .iter()
+            .filter(|o| !table.listed.iter().any(|l| Arc::ptr_eq(l, o)))
+            .cloned()
+            .collect();
+        self.shared.table.store(Arc::new(table));
+        self.shared.upstreams.retire(removed);
+        Ok(route_addrs)
+    }
+
+    /// Applies a new configuration to the running instance: pool limits change in
+    /// place (a lowered cap closes idle sockets down to it, a raised one admits
+    /// waiters), added upstreams and routes start, removed ones drain. In-flight
+    /// requests are untouched. On any error the old configuration stays in force.
+    pub async fn reload(&self, config: Config) -> Result<(), StartError> {
+        let result = self.try_reload(config).await;
+        match &result {
+            Ok(()) => {
+                self.reloads[0].increment(1);
+                tracing::info!("configuration reloaded");
+            }
+            Err(e) => {
+                self.reloads[1].increment(1);
+                match e {
+                    StartError::Config(errors) => {
+                        for problem in &errors.0 {
+                            tracing::error!(
+                                "reload refused, keeping the running configuration: {problem}"
+                            );
+                        }
+                    }
+                    other => tracing::error!(
+                        "reload refused, keeping the running configuration: {other}"
+                    ),
+                }
+            }
+        }
+        result
+    }
+
+    /// Loads `path` (with environment overrides) and reloads it.
+    pub async fn reload_from(&self, path: Option<&Path>) -> Result<(), StartError> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(e) => {
+                let e = StartError::Config(e);
+                self.reloads[1].increment(1);
+                if let StartError::Config(errors) = &e {
+                    for problem in &errors.0 {
+                        tracing::error!(
+                            "reload refused, keeping the running configuration: {problem}"
+                        );
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn try_reload(&self, config: Config) -> Result<(), StartError> {
+        config.validate()?;
+        let current = self.shared.table();
+        for (what, old, new) in [
+            (
+                "proxy.listen",
+                current.config.proxy.listen,
+                config.proxy.listen,
+            ),
+            (
+                "admin.listen",
+                current.config.admin.listen,
+                config.admin.listen,
+            ),
+        ] {
+            if old != new {
+                tracing::warn!(what, %old, %new, "a listener address changes only on restart");
+            }
+        }
+        // Pools are reconfigured by `build`; a failed bind afterwards leaves the new
+        // limits on kept pools, which is the operator's intent anyway.
+        let listed = self
+            .shared
+            .upstreams
+            .build(&config, &current.listed)
+            .map_err(StartError::Upstream)?;
+        self.apply(config, listed).await?;
+        Ok(())
+    }
+
     /// Graceful shutdown: not ready, stop accepting, close idle sockets at once, let
     /// in-flight requests finish within `drain_timeout`, then cut what remains.
     /// Returns how many client connections had to be cut.
@@ -160,11 +371,11 @@ impl Running {
         self.shared.ready.store(false, Ordering::Release);
         self.stop.cancel();
         self.connections.close();
-        for up in self.shared.upstreams.all() {
+        for up in self.shared.all_upstreams() {
             up.pool.drain();
         }
         self.shared.downstream.close_idle();
-        let drain = self.shared.config.proxy.drain_timeout;
+        let drain = self.shared.table().config.proxy.drain_timeout;
         let cut = match tokio::time::timeout(drain, self.connections.wait()).await {
             Ok(()) => 0,
             Err(_) => self.shared.downstream.open(),
@@ -178,6 +389,7 @@ impl Running {
         }
         // Give pooled sockets' drivers a moment to observe their handles dropping.
         tokio::time::sleep(Duration::from_millis(10)).await;
+        self.admin_stop.cancel();
         cut
     }
 
@@ -189,10 +401,32 @@ impl Running {
     /// Counts of the listed upstream `name`'s pool.
     pub fn pool_counts(&self, name: &str) -> Option<upstream::PoolCounts> {
         self.shared
-            .upstreams
+            .table()
             .listed
             .iter()
             .find(|u| &*u.name == name)
             .map(|u| u.pool.counts())
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit: every client and upstream
+/// socket is a descriptor. Warns when even the hard limit is below what the
+/// configuration may need.
+fn raise_fd_limit(config: &Config) {
+    let needed = config.proxy.max_client_connections
+        + config
+            .upstream
+            .iter()
+            .map(|u| u.pool(&config.pool).max_connections)
+            .sum::<usize>()
+        + 64;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if (limit as usize) < needed => tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below max_client_connections plus the pools' caps"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
 }

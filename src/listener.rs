@@ -344,7 +344,7 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let limit = shared.config.proxy.max_client_connections;
+        let limit = shared.table().config.proxy.max_client_connections;
         if shared.downstream.open() >= limit && !shared.downstream.evict_idle() {
             shared.downstream.closed[ClientClose::Limit as usize].increment(1);
             tracing::warn!(client = %peer, limit, "max_client_connections reached and no idle client to close: refusing");
@@ -368,7 +368,8 @@ async fn serve(
         stream,
         guard: ClientGuard { conn: conn.clone() },
     };
-    let proxy_config = &shared.config.proxy;
+    let table = shared.table();
+    let proxy_config = &table.config.proxy;
     let service = {
         let shared = shared.clone();
         let conn = conn.clone();

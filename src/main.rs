@@ -102,20 +102,32 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
+        serve_until_stopped(&running, args.config.as_deref()).await;
         tracing::info!("shutting down");
-        running.shutdown().await;
+        let cut = running.shutdown().await;
+        if cut > 0 {
+            tracing::warn!(cut, "client connections were cut at drain_timeout");
+        }
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_signal() {
+/// Runs until SIGTERM or SIGINT; SIGHUP reloads the configuration file.
+async fn serve_until_stopped(running: &tether::Running, config: Option<&std::path::Path>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                // Errors are logged by reload; the running configuration stays.
+                let _ = running.reload_from(config).await;
+            }
+        }
     }
 }
 
@@ -124,6 +136,7 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

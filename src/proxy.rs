@@ -18,14 +18,15 @@ use crate::listener::ClientConn;
 use crate::policy::{Decision, Origin};
 use crate::rewrite;
 use crate::upstream::{CloseReason, Tracked, Upstream};
-use crate::Shared;
+use crate::{Shared, Table};
 
 /// How a client reached tether.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// The forward-proxy listener: absolute-form requests and CONNECT.
     Forward,
-    /// A route listener standing in for listed upstream `n`.
+    /// Route listener number `n`; its upstream is looked up per request, so a
+    /// reload can re-point it.
     Route(usize),
 }
 
@@ -88,8 +89,11 @@ async fn forward(
     shared: &Shared,
     mode: Mode,
 ) -> Result<Handled, ProxyError> {
+    let table = shared.table();
     let upstream = match mode {
-        Mode::Route(i) => shared.upstreams.listed[i].clone(),
+        Mode::Route(route) => table
+            .route_upstream(route)
+            .ok_or(ProxyError::ShuttingDown)?,
         Mode::Forward => {
             if req.uri().scheme().is_none() {
                 return Err(ProxyError::BadTarget(
@@ -97,7 +101,7 @@ async fn forward(
                 ));
             }
             let origin = Origin::from_uri(req.uri()).map_err(ProxyError::BadTarget)?;
-            lookup(shared, &origin)?
+            lookup(shared, &table, &origin)?
         }
     };
     let client_host = req.headers().get(header::HOST).cloned();
@@ -106,19 +110,19 @@ async fn forward(
     strip_hop_by_hop(response.headers_mut());
     response.headers_mut().append(header::VIA, VIA);
     if upstream.rewrite_realm {
-        rewrite::response_headers(shared, mode, client_host.as_ref(), response.headers_mut());
+        rewrite::response_headers(&table, mode, client_host.as_ref(), response.headers_mut());
     }
     let name = upstream.name.clone();
     Ok((response.map(ProxyBody::upstream), Some(name)))
 }
 
 /// The upstream for an origin, by the egress policy.
-fn lookup(shared: &Shared, origin: &Origin) -> Result<Arc<Upstream>, ProxyError> {
-    match shared.policy.decide(origin) {
-        Decision::Upstream(i) => Ok(shared.upstreams.listed[i].clone()),
+fn lookup(shared: &Shared, table: &Table, origin: &Origin) -> Result<Arc<Upstream>, ProxyError> {
+    match table.policy.decide(origin) {
+        Decision::Upstream(i) => Ok(table.listed[i].clone()),
         Decision::Allowed => Ok(shared
             .upstreams
-            .unlisted(origin, !shared.policy.allow_private)),
+            .unlisted(origin, !table.policy.allow_private)),
         Decision::Denied => Err(ProxyError::Denied {
             origin: origin.to_string(),
         }),
@@ -204,7 +208,7 @@ async fn connect(
         })
         .ok_or_else(|| ProxyError::BadTarget("CONNECT needs a host:port target".into()))?;
     let origin = Origin::parse_authority(authority.as_str()).map_err(ProxyError::BadTarget)?;
-    let upstream = lookup(shared, &origin)?;
+    let upstream = lookup(shared, &shared.table(), &origin)?;
     let config = upstream.pool.config();
     let slot = upstream.pool.checkout_tunnel(&upstream.tunnels).await?;
     let tcp = match upstream

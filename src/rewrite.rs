@@ -12,17 +12,17 @@ use http::Uri;
 
 use crate::policy::{Decision, Origin};
 use crate::proxy::Mode;
-use crate::Shared;
+use crate::Table;
 
 /// Rewrites `WWW-Authenticate` Bearer realms and `Location` in place.
 pub fn response_headers(
-    shared: &Shared,
+    table: &Table,
     mode: Mode,
     client_host: Option<&HeaderValue>,
     headers: &mut HeaderMap,
 ) {
     let client_host = client_host.and_then(|h| h.to_str().ok()).map(host_only);
-    let rewrite = |url: &str| rewrite_url(shared, mode, client_host, url);
+    let rewrite = |url: &str| rewrite_url(table, mode, client_host, url);
     if let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
         if let Some(new) = rewrite(location).and_then(|u| HeaderValue::from_str(&u).ok()) {
             headers.insert(header::LOCATION, new);
@@ -57,12 +57,7 @@ fn host_only(host: &str) -> &str {
 }
 
 /// The URL a client should use instead of `url`, if it points at a listed upstream.
-fn rewrite_url(
-    shared: &Shared,
-    mode: Mode,
-    client_host: Option<&str>,
-    url: &str,
-) -> Option<String> {
+fn rewrite_url(table: &Table, mode: Mode, client_host: Option<&str>, url: &str) -> Option<String> {
     let uri: Uri = url.parse().ok()?;
     let scheme = uri.scheme_str()?;
     let default_port = match scheme {
@@ -75,13 +70,13 @@ fn rewrite_url(
         host: authority.host().to_ascii_lowercase(),
         port: authority.port_u16().unwrap_or(default_port),
     };
-    let Decision::Upstream(target) = shared.policy.decide(&origin) else {
+    let Decision::Upstream(target) = table.policy.decide(&origin) else {
         return None;
     };
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     match mode {
         Mode::Route(_) => {
-            let listen = shared.route_addrs.iter().find(|(u, _)| *u == target)?.1;
+            let listen = table.route_addrs.iter().find(|(u, _)| *u == target)?.1;
             let host = match client_host {
                 Some(h) => h.to_string(),
                 None if listen.ip().is_unspecified() => "127.0.0.1".to_string(),
@@ -93,7 +88,7 @@ fn rewrite_url(
             Some(format!("http://{host}:{}{path}", listen.port()))
         }
         // An https URL without a port meant 443; the origin keeps it explicit.
-        Mode::Forward if scheme == "https" && shared.upstreams.listed[target].tls => {
+        Mode::Forward if scheme == "https" && table.listed[target].tls => {
             Some(format!("http://{origin}{path}"))
         }
         Mode::Forward => None,

@@ -28,7 +28,7 @@ pub use body::UpstreamBody;
 use connect::Connector;
 pub use pool::{Checkout, Client, CloseReason, Pool, PoolCounts, PoolSnapshot, Pooled, Slot};
 
-use crate::config::{Config, PoolConfig};
+use crate::config::{Config, PoolConfig, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::policy::Origin;
 use crate::telemetry::{Telemetry, UNLISTED};
@@ -42,6 +42,8 @@ pub struct Upstream {
     /// Rewrite realms/Location pointing at other upstreams.
     pub rewrite_realm: bool,
     pub tls: bool,
+    /// The `[[upstream]]` it was built from, to match it across reloads.
+    pub settings: UpstreamConfig,
 }
 
 impl Upstream {
@@ -52,6 +54,7 @@ impl Upstream {
         telemetry: &Telemetry,
     ) -> Upstream {
         let origin = connector.origin().clone();
+        let origin_string = origin.to_string();
         let pool = Pool::new(name, connector, config, telemetry);
         Upstream {
             name: name.into(),
@@ -60,6 +63,7 @@ impl Upstream {
             pool,
             rewrite_realm: true,
             tls: false,
+            settings: UpstreamConfig::new(name, origin_string),
         }
     }
 
@@ -291,34 +295,63 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
     }
 }
 
-/// All upstreams of a running instance: the listed ones by index, and the ones
-/// created on demand for origins matched by allow patterns (removed when idle).
+/// Upstreams not in the current table: those created on demand for origins matched by
+/// allow patterns, and those a reload removed, kept until their last socket closes.
 pub struct Upstreams {
-    pub listed: Vec<Arc<Upstream>>,
     unlisted: Mutex<HashMap<Origin, Arc<Upstream>>>,
+    retired: Mutex<Vec<Arc<Upstream>>>,
     telemetry: Arc<Telemetry>,
-    defaults: PoolConfig,
+    defaults: Mutex<PoolConfig>,
 }
 
 impl Upstreams {
-    pub fn new(config: &Config, telemetry: Arc<Telemetry>) -> Result<Upstreams, String> {
+    pub fn new(telemetry: Arc<Telemetry>) -> Upstreams {
+        Upstreams {
+            unlisted: Mutex::default(),
+            retired: Mutex::default(),
+            telemetry,
+            defaults: Mutex::new(PoolConfig::default()),
+        }
+    }
+
+    /// The listed upstreams of `config`. An upstream of `previous` with the same
+    /// name and connection settings is kept, its live pool taking the new limits.
+    pub fn build(
+        &self,
+        config: &Config,
+        previous: &[Arc<Upstream>],
+    ) -> Result<Vec<Arc<Upstream>>, String> {
         let mut listed = Vec::new();
         for up in &config.upstream {
+            let limits = up.pool(&config.pool);
+            if let Some(old) = previous.iter().find(|o| o.settings.same_connection(up)) {
+                old.pool.reconfigure(limits);
+                listed.push(old.clone());
+                continue;
+            }
             let origin = Origin::parse_authority(&up.origin)?;
             let connector = Connector::for_upstream(origin, up)
                 .map_err(|e| format!("upstream {}: {e}", up.name))?;
-            let mut upstream =
-                Upstream::new(&up.name, connector, up.pool(&config.pool), &telemetry);
+            let mut upstream = Upstream::new(&up.name, connector, limits, &self.telemetry);
             upstream.rewrite_realm = up.rewrite_realm;
             upstream.tls = up.tls;
+            upstream.settings = up.clone();
             listed.push(Arc::new(upstream));
         }
-        Ok(Upstreams {
-            listed,
-            unlisted: Mutex::new(HashMap::new()),
-            telemetry,
-            defaults: config.pool.clone(),
-        })
+        *self.defaults.lock() = config.pool.clone();
+        for u in self.unlisted.lock().values() {
+            u.pool.reconfigure(config.pool.clone());
+        }
+        Ok(listed)
+    }
+
+    /// Drains upstreams a reload removed: idle sockets close now, in-flight
+    /// exchanges finish, and the pool is forgotten once its last socket closes.
+    pub fn retire(&self, removed: Vec<Arc<Upstream>>) {
+        for u in &removed {
+            u.pool.drain();
+        }
+        self.retired.lock().extend(removed);
     }
 
     /// The pool for an origin matched by an allow pattern, created on first use.
@@ -334,17 +367,19 @@ impl Upstreams {
                 Arc::new(Upstream::new(
                     UNLISTED,
                     connector,
-                    self.defaults.clone(),
+                    self.defaults.lock().clone(),
                     &self.telemetry,
                 ))
             })
             .clone()
     }
 
-    /// Every upstream, listed first.
-    pub fn all(&self) -> Vec<Arc<Upstream>> {
-        let mut all = self.listed.clone();
-        all.extend(self.unlisted.lock().values().cloned());
+    /// Unlisted and retired upstreams that still exist.
+    pub fn others(&self) -> Vec<Arc<Upstream>> {
+        let mut retired = self.retired.lock();
+        retired.retain(|u| u.pool.counts().open() > 0);
+        let mut all: Vec<_> = self.unlisted.lock().values().cloned().collect();
+        all.extend(retired.iter().cloned());
         all
     }
 }

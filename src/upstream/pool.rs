@@ -597,13 +597,16 @@ impl Pool {
         *self.inner.config.write() = Arc::new(config.clone());
         let (victims, grants) = {
             let mut st = self.inner.state.lock();
-            let mut victims = Vec::new();
-            while !st.idle.is_empty()
-                && (st.idle.len() > config.idle_limit() || st.conns.len() > config.max_connections)
-            {
-                let id = st.idle[0].id;
-                victims.extend(self.inner.remove_idle(&mut st, id, CloseReason::MaxIdle));
-            }
+            // Closed sockets leave `conns` only when their drivers drop them, so
+            // count the surplus once rather than re-reading it in the loop.
+            let over_cap = st.conns.len().saturating_sub(config.max_connections);
+            let over_idle = st.idle.len().saturating_sub(config.idle_limit());
+            let surplus = over_cap.max(over_idle).min(st.idle.len());
+            let ids: Vec<u64> = st.idle.iter().take(surplus).map(|i| i.id).collect();
+            let victims: Vec<Client> = ids
+                .into_iter()
+                .filter_map(|id| self.inner.remove_idle(&mut st, id, CloseReason::MaxIdle))
+                .collect();
             let grants = self.inner.grant_waiters(&mut st, &config);
             (victims, grants)
         };
