@@ -1,9 +1,14 @@
-//! Loopback peers for tests, benches and `tether demo`: an origin server that counts
-//! the sockets it accepted and closed, and a leaky client that imitates the Dragonfly
-//! manager (a new HTTP client per job, never closed). They bind `127.0.0.1:0` only.
+//! Loopback peers for tests, benches and `tether demo`: servers that count the sockets
+//! they accepted and closed ([`listening`], [`origin`], a fake registry and token
+//! server in [`registry`]), plain or TLS with certificates made at run time ([`tls`]),
+//! and a leaky client that imitates the Dragonfly manager (a new HTTP client per job,
+//! never closed). They bind `127.0.0.1:0` only.
 
 pub mod leaky;
+pub mod listening;
 pub mod origin;
+pub mod registry;
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;

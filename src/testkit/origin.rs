@@ -1,6 +1,7 @@
-//! An HTTP/1.1 origin on loopback that counts its sockets from its own side: how many
-//! it accepted, how many are open now, the most ever open at once. What it serves is
-//! chosen by the request path:
+//! An origin on loopback that counts its sockets from its own side: how many it
+//! accepted, how many are open now, the most ever open at once. It speaks HTTP/1.1, or
+//! over TLS h1/h2 by ALPN (see [`OriginOptions`]). What it serves is chosen by the
+//! request path:
 //!
 //! - `/bytes/N` — N bytes of body (`Content-Length`)
 //! - `/stream/N` — N bytes, chunked, in 64 KiB pieces as fast as the reader takes them
@@ -13,46 +14,40 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use rustls::ServerConfig;
 
-type Body = BoxBody<Bytes, Infallible>;
+use super::listening::{Body, Listening, ServeOptions};
 
-/// How the origin treats idle keep-alive connections.
+/// How the origin behaves.
 #[derive(Debug, Clone, Default)]
 pub struct OriginOptions {
     /// Close a keep-alive connection idle this long (the upstream's own timeout).
     pub idle_close_after: Option<Duration>,
     /// Advertise `Keep-Alive: timeout=N` on responses.
     pub advertise_keep_alive: Option<u64>,
+    /// Serve TLS with this config; see [`crate::testkit::tls`]. Its ALPN list decides
+    /// whether h2 is offered.
+    pub tls: Option<Arc<ServerConfig>>,
+    /// Speak h2 where ALPN did not decide: prior knowledge over plain TCP.
+    pub h2: bool,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` on h2 connections.
+    pub h2_max_concurrent_streams: Option<u32>,
 }
 
 /// A running origin and its socket counts.
 #[derive(Clone)]
 pub struct Origin {
     pub addr: SocketAddr,
-    counts: Arc<Counts>,
-}
-
-struct Counts {
-    accepted: AtomicUsize,
-    open: AtomicUsize,
-    peak: AtomicUsize,
-    requests: AtomicUsize,
-    gate: tokio::sync::Semaphore,
+    listening: Listening,
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl Origin {
@@ -61,121 +56,84 @@ impl Origin {
     }
 
     pub async fn start_with(options: OriginOptions) -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("bound");
-        let counts = Arc::new(Counts {
-            accepted: AtomicUsize::new(0),
-            open: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
-            requests: AtomicUsize::new(0),
-            gate: tokio::sync::Semaphore::new(0),
-        });
-        let origin = Origin {
-            addr,
-            counts: counts.clone(),
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let keep_alive = options.advertise_keep_alive;
+        let handler = {
+            let gate = gate.clone();
+            Arc::new(move |req: Request<Incoming>| {
+                let gate = gate.clone();
+                Box::pin(async move {
+                    let mut resp = respond(req, &gate).await;
+                    if let Some(t) = keep_alive {
+                        resp.headers_mut().insert(
+                            "keep-alive",
+                            HeaderValue::from_str(&format!("timeout={t}")).expect("valid"),
+                        );
+                    }
+                    resp
+                }) as _
+            })
         };
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                counts.accepted.fetch_add(1, Ordering::SeqCst);
-                let open = counts.open.fetch_add(1, Ordering::SeqCst) + 1;
-                counts.peak.fetch_max(open, Ordering::SeqCst);
-                let counts = counts.clone();
-                let options = options.clone();
-                tokio::spawn(async move {
-                    serve(stream, &counts, &options).await;
-                    counts.open.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
-        });
-        origin
+        let listening = Listening::start(
+            ServeOptions {
+                tls: options.tls,
+                h2: options.h2,
+                h2_max_concurrent_streams: options.h2_max_concurrent_streams,
+                idle_close_after: options.idle_close_after,
+            },
+            handler,
+        )
+        .await;
+        Origin {
+            addr: listening.addr,
+            listening,
+            gate,
+        }
     }
 
     /// Sockets this origin accepted so far.
     pub fn accepted(&self) -> usize {
-        self.counts.accepted.load(Ordering::SeqCst)
+        self.listening.accepted()
     }
 
     /// Sockets open to this origin now.
     pub fn open(&self) -> usize {
-        self.counts.open.load(Ordering::SeqCst)
+        self.listening.open()
     }
 
     /// The most sockets ever open at once.
     pub fn peak(&self) -> usize {
-        self.counts.peak.load(Ordering::SeqCst)
+        self.listening.peak()
     }
 
     /// Requests served.
     pub fn requests(&self) -> usize {
-        self.counts.requests.load(Ordering::SeqCst)
+        self.listening.requests()
     }
 
     /// Lets one `/gated/N` response send the rest of its body.
     pub fn open_gate(&self) {
-        self.counts.gate.add_permits(1);
+        self.gate.add_permits(1);
     }
 
     /// `host:port` of the origin.
     pub fn authority(&self) -> String {
         self.addr.to_string()
     }
-}
 
-async fn serve(stream: tokio::net::TcpStream, counts: &Arc<Counts>, options: &OriginOptions) {
-    let _ = stream.set_nodelay(true);
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(Notify::new());
-    let service = {
-        let counts = counts.clone();
-        let in_flight = in_flight.clone();
-        let done = done.clone();
-        let keep_alive = options.advertise_keep_alive;
-        service_fn(move |req| {
-            counts.requests.fetch_add(1, Ordering::SeqCst);
-            in_flight.fetch_add(1, Ordering::SeqCst);
-            let counts = counts.clone();
-            let in_flight = in_flight.clone();
-            let done = done.clone();
-            async move {
-                let mut resp = respond(req, &counts).await;
-                if let Some(t) = keep_alive {
-                    resp.headers_mut().insert(
-                        "keep-alive",
-                        HeaderValue::from_str(&format!("timeout={t}")).expect("valid"),
-                    );
-                }
-                in_flight.fetch_sub(1, Ordering::SeqCst);
-                done.notify_one();
-                Ok::<_, Infallible>(resp)
-            }
-        })
-    };
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-    let mut conn = pin!(conn);
-    let Some(idle) = options.idle_close_after else {
-        let _ = conn.await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = done.notified() => {}
-            _ = tokio::time::sleep(idle) => {
-                if in_flight.load(Ordering::SeqCst) == 0 {
-                    // Like an upstream's keep-alive timeout: close without warning.
-                    return;
-                }
-            }
-        }
+    /// The origin's counts, including h2 and TLS figures.
+    pub fn listening(&self) -> &Listening {
+        &self.listening
     }
 }
 
-async fn respond(req: Request<Incoming>, counts: &Arc<Counts>) -> Response<Body> {
+impl AsRef<Listening> for Origin {
+    fn as_ref(&self) -> &Listening {
+        &self.listening
+    }
+}
+
+async fn respond(req: Request<Incoming>, gate: &Arc<tokio::sync::Semaphore>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (head, arg) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -197,9 +155,9 @@ async fn respond(req: Request<Incoming>, counts: &Arc<Counts>) -> Response<Body>
         "gated" => {
             let n: usize = arg.parse().unwrap_or(0);
             let first = n.min(64 * 1024);
-            let counts = counts.clone();
+            let gate = gate.clone();
             let rest = futures_util::stream::once(async move {
-                let permit = counts.gate.acquire().await.expect("gate open");
+                let permit = gate.acquire().await.expect("gate open");
                 permit.forget();
                 Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; n - first])))
             });

@@ -119,9 +119,28 @@ impl Connector {
         let tls = connector
             .connect(server_name.clone(), tcp)
             .await
-            .map_err(|e| ProxyError::Tls {
-                origin: self.origin.to_string(),
-                reason: tls_reason(&e),
+            .map_err(|e| {
+                let origin = self.origin.to_string();
+                // Refusing every protocol we offered is the same misconfiguration as
+                // not negotiating h2 below, so it gets the same error.
+                if refused_alpn(&e) {
+                    let offered = match self.protocol {
+                        Protocol::Auto => "h2, http/1.1",
+                        Protocol::Http1 => "http/1.1",
+                        Protocol::Http2 => "h2",
+                    };
+                    ProxyError::Protocol {
+                        origin,
+                        reason: format!(
+                            "the upstream accepts none of the protocols offered by ALPN ({offered}): no_application_protocol alert"
+                        ),
+                    }
+                } else {
+                    ProxyError::Tls {
+                        origin,
+                        reason: tls_reason(&e),
+                    }
+                }
             })?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         if self.protocol == Protocol::Http2 && !h2 {
@@ -182,6 +201,17 @@ impl Connector {
         }
         Err(connect_err(last))
     }
+}
+
+/// The server ended the handshake with a `no_application_protocol` alert.
+fn refused_alpn(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        ))
+    )
 }
 
 /// A one-line cause for a failed handshake, unwrapping rustls' error from io::Error.

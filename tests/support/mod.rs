@@ -16,6 +16,7 @@ use tether::Running;
 use tokio::net::TcpStream;
 
 pub use tether::testkit::leaky::LeakyClient;
+pub use tether::testkit::listening::Listening;
 pub use tether::testkit::origin::{Origin, OriginOptions};
 pub use tether::testkit::{eventually, metric};
 
@@ -144,7 +145,13 @@ pub fn upstream_gauge(metrics: &str, upstream: &str) -> f64 {
 
 /// Waits until tether's gauge, tether's pool, the origin's own count and (where
 /// available) `ss` all agree that `expected` sockets are open.
-pub async fn assert_sockets(running: &Running, origin: &Origin, upstream: &str, expected: usize) {
+pub async fn assert_sockets(
+    running: &Running,
+    origin: &impl AsRef<Listening>,
+    upstream: &str,
+    expected: usize,
+) {
+    let origin = origin.as_ref();
     let agreed = eventually(WAIT, || async {
         let gauge = upstream_gauge(&running.metrics(), upstream);
         let pool = running.pool_counts(upstream).map(|c| c.open()).unwrap_or(0);
