@@ -337,3 +337,17 @@ async fn gauges_match_upstream_sockets_after_every_phase() {
         serde_json::from_slice(&admin(&tether, "/debug/pools").await.body).unwrap();
     assert_eq!(json["pools"][0]["connections"].as_array().unwrap().len(), 0);
 }
+
+#[tokio::test]
+async fn upstream_connection_close_is_counted_as_a_remote_close() {
+    let origin = Origin::start().await;
+    let tether = start(pool_config(&origin, |_| {})).await;
+    assert_eq!(route_get(tether.route_addrs[0], "/close").await.status, 200);
+    assert_sockets(&tether, &origin, "up", 0).await;
+    assert_eq!(
+        closed(&tether, "remote_closed"),
+        1.0,
+        "{}",
+        tether.metrics()
+    );
+}

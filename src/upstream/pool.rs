@@ -236,6 +236,10 @@ struct State {
     waiters: VecDeque<Waiter>,
     next_waiter: u64,
     draining: bool,
+    /// Sockets that closed while a request still held them and no reason was
+    /// chosen yet: the holder's check-in (completed) or discard (its reason) decides
+    /// how the close is counted. The gauge fell when the socket did.
+    pending_close: std::collections::HashSet<u64>,
 }
 
 struct H2Conn {
@@ -323,6 +327,7 @@ impl Pool {
                 waiters: VecDeque::new(),
                 next_waiter: 0,
                 draining: false,
+                pending_close: Default::default(),
             }),
             metrics: PoolMetrics::new(telemetry, name),
             ids: AtomicU64::new(1),
@@ -550,15 +555,10 @@ impl Pool {
 
     /// Records how a connection's driver ended, unless a reason was already chosen.
     pub fn driver_ended(&self, id: u64, error: bool) {
-        if let Some(entry) = self.inner.state.lock().conns.get_mut(&id) {
-            // Closed under a request that had not finished: that exchange failed,
-            // whatever the driver's own result says.
-            let reason = if error || entry.state == ConnState::Active {
-                CloseReason::Error
-            } else {
-                CloseReason::RemoteClosed
-            };
-            entry.reason.get_or_insert(reason);
+        // A clean end decides nothing yet: under a request, the request's holder
+        // knows whether its exchange completed (see `pending_close`).
+        if error {
+            self.inner.set_reason(id, CloseReason::Error);
         }
     }
 
@@ -760,8 +760,11 @@ impl Inner {
     }
 
     fn set_reason(&self, id: u64, reason: CloseReason) {
-        if let Some(entry) = self.state.lock().conns.get_mut(&id) {
+        let mut st = self.state.lock();
+        if let Some(entry) = st.conns.get_mut(&id) {
             entry.reason.get_or_insert(reason);
+        } else if st.pending_close.remove(&id) {
+            self.metrics.closed[reason as usize].increment(1);
         }
     }
 
@@ -898,8 +901,18 @@ impl Inner {
                 st.h2.remove(pos);
             }
             if entry.opened {
-                let reason = entry.reason.unwrap_or(CloseReason::RemoteClosed);
-                self.metrics.closed[reason as usize].increment(1);
+                let in_use = if entry.h2 {
+                    entry.streams > 0
+                } else {
+                    entry.state == ConnState::Active
+                };
+                match entry.reason {
+                    Some(reason) => self.metrics.closed[reason as usize].increment(1),
+                    None if in_use => {
+                        st.pending_close.insert(id);
+                    }
+                    None => self.metrics.closed[CloseReason::RemoteClosed as usize].increment(1),
+                }
             }
             let grants = self.grant_waiters(&mut st, &config);
             (victim, grants)
@@ -917,6 +930,11 @@ impl Inner {
         let draining = st.draining;
         let over_cap = st.conns.len() > config.max_connections;
         let Some(entry) = st.conns.get_mut(&id) else {
+            // The socket closed under this exchange, which completed all the same
+            // (an upstream's `Connection: close`, say).
+            if st.pending_close.remove(&id) {
+                self.metrics.closed[CloseReason::RemoteClosed as usize].increment(1);
+            }
             return;
         };
         if entry.h2 {
