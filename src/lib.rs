@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod listener;
 pub mod policy;

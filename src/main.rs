@@ -33,6 +33,30 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Show the leak and the fix: a leaky client against a fake registry, first
+    /// without tether, then through it (loopback only; ends by itself).
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Each run spreads its preheats over this long; after the tether run, the demo
+    /// waits at most this long again for the sockets to be reaped.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// Preheats per run. Each is five requests (`/v2/`, a token, the manifest, two
+    /// platform manifests), each on a new connection that is never closed.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    preheats: u64,
+    /// tether's cap on sockets to the registry, and to the auth server.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    cap: u64,
+    /// tether's upstream idle timeout [default: a quarter of --duration, 200ms to 2s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<std::time::Duration>,
+    /// Preheats started together in each burst, and at most in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
 }
 
 #[derive(clap::Args, Clone)]
@@ -56,6 +80,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { config }) => check_config(config),
         Some(Command::Run(args)) => run(args),
+        Some(Command::Demo(args)) => demo(args),
         None => run(cli.run),
     }
 }
@@ -110,6 +135,39 @@ fn run(args: RunArgs) -> ExitCode {
         }
         ExitCode::SUCCESS
     })
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    // The view is on stdout; tether's own log lines stay quiet unless RUST_LOG asks.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let options = tether::demo::DemoOptions {
+        preheats: args.preheats as usize,
+        duration: args.duration,
+        cap: args.cap as usize,
+        idle_timeout: args.idle_timeout,
+        concurrency: args.concurrency as usize,
+    };
+    let stdout = std::io::stdout();
+    let live = stdout.is_terminal();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut out = stdout.lock();
+    match runtime.block_on(tether::demo::run(options, &mut out, live)) {
+        Ok(report) if report.passed() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs until SIGTERM or SIGINT; SIGHUP reloads the configuration file.
