@@ -6,6 +6,7 @@
 
 pub mod leaky;
 pub mod listening;
+pub mod memory;
 pub mod origin;
 pub mod registry;
 pub mod tls;
