@@ -134,6 +134,10 @@ pool_keys! {
     reap_interval: Duration = Duration::from_secs(1), with "humantime_serde";
     max_lifetime: Duration = Duration::from_secs(600), with "humantime_serde";
     max_requests_per_connection: u64 = 1000;
+    /// Honour an upstream's `Keep-Alive: timeout=N, max=M` per connection.
+    adaptive_keepalive: bool = true;
+    /// Safety margin subtracted from an advertised keep-alive timeout.
+    keepalive_margin: Duration = Duration::from_secs(1), with "humantime_serde";
     /// HTTP/2 streams one upstream connection carries before another opens.
     max_streams_per_connection: usize = 100;
     queue_limit: usize = 1024;

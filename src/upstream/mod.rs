@@ -124,6 +124,9 @@ impl Upstream {
                     metrics.duration.record(sent_at.elapsed().as_secs_f64());
                     metrics.request(resp.status(), reused);
                     let reusable = !wants_close(resp.headers());
+                    if let Some((timeout, max)) = keep_alive_params(resp.headers()) {
+                        self.pool.advertised_keepalive(pooled.id(), timeout, max);
+                    }
                     if !reusable {
                         // Known now, before the driver sees the close.
                         self.pool
@@ -224,6 +227,27 @@ impl Upstream {
         };
         Ok(())
     }
+}
+
+/// `Keep-Alive: timeout=N, max=M` (RFC 2068 §19.7.1, still what servers send).
+fn keep_alive_params(
+    headers: &http::HeaderMap,
+) -> Option<(Option<std::time::Duration>, Option<u64>)> {
+    let value = headers.get("keep-alive")?.to_str().ok()?;
+    let mut timeout = None;
+    let mut max = None;
+    for param in value.split(',') {
+        let Some((name, v)) = param.split_once('=') else {
+            continue;
+        };
+        let v = v.trim().trim_matches('"');
+        match name.trim().to_ascii_lowercase().as_str() {
+            "timeout" => timeout = v.parse::<u64>().ok().map(std::time::Duration::from_secs),
+            "max" => max = v.parse::<u64>().ok(),
+            _ => {}
+        }
+    }
+    (timeout.is_some() || max.is_some()).then_some((timeout, max))
 }
 
 fn wants_close(headers: &http::HeaderMap) -> bool {

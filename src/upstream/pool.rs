@@ -266,8 +266,20 @@ struct Entry {
     h2: bool,
     /// Set by whoever decides to close the socket; read when it is dropped.
     reason: Option<CloseReason>,
-    /// The TCP connection was established (failed connects are not "closed").
+    /// The TCP connection (and, for TLS upstreams, the handshake) was established;
+    /// failed connects are not counted as closed.
     opened: bool,
+    /// What the upstream advertised (`Keep-Alive: timeout=N, max=M`), when
+    /// `adaptive_keepalive` is on: this socket's own idle timeout and request budget.
+    keepalive: Option<Keepalive>,
+}
+
+/// Limits an upstream advertised for one connection, already reduced by tether's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Keepalive {
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub max_requests: u64,
 }
 
 struct Waiter {
@@ -548,6 +560,31 @@ impl Pool {
         }
     }
 
+    /// Applies an upstream's `Keep-Alive: timeout=N[, max=M]` to socket `id`: its idle
+    /// timeout becomes `min(idle_timeout, N - keepalive_margin)` (zero: not kept) and
+    /// its request budget `min(max_requests_per_connection, M)`.
+    pub fn advertised_keepalive(&self, id: u64, timeout: Option<Duration>, max: Option<u64>) {
+        let config = self.config();
+        if !config.adaptive_keepalive || (timeout.is_none() && max.is_none()) {
+            return;
+        }
+        let idle_timeout = timeout
+            .map(|t| {
+                t.saturating_sub(config.keepalive_margin)
+                    .min(config.idle_timeout)
+            })
+            .unwrap_or(config.idle_timeout);
+        let max_requests = max
+            .map(|m| m.min(config.max_requests_per_connection))
+            .unwrap_or(config.max_requests_per_connection);
+        if let Some(entry) = self.inner.state.lock().conns.get_mut(&id) {
+            entry.keepalive = Some(Keepalive {
+                idle_timeout,
+                max_requests,
+            });
+        }
+    }
+
     /// Chooses the reason socket `id` will be counted as closed with, if none was.
     pub fn close_reason(&self, id: u64, reason: CloseReason) {
         self.inner.set_reason(id, reason);
@@ -666,6 +703,7 @@ impl Pool {
                     _ => "h1",
                 },
                 streams: e.streams,
+                keepalive: e.keepalive,
             })
             .collect();
         connections.sort_by_key(|c| c.id);
@@ -724,6 +762,9 @@ pub struct ConnSnapshot {
     pub protocol: &'static str,
     /// Open HTTP/2 streams.
     pub streams: usize,
+    /// The upstream's advertised keep-alive limits in force for this socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<Keepalive>,
 }
 
 impl Inner {
@@ -742,6 +783,7 @@ impl Inner {
                 h2: false,
                 reason: None,
                 opened: false,
+                keepalive: None,
             },
         );
         self.metrics.states[state as usize].increment(1.0);
@@ -943,7 +985,11 @@ impl Inner {
         let idle_now = entry.streams == 0;
         let close = if value.is_closed() {
             Some(CloseReason::RemoteClosed)
-        } else if entry.requests >= config.max_requests_per_connection {
+        } else if entry.requests
+            >= entry
+                .keepalive
+                .map_or(config.max_requests_per_connection, |k| k.max_requests)
+        {
             Some(CloseReason::MaxRequests)
         } else if now.saturating_duration_since(entry.created) >= config.max_lifetime {
             Some(CloseReason::MaxLifetime)
@@ -951,6 +997,9 @@ impl Inner {
             Some(CloseReason::Shutdown)
         } else if over_cap {
             Some(CloseReason::MaxIdle)
+        } else if entry.keepalive.is_some_and(|k| k.idle_timeout.is_zero()) {
+            // The upstream's own timeout leaves no safe time to reuse it.
+            Some(CloseReason::IdleTimeout)
         } else {
             None
         };
@@ -1017,8 +1066,9 @@ impl Inner {
 
     fn reap(&self, now: Instant) -> usize {
         let config = self.config.read().clone();
-        let expired = |idle_at: Instant, created: Instant| {
-            if now.saturating_duration_since(idle_at) >= config.idle_timeout {
+        let expired = |idle_at: Instant, created: Instant, keepalive: Option<Keepalive>| {
+            let idle_timeout = keepalive.map_or(config.idle_timeout, |k| k.idle_timeout);
+            if now.saturating_duration_since(idle_at) >= idle_timeout {
                 Some(CloseReason::IdleTimeout)
             } else if now.saturating_duration_since(created) >= config.max_lifetime {
                 Some(CloseReason::MaxLifetime)
@@ -1035,7 +1085,8 @@ impl Inner {
             for idle in idle {
                 let entry = st.conns.get_mut(&idle.id);
                 let created = entry.as_ref().map_or(idle.idle_at, |e| e.created);
-                match expired(idle.idle_at, created) {
+                let keepalive = entry.as_ref().and_then(|e| e.keepalive);
+                match expired(idle.idle_at, created, keepalive) {
                     Some(reason) => {
                         if let Some(entry) = entry {
                             entry.reason.get_or_insert(reason);
@@ -1054,7 +1105,7 @@ impl Inner {
                     if e.streams > 0 {
                         return None;
                     }
-                    expired(e.idle_since, e.created).map(|r| (c.id, r))
+                    expired(e.idle_since, e.created, e.keepalive).map(|r| (c.id, r))
                 })
                 .collect();
             let h2_victims: Vec<_> = h2_expired
