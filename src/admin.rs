@@ -62,7 +62,9 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         "/debug/pools" => json(&pools_json(shared)),
-        "/debug/clients" => json(&serde_json::json!({ "clients": shared.downstream.clients() })),
+        "/debug/clients" => json(&serde_json::json!({
+            "clients": shared.downstream.clients.top(&shared.table().config.diagnosis)
+        })),
         "/" => with_type(status_page(&pools_json(shared)), "text/html; charset=utf-8"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

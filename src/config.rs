@@ -186,6 +186,33 @@ pub struct Config {
     pub pool: PoolConfig,
     pub upstream: Vec<UpstreamConfig>,
     pub route: Vec<RouteConfig>,
+    pub diagnosis: DiagnosisConfig,
+}
+
+/// `[diagnosis]`: naming the client that leaks connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiagnosisConfig {
+    /// Clients listed at `/debug/clients`, by connections opened in the window.
+    pub top_clients: usize,
+    /// The sliding window connections and requests are counted over.
+    #[serde(with = "humantime_serde")]
+    pub leak_window: Duration,
+    /// Connections a client must open in the window before it can be named.
+    pub leak_min_connections: u64,
+    /// ...and requests per connection below which it is named.
+    pub leak_reuse_below: f64,
+}
+
+impl Default for DiagnosisConfig {
+    fn default() -> Self {
+        Self {
+            top_clients: 20,
+            leak_window: Duration::from_secs(60),
+            leak_min_connections: 50,
+            leak_reuse_below: 2.0,
+        }
+    }
 }
 
 /// `[proxy]`: the forward-proxy listener and limits on the client side.
@@ -425,6 +452,13 @@ impl Config {
             }
         }
 
+        if self.diagnosis.top_clients == 0 {
+            problem("diagnosis.top_clients".into(), "must be at least 1".into());
+        }
+        if self.diagnosis.leak_window < Duration::from_secs(1) {
+            problem("diagnosis.leak_window".into(), "must be at least 1s".into());
+        }
+
         for (i, pattern) in self.egress.allow.iter().enumerate() {
             if let Err(e) = crate::policy::Pattern::parse(pattern) {
                 problem(format!("egress.allow[{i}]"), format!("{pattern:?}: {e}"));
@@ -447,7 +481,7 @@ impl Config {
 /// `TETHER_<SECTION>__<KEY>` variables. Only the scalar sections can be set this way,
 /// and other `TETHER_*` variables (a script's `TETHER_BIN`, say) are not config.
 fn env() -> Env {
-    const SECTIONS: [&str; 4] = ["proxy", "admin", "egress", "pool"];
+    const SECTIONS: [&str; 5] = ["proxy", "admin", "egress", "pool", "diagnosis"];
     Env::prefixed(ENV_PREFIX)
         .filter(|key| {
             let key = key.as_str().to_ascii_lowercase();

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod demo;
+pub mod diagnosis;
 pub mod error;
 pub mod listener;
 pub mod policy;

@@ -21,7 +21,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::{Counter, Gauge};
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
-use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -67,6 +66,8 @@ pub struct Downstream {
     telemetry: Arc<Telemetry>,
     conns: Mutex<HashMap<u64, Arc<ClientConn>>>,
     ids: AtomicU64,
+    /// Per-client-address counters for leak diagnosis.
+    pub clients: crate::diagnosis::Clients,
 }
 
 /// One client connection's shared state.
@@ -98,6 +99,7 @@ impl Downstream {
             telemetry,
             conns: Mutex::default(),
             ids: AtomicU64::new(1),
+            clients: Default::default(),
         })
     }
 
@@ -156,26 +158,6 @@ impl Downstream {
         }
     }
 
-    /// Per-client summary for `/debug/clients`: connections and requests in flight
-    /// per peer address, most connections first.
-    pub fn clients(&self) -> Vec<ClientSummary> {
-        let mut by_ip: HashMap<std::net::IpAddr, ClientSummary> = HashMap::new();
-        for c in self.conns.lock().values() {
-            let entry = by_ip.entry(c.peer.ip()).or_insert_with(|| ClientSummary {
-                address: c.peer.ip().to_string(),
-                connections: 0,
-                active: 0,
-            });
-            entry.connections += 1;
-            if c.in_flight.load(Ordering::Relaxed) > 0 {
-                entry.active += 1;
-            }
-        }
-        let mut out: Vec<_> = by_ip.into_values().collect();
-        out.sort_by_key(|c| std::cmp::Reverse(c.connections));
-        out
-    }
-
     /// Asks every idle client connection to close (shutdown).
     pub fn close_idle(&self) {
         for c in self.conns.lock().values() {
@@ -183,13 +165,6 @@ impl Downstream {
             c.kill.notify_one();
         }
     }
-}
-
-#[derive(Debug, Serialize)]
-pub struct ClientSummary {
-    pub address: String,
-    pub connections: usize,
-    pub active: usize,
 }
 
 impl ClientConn {
@@ -211,6 +186,7 @@ impl ClientConn {
     /// Marks a request in flight until the returned guard drops.
     pub fn begin_request(self: &Arc<Self>) -> RequestGuard {
         self.head_started.store(0, Ordering::Relaxed);
+        self.downstream.clients.request(self.peer.ip());
         if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             self.downstream.idle.decrement(1.0);
             self.downstream.active.increment(1.0);
@@ -258,6 +234,7 @@ impl Drop for ClientGuard {
         let conn = &self.conn;
         let d = &conn.downstream;
         d.conns.lock().remove(&conn.id);
+        d.clients.closed(conn.peer.ip());
         if conn.in_flight.load(Ordering::Acquire) > 0 {
             d.active.decrement(1.0);
         } else {
@@ -353,6 +330,10 @@ pub async fn accept_loop(
         }
         let _ = stream.set_nodelay(true);
         let conn = shared.downstream.register(peer);
+        shared
+            .downstream
+            .clients
+            .opened(peer.ip(), &shared.table().config.diagnosis);
         tracker.spawn(serve(stream, conn, shared.clone(), mode, stop.clone()));
     }
 }

@@ -90,3 +90,100 @@ async fn without_adaptive_keepalive_the_upstream_closes_first() {
     assert!(closed(&tether, "remote_closed") >= 1.0);
     assert_eq!(closed(&tether, "idle_timeout"), 0.0);
 }
+
+/// Log lines captured from this test's thread.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.diagnosis.leak_min_connections = 20;
+    let tether = start(cfg).await;
+    let route = tether.route_addrs[0];
+    let leaky_ip: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let good_ip: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    // The leaky client: a new connection per job, one request each.
+    let mut leaky = LeakyClient::from_source(leaky_ip);
+    for _ in 0..30 {
+        assert_eq!(leaky.job(route, "x", "/").await.unwrap().status, 200);
+    }
+    // A well-behaved client: one keep-alive connection for sixty requests.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(good_ip, 0)).unwrap();
+    let stream = socket.connect(route).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..60 {
+        let req = http::Request::get("/")
+            .header("host", "x")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+    }
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("new HTTP client per job"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning, rate-limited: {warnings:?}");
+    assert!(
+        warnings[0]
+            .contains("client 127.0.0.2 opened 20 connections in 1m, 1.0 requests per connection"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        !text.contains("client 127.0.0.3 opened"),
+        "the well-behaved client is not named"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&admin(&tether, "/debug/clients").await.body).unwrap();
+    let clients = json["clients"].as_array().unwrap();
+    let find = |ip: &str| clients.iter().find(|c| c["address"] == ip).unwrap().clone();
+    let leaky_report = find("127.0.0.2");
+    assert_eq!(leaky_report["opened_in_window"], 30);
+    assert_eq!(leaky_report["connections_open"], 30);
+    assert_eq!(leaky_report["suspected_leak"], true);
+    let good_report = find("127.0.0.3");
+    assert_eq!(good_report["requests_per_connection"], 60.0);
+    assert_eq!(good_report["suspected_leak"], false);
+    assert_eq!(
+        clients[0]["address"], "127.0.0.2",
+        "most connections opened first"
+    );
+}

@@ -21,6 +21,9 @@ pub struct LeakyClient {
     open: Arc<AtomicUsize>,
     /// Every address a connection was opened to, in order.
     connected: Vec<SocketAddr>,
+    /// Local address to connect from (another loopback address stands for
+    /// another client host).
+    source: Option<std::net::IpAddr>,
 }
 
 /// What one job saw.
@@ -35,6 +38,14 @@ pub struct JobResult {
 impl LeakyClient {
     pub fn new() -> LeakyClient {
         LeakyClient::default()
+    }
+
+    /// A leaky client whose connections come from `source` (e.g. `127.0.0.2`).
+    pub fn from_source(source: std::net::IpAddr) -> LeakyClient {
+        LeakyClient {
+            source: Some(source),
+            ..LeakyClient::default()
+        }
     }
 
     /// One job: connect to `addr`, send `GET target` with `Host: host`, read the
@@ -110,7 +121,18 @@ impl LeakyClient {
 
     /// A new connection to `addr`, counted until the server side closes it.
     async fn connect(&mut self, addr: SocketAddr) -> io::Result<http1::SendRequest<Full<Bytes>>> {
-        let stream = TcpStream::connect(addr).await?;
+        let stream = match self.source {
+            Some(ip) => {
+                let socket = if ip.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+            None => TcpStream::connect(addr).await?,
+        };
         self.connected.push(addr);
         let (send, conn) = http1::handshake(TokioIo::new(stream))
             .await
