@@ -134,6 +134,8 @@ pool_keys! {
     reap_interval: Duration = Duration::from_secs(1), with "humantime_serde";
     max_lifetime: Duration = Duration::from_secs(600), with "humantime_serde";
     max_requests_per_connection: u64 = 1000;
+    /// Idle sockets kept open and ready (re-opened after reaping or a remote close).
+    min_idle: usize = 0;
     /// Honour an upstream's `Keep-Alive: timeout=N, max=M` per connection.
     adaptive_keepalive: bool = true;
     /// Safety margin subtracted from an advertised keep-alive timeout.
@@ -510,6 +512,12 @@ fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, Stri
         problem(
             format!("{at}.max_streams_per_connection"),
             "must be at least 1".into(),
+        );
+    }
+    if pool.min_idle > pool.max_connections || pool.min_idle > pool.idle_limit() {
+        problem(
+            format!("{at}.min_idle"),
+            format!("{} exceeds max_connections or max_idle", pool.min_idle),
         );
     }
     if pool.max_requests_per_connection == 0 {

@@ -187,3 +187,50 @@ async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
         "most connections opened first"
     );
 }
+
+#[tokio::test]
+async fn a_warm_floor_keeps_sockets_ready_through_quiet_periods() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.upstream[0].min_idle = Some(2);
+    cfg.pool.idle_timeout = Duration::from_millis(300);
+    cfg.pool.reap_interval = Duration::from_millis(50);
+    let tether = start(cfg).await;
+    // Opened before any request, and counted like any socket.
+    assert_sockets(&tether, &origin, "up", 2).await;
+    // A quiet period three times the idle timeout: the floor is not reaped.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_sockets(&tether, &origin, "up", 2).await;
+    assert_eq!(closed(&tether, "idle_timeout"), 0.0);
+    assert_eq!(origin.accepted(), 2);
+    // The first request after the quiet period pays no handshake.
+    assert_eq!(route_get(tether.route_addrs[0], "/").await.status, 200);
+    let reused = metric(
+        &tether.metrics(),
+        "tether_upstream_requests_total",
+        &[("upstream", "up"), ("code", "2xx"), ("reused", "true")],
+    );
+    assert_eq!(reused, Some(1.0));
+    assert_eq!(origin.accepted(), 2);
+}
+
+#[tokio::test]
+async fn a_warm_floor_is_refilled_after_the_upstream_closes_it() {
+    let origin = Origin::start_with(OriginOptions {
+        idle_close_after: Some(Duration::from_millis(300)),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = config(&[("up", &origin)]);
+    cfg.upstream[0].min_idle = Some(1);
+    cfg.upstream[0].max_connections = Some(2);
+    cfg.pool.reap_interval = Duration::from_millis(50);
+    let tether = start(cfg).await;
+    assert!(
+        eventually(WAIT, || async { origin.accepted() >= 3 }).await,
+        "closed twice, re-opened twice"
+    );
+    assert!(origin.peak() <= 2, "within the cap");
+    assert_sockets(&tether, &origin, "up", 1).await;
+}

@@ -229,6 +229,28 @@ impl Upstream {
     }
 }
 
+/// Keeps an upstream's warm floor (`min_idle`) filled: every `reap_interval`, opens
+/// the sockets it lacks and checks them in idle. Ends with the upstream.
+fn spawn_warmer(upstream: std::sync::Weak<Upstream>) {
+    tokio::spawn(async move {
+        loop {
+            let Some(up) = upstream.upgrade() else { return };
+            let config = up.pool.config();
+            for slot in up.pool.warm_slots() {
+                match up.connect(slot, &config).await {
+                    Ok(pooled) => pooled.check_in(),
+                    Err(e) => {
+                        tracing::debug!(upstream = %up.name, error = %e, "warm connection failed");
+                        break;
+                    }
+                }
+            }
+            drop(up);
+            tokio::time::sleep(config.reap_interval).await;
+        }
+    });
+}
+
 /// `Keep-Alive: timeout=N, max=M` (RFC 2068 §19.7.1, still what servers send).
 fn keep_alive_params(
     headers: &http::HeaderMap,
@@ -360,7 +382,9 @@ impl Upstreams {
             upstream.rewrite_realm = up.rewrite_realm;
             upstream.tls = up.tls;
             upstream.settings = up.clone();
-            listed.push(Arc::new(upstream));
+            let upstream = Arc::new(upstream);
+            spawn_warmer(Arc::downgrade(&upstream));
+            listed.push(upstream);
         }
         *self.defaults.lock() = config.pool.clone();
         for u in self.unlisted.lock().values() {

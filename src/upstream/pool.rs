@@ -585,6 +585,26 @@ impl Pool {
         }
     }
 
+    /// Slots for the connections the warm floor lacks: enough to bring idle plus
+    /// connecting sockets up to `min_idle`, within the cap.
+    pub fn warm_slots(&self) -> Vec<Slot> {
+        let config = self.config();
+        let mut st = self.inner.state.lock();
+        if config.min_idle == 0 || st.draining {
+            return Vec::new();
+        }
+        let connecting = st
+            .conns
+            .values()
+            .filter(|e| e.state == ConnState::Connecting)
+            .count();
+        let lacking = config.min_idle.saturating_sub(st.idle.len() + connecting);
+        let room = config.max_connections.saturating_sub(st.conns.len());
+        (0..lacking.min(room))
+            .map(|_| self.inner.new_slot(&mut st, ConnState::Connecting))
+            .collect()
+    }
+
     /// Chooses the reason socket `id` will be counted as closed with, if none was.
     pub fn close_reason(&self, id: u64, reason: CloseReason) {
         self.inner.set_reason(id, reason);
@@ -1082,11 +1102,20 @@ impl Inner {
             let mut victims = Vec::new();
             let idle = std::mem::take(&mut st.idle);
             let mut kept = Vec::with_capacity(idle.len());
-            for idle in idle {
+            // The warm floor: the `min_idle` most recently used idle sockets are
+            // exempt from the idle timeout (max_lifetime still renews them).
+            let floor_from = idle.len().saturating_sub(config.min_idle);
+            for (i, idle) in idle.into_iter().enumerate() {
                 let entry = st.conns.get_mut(&idle.id);
                 let created = entry.as_ref().map_or(idle.idle_at, |e| e.created);
                 let keepalive = entry.as_ref().and_then(|e| e.keepalive);
-                match expired(idle.idle_at, created, keepalive) {
+                let verdict = match expired(idle.idle_at, created, keepalive) {
+                    Some(CloseReason::IdleTimeout) if i >= floor_from && keepalive.is_none() => {
+                        None
+                    }
+                    other => other,
+                };
+                match verdict {
                     Some(reason) => {
                         if let Some(entry) = entry {
                             entry.reason.get_or_insert(reason);
