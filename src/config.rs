@@ -134,6 +134,8 @@ pool_keys! {
     reap_interval: Duration = Duration::from_secs(1), with "humantime_serde";
     max_lifetime: Duration = Duration::from_secs(600), with "humantime_serde";
     max_requests_per_connection: u64 = 1000;
+    /// With a `[budget]`: sockets this upstream may always have (its floor).
+    min_connections: usize = 0;
     /// Idle sockets kept open and ready (re-opened after reaping or a remote close).
     min_idle: usize = 0;
     /// Honour an upstream's `Keep-Alive: timeout=N, max=M` per connection.
@@ -189,6 +191,15 @@ pub struct Config {
     pub upstream: Vec<UpstreamConfig>,
     pub route: Vec<RouteConfig>,
     pub diagnosis: DiagnosisConfig,
+    pub budget: BudgetConfig,
+}
+
+/// `[budget]`: one connection budget shared by every upstream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// Sockets open to all upstreams together; 0 = no shared budget.
+    pub max_connections: usize,
 }
 
 /// `[diagnosis]`: naming the client that leaks connections.
@@ -454,6 +465,22 @@ impl Config {
             }
         }
 
+        if self.budget.max_connections > 0 {
+            let floors: usize = self
+                .upstream
+                .iter()
+                .map(|u| u.pool(&self.pool).min_connections)
+                .sum();
+            if floors > self.budget.max_connections {
+                problem(
+                    "budget.max_connections".into(),
+                    format!(
+                        "{} is below the sum of the upstreams' min_connections ({floors})",
+                        self.budget.max_connections
+                    ),
+                );
+            }
+        }
         if self.diagnosis.top_clients == 0 {
             problem("diagnosis.top_clients".into(), "must be at least 1".into());
         }
@@ -483,7 +510,7 @@ impl Config {
 /// `TETHER_<SECTION>__<KEY>` variables. Only the scalar sections can be set this way,
 /// and other `TETHER_*` variables (a script's `TETHER_BIN`, say) are not config.
 fn env() -> Env {
-    const SECTIONS: [&str; 5] = ["proxy", "admin", "egress", "pool", "diagnosis"];
+    const SECTIONS: [&str; 6] = ["proxy", "admin", "egress", "pool", "diagnosis", "budget"];
     Env::prefixed(ENV_PREFIX)
         .filter(|key| {
             let key = key.as_str().to_ascii_lowercase();
@@ -512,6 +539,15 @@ fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, Stri
         problem(
             format!("{at}.max_streams_per_connection"),
             "must be at least 1".into(),
+        );
+    }
+    if pool.min_connections > pool.max_connections {
+        problem(
+            format!("{at}.min_connections"),
+            format!(
+                "{} exceeds max_connections ({})",
+                pool.min_connections, pool.max_connections
+            ),
         );
     }
     if pool.min_idle > pool.max_connections || pool.min_idle > pool.idle_limit() {

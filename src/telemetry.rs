@@ -28,6 +28,7 @@ pub const DOWNSTREAM_OPENED: &str = "tether_downstream_connections_opened_total"
 pub const DOWNSTREAM_CLOSED: &str = "tether_downstream_connections_closed_total";
 pub const DOWNSTREAM_REJECTED: &str = "tether_downstream_requests_rejected_total";
 pub const CONFIG_RELOADS: &str = "tether_config_reloads_total";
+pub const BUDGET_CONNECTIONS: &str = "tether_budget_connections";
 
 /// Label value for traffic to origins matched by an allow pattern rather than a
 /// listed upstream: labels stay bounded by the config, never raw hosts.
@@ -98,6 +99,11 @@ const DESCRIPTIONS: &[(&str, &str, Option<Unit>)] = &[
         None,
     ),
     (CONFIG_RELOADS, "Configuration reloads, by result.", None),
+    (
+        BUDGET_CONNECTIONS,
+        "The shared connection budget: sockets open across all upstreams, and the limit.",
+        None,
+    ),
 ];
 
 /// Buckets from 0.5 ms to 60 s: a pooled loopback hop sits at the bottom, a

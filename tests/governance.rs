@@ -234,3 +234,105 @@ async fn a_warm_floor_is_refilled_after_the_upstream_closes_it() {
     assert!(origin.peak() <= 2, "within the cap");
     assert_sockets(&tether, &origin, "up", 1).await;
 }
+
+/// Samples the two origins' open sockets until stopped; returns the largest total.
+fn watch_total(
+    a: Origin,
+    b: Origin,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<usize>,
+) {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut peak = 0;
+        loop {
+            peak = peak.max(a.open() + b.open());
+            if stopped.try_recv().is_ok() {
+                return peak;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    (stop, task)
+}
+
+fn budget_config(a: &Origin, b: &Origin) -> Config {
+    let mut cfg = config(&[("a", a), ("b", b)]);
+    route(&mut cfg, "a");
+    route(&mut cfg, "b");
+    cfg.budget.max_connections = 4;
+    for up in &mut cfg.upstream {
+        up.max_connections = Some(4);
+        up.min_connections = Some(2);
+    }
+    cfg
+}
+
+#[tokio::test]
+async fn under_a_shared_budget_each_upstream_gets_its_floor() {
+    let a = Origin::start().await;
+    let b = Origin::start().await;
+    let tether = start(budget_config(&a, &b)).await;
+    let (to_a, to_b) = (tether.route_addrs[0], tether.route_addrs[1]);
+    let (stop, peak) = watch_total(a.clone(), b.clone());
+    // Upstream a takes the whole budget...
+    let a_tasks: Vec<_> = (0..12)
+        .map(|_| tokio::spawn(async move { route_get(to_a, "/delay/300").await.status }))
+        .collect();
+    assert!(eventually(WAIT, || async { a.open() == 4 }).await);
+    // ...then b needs sockets: a yields down to its floor as its requests finish.
+    let b_tasks: Vec<_> = (0..12)
+        .map(|_| tokio::spawn(async move { route_get(to_b, "/delay/300").await.status }))
+        .collect();
+    for t in a_tasks.into_iter().chain(b_tasks) {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    stop.send(()).unwrap();
+    let peak = peak.await.unwrap();
+    assert!(
+        peak <= 4,
+        "the two upstreams together saw {peak} sockets at once"
+    );
+    assert!(
+        b.peak() >= 2,
+        "b got at least its floor (peak {})",
+        b.peak()
+    );
+    let text = tether.metrics();
+    let open = metric(&text, "tether_budget_connections", &[("state", "open")]).unwrap();
+    assert_eq!(open as usize, a.open() + b.open());
+    assert_eq!(
+        metric(&text, "tether_budget_connections", &[("state", "limit")]),
+        Some(4.0)
+    );
+}
+
+#[tokio::test]
+async fn a_spent_budget_closes_another_upstreams_idle_socket_above_its_floor() {
+    let a = Origin::start().await;
+    let b = Origin::start().await;
+    let mut cfg = budget_config(&a, &b);
+    cfg.pool.queue_timeout = Duration::from_secs(2);
+    let tether = start(cfg).await;
+    let (to_a, to_b) = (tether.route_addrs[0], tether.route_addrs[1]);
+    let a_tasks: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(async move { route_get(to_a, "/delay/100").await.status }))
+        .collect();
+    for t in a_tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(
+        eventually(WAIT, || async { a.open() == 4 }).await,
+        "a holds the whole budget, idle"
+    );
+    // Served by eviction: waiting in the queue would end in a 503 queue_timeout.
+    assert_eq!(route_get(to_b, "/").await.status, 200);
+    let evicted = metric(
+        &tether.metrics(),
+        "tether_upstream_connections_closed_total",
+        &[("upstream", "a"), ("reason", "evicted")],
+    );
+    assert_eq!(evicted, Some(1.0));
+    assert!(eventually(WAIT, || async { a.open() == 3 && b.open() == 1 }).await);
+}

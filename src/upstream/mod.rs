@@ -6,6 +6,7 @@
 //! and a response body that checks the connection back in when it ends.
 
 pub mod body;
+pub mod budget;
 pub mod connect;
 pub mod pool;
 pub mod tunnel;
@@ -53,9 +54,19 @@ impl Upstream {
         config: PoolConfig,
         telemetry: &Telemetry,
     ) -> Upstream {
+        Upstream::with_budget(name, connector, config, telemetry, None)
+    }
+
+    fn with_budget(
+        name: &str,
+        connector: Connector,
+        config: PoolConfig,
+        telemetry: &Telemetry,
+        budget: Option<Arc<budget::Budget>>,
+    ) -> Upstream {
         let origin = connector.origin().clone();
         let origin_string = origin.to_string();
-        let pool = Pool::new(name, connector, config, telemetry);
+        let pool = Pool::with_budget(name, connector, config, telemetry, budget);
         Upstream {
             name: name.into(),
             origin,
@@ -348,6 +359,8 @@ pub struct Upstreams {
     retired: Mutex<Vec<Arc<Upstream>>>,
     telemetry: Arc<Telemetry>,
     defaults: Mutex<PoolConfig>,
+    /// The shared `[budget]`, created with the first configuration that sets one.
+    budget: Mutex<Option<Arc<budget::Budget>>>,
 }
 
 impl Upstreams {
@@ -357,6 +370,7 @@ impl Upstreams {
             retired: Mutex::default(),
             telemetry,
             defaults: Mutex::new(PoolConfig::default()),
+            budget: Mutex::new(None),
         }
     }
 
@@ -367,6 +381,16 @@ impl Upstreams {
         config: &Config,
         previous: &[Arc<Upstream>],
     ) -> Result<Vec<Arc<Upstream>>, String> {
+        let budget = {
+            let mut current = self.budget.lock();
+            match (&*current, config.budget.max_connections) {
+                (Some(b), max) if max > 0 => b.set_max(max),
+                (Some(_), _) => tracing::warn!("removing the [budget] takes effect on restart"),
+                (None, 0) => {}
+                (None, max) => *current = Some(budget::Budget::new(max, &self.telemetry)),
+            }
+            current.clone()
+        };
         let mut listed = Vec::new();
         for up in &config.upstream {
             let limits = up.pool(&config.pool);
@@ -378,7 +402,8 @@ impl Upstreams {
             let origin = Origin::parse_authority(&up.origin)?;
             let connector = Connector::for_upstream(origin, up)
                 .map_err(|e| format!("upstream {}: {e}", up.name))?;
-            let mut upstream = Upstream::new(&up.name, connector, limits, &self.telemetry);
+            let mut upstream =
+                Upstream::with_budget(&up.name, connector, limits, &self.telemetry, budget.clone());
             upstream.rewrite_realm = up.rewrite_realm;
             upstream.tls = up.tls;
             upstream.settings = up.clone();

@@ -221,6 +221,10 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     pub(crate) metrics: PoolMetrics,
     ids: AtomicU64,
+    /// The shared `[budget]`, when one is configured.
+    budget: Option<Arc<super::budget::Budget>>,
+    /// This pool's counts as the budget sees them.
+    member: Arc<super::budget::MemberStats>,
 }
 
 struct State {
@@ -326,6 +330,17 @@ impl Pool {
         config: PoolConfig,
         telemetry: &Telemetry,
     ) -> Pool {
+        Pool::with_budget(name, connector, config, telemetry, None)
+    }
+
+    /// A pool whose sockets also count against a shared [`Budget`](super::budget::Budget).
+    pub fn with_budget(
+        name: &str,
+        connector: Connector,
+        config: PoolConfig,
+        telemetry: &Telemetry,
+        budget: Option<Arc<super::budget::Budget>>,
+    ) -> Pool {
         let h2_known = connector.expects_h2();
         let inner = Arc::new(Inner {
             name: name.into(),
@@ -343,7 +358,16 @@ impl Pool {
             }),
             metrics: PoolMetrics::new(telemetry, name),
             ids: AtomicU64::new(1),
+            budget: budget.clone(),
+            member: Default::default(),
         });
+        inner
+            .member
+            .floor
+            .store(inner.config.read().min_connections, Ordering::Relaxed);
+        if let Some(budget) = &budget {
+            budget.join(Arc::downgrade(&inner), inner.member.clone());
+        }
         spawn_reaper(Arc::downgrade(&inner));
         Pool { inner }
     }
@@ -386,16 +410,29 @@ impl Pool {
             } else {
                 0
             };
+            let mut over_budget = false;
             if st.conns.len() < config.max_connections && st.waiters.len() >= expected_streams {
-                return Ok(Checkout::Connect(
-                    self.inner.new_slot(&mut st, ConnState::Connecting),
-                ));
+                match self.inner.new_slot(&mut st, ConnState::Connecting) {
+                    Some(slot) => return Ok(Checkout::Connect(slot)),
+                    None => over_budget = true,
+                }
             }
-            self.enqueue(st, &config, false)?
+            let queued = self.enqueue(st, &config, false)?;
+            if over_budget {
+                self.make_budget_room();
+            }
+            queued
         };
         match self.wait(rx, &config, std::future::pending()).await? {
             Grant::Idle(pooled) => Ok(Checkout::Reused(pooled)),
             Grant::Connect(slot) => Ok(Checkout::Connect(slot)),
+        }
+    }
+
+    /// The budget is spent: close an idle socket of another upstream above its floor.
+    fn make_budget_room(&self) {
+        if let Some(budget) = self.inner.budget.as_ref().filter(|b| b.is_full()) {
+            budget.make_room(&self.inner.member);
         }
     }
 
@@ -419,6 +456,7 @@ impl Pool {
         st.next_waiter += 1;
         st.waiters.push_back(Waiter { id, tx, slot_only });
         self.inner.metrics.queue_depth.set(st.waiters.len() as f64);
+        self.inner.publish(&st);
         Ok((
             rx,
             WaitGuard {
@@ -472,10 +510,13 @@ impl Pool {
         let queued = {
             let mut st = self.inner.state.lock();
             if st.conns.len() < config.max_connections {
-                return Ok(self.inner.new_slot(&mut st, ConnState::Connecting));
+                if let Some(slot) = self.inner.new_slot(&mut st, ConnState::Connecting) {
+                    return Ok(slot);
+                }
             }
             self.enqueue(st, &config, true)?
         };
+        self.make_budget_room();
         let make_room = async {
             let tick = (config.min_idle_for_eviction / 4)
                 .clamp(Duration::from_millis(5), Duration::from_millis(250));
@@ -601,7 +642,7 @@ impl Pool {
         let lacking = config.min_idle.saturating_sub(st.idle.len() + connecting);
         let room = config.max_connections.saturating_sub(st.conns.len());
         (0..lacking.min(room))
-            .map(|_| self.inner.new_slot(&mut st, ConnState::Connecting))
+            .map_while(|_| self.inner.new_slot(&mut st, ConnState::Connecting))
             .collect()
     }
 
@@ -652,6 +693,10 @@ impl Pool {
     /// admits waiters. In-flight requests are untouched.
     pub fn reconfigure(&self, config: PoolConfig) {
         *self.inner.config.write() = Arc::new(config.clone());
+        self.inner
+            .member
+            .floor
+            .store(config.min_connections, Ordering::Relaxed);
         let (victims, grants) = {
             let mut st = self.inner.state.lock();
             // Closed sockets leave `conns` only when their drivers drop them, so
@@ -788,7 +833,14 @@ pub struct ConnSnapshot {
 }
 
 impl Inner {
-    fn new_slot(self: &Arc<Self>, st: &mut State, state: ConnState) -> Slot {
+    /// The right to one more socket, if the shared budget (when there is one)
+    /// allows it; the caller has checked the pool's own cap.
+    fn new_slot(self: &Arc<Self>, st: &mut State, state: ConnState) -> Option<Slot> {
+        if let Some(budget) = &self.budget {
+            if !budget.try_take() {
+                return None;
+            }
+        }
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         st.conns.insert(
@@ -807,10 +859,53 @@ impl Inner {
             },
         );
         self.metrics.states[state as usize].increment(1.0);
-        Slot {
+        self.publish(st);
+        Some(Slot {
             inner: self.clone(),
             id,
+        })
+    }
+
+    /// Tells the budget this pool's counts (under the pool's lock).
+    fn publish(&self, st: &State) {
+        if self.budget.is_some() {
+            self.member.open.store(st.conns.len(), Ordering::Relaxed);
+            self.member
+                .waiting
+                .store(st.waiters.len(), Ordering::Relaxed);
         }
+    }
+
+    /// Whether this pool should leave a freed budget unit to a pool below its floor.
+    fn yields_budget(&self, st: &State) -> bool {
+        self.budget.as_ref().is_some_and(|b| {
+            st.conns.len() >= self.member.floor.load(Ordering::Relaxed)
+                && b.is_full()
+                && b.someone_starved_besides(&self.member)
+        })
+    }
+
+    /// A budget unit came free: serve this pool's waiters with it.
+    pub(crate) fn grant_from_budget(self: &Arc<Self>) {
+        let config = self.config.read().clone();
+        let grants = {
+            let mut st = self.state.lock();
+            self.grant_waiters(&mut st, &config)
+        };
+        drop(grants);
+    }
+
+    /// Closes this pool's longest-idle socket if it is above its budget floor.
+    pub(crate) fn evict_one_idle(&self) -> bool {
+        let victim = {
+            let mut st = self.state.lock();
+            if st.conns.len() <= self.member.floor.load(Ordering::Relaxed) {
+                return false;
+            }
+            let first = st.idle.first().map(|i| i.id);
+            first.and_then(|id| self.remove_idle(&mut st, id, CloseReason::Evicted))
+        };
+        victim.is_some()
     }
 
     fn set_state(&self, entry: &mut Entry, state: ConnState) {
@@ -928,11 +1023,14 @@ impl Inner {
     /// already gone, to be dropped (and so released) after the lock.
     fn grant_waiters(self: &Arc<Self>, st: &mut State, config: &PoolConfig) -> Vec<Grant> {
         let mut undelivered = Vec::new();
-        while st.conns.len() < config.max_connections {
-            let Some(waiter) = st.waiters.pop_front() else {
-                break;
+        while st.conns.len() < config.max_connections
+            && !st.waiters.is_empty()
+            && !self.yields_budget(st)
+        {
+            let Some(slot) = self.new_slot(st, ConnState::Connecting) else {
+                break; // the shared budget is spent
             };
-            let slot = self.new_slot(st, ConnState::Connecting);
+            let waiter = st.waiters.pop_front().expect("checked non-empty");
             if let Err(grant) = waiter.tx.send(Grant::Connect(slot)) {
                 undelivered.push(grant);
                 // The undelivered slot still holds its place until it is dropped; stop
@@ -941,6 +1039,7 @@ impl Inner {
             }
         }
         self.metrics.queue_depth.set(st.waiters.len() as f64);
+        self.publish(st);
         undelivered
     }
 
@@ -953,6 +1052,9 @@ impl Inner {
             let Some(entry) = st.conns.remove(&id) else {
                 return;
             };
+            if let Some(budget) = &self.budget {
+                budget.give_back();
+            }
             self.metrics.states[entry.state as usize].decrement(1.0);
             let victim = st
                 .idle
@@ -977,10 +1079,15 @@ impl Inner {
                 }
             }
             let grants = self.grant_waiters(&mut st, &config);
+            self.publish(&st);
             (victim, grants)
         };
         drop(victim);
         drop(grants);
+        if let Some(budget) = &self.budget {
+            // Our waiters had first call unless a pool below its floor was waiting.
+            budget.wake();
+        }
     }
 
     /// Returns a connection after a complete exchange. It goes to the oldest waiter,
@@ -991,6 +1098,7 @@ impl Inner {
         let mut st = self.state.lock();
         let draining = st.draining;
         let over_cap = st.conns.len() > config.max_connections;
+        let yields = self.yields_budget(&st);
         let Some(entry) = st.conns.get_mut(&id) else {
             // The socket closed under this exchange, which completed all the same
             // (an upstream's `Connection: close`, say).
@@ -1017,6 +1125,9 @@ impl Inner {
             Some(CloseReason::Shutdown)
         } else if over_cap {
             Some(CloseReason::MaxIdle)
+        } else if yields {
+            // Another upstream waits below its budget floor: free the unit.
+            Some(CloseReason::Evicted)
         } else if entry.keepalive.is_some_and(|k| k.idle_timeout.is_zero()) {
             // The upstream's own timeout leaves no safe time to reuse it.
             Some(CloseReason::IdleTimeout)
@@ -1256,6 +1367,7 @@ impl Drop for WaitGuard<'_> {
         if let Ok(pos) = st.waiters.binary_search_by_key(&self.id, |w| w.id) {
             st.waiters.remove(pos);
             self.inner.metrics.queue_depth.set(st.waiters.len() as f64);
+            self.inner.publish(&st);
         }
     }
 }
