@@ -9,12 +9,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -85,6 +86,16 @@ pub struct ClientConn {
     changed: Notify,
     kill: Notify,
     downstream: Arc<Downstream>,
+    /// A CONNECT answered `200`: the tunnel to run once hyper hands the socket back.
+    tunnel: Mutex<Option<TunnelJob>>,
+}
+
+/// What a client socket becomes after `CONNECT`: the other end and the tunnel governor.
+pub struct TunnelJob {
+    pub tunnels: crate::upstream::tunnel::Tunnels,
+    pub upstream: crate::upstream::Tracked<TcpStream>,
+    /// Keeps the client connection counted as active for the tunnel's life.
+    pub busy: RequestGuard,
 }
 
 impl Downstream {
@@ -134,6 +145,7 @@ impl Downstream {
             changed: Notify::new(),
             kill: Notify::new(),
             downstream: self.clone(),
+            tunnel: Mutex::new(None),
         });
         self.conns.lock().insert(conn.id, conn.clone());
         self.opened.increment(1);
@@ -181,6 +193,11 @@ impl ClientConn {
 
     fn set_reason(&self, reason: ClientClose) {
         self.reason.store(reason as u8, Ordering::Relaxed);
+    }
+
+    /// Turns this connection into a tunnel once its `200` response is written.
+    pub fn start_tunnel(&self, job: TunnelJob) {
+        *self.tunnel.lock() = Some(job);
     }
 
     /// Marks a request in flight until the returned guard drops.
@@ -245,11 +262,13 @@ impl Drop for ClientGuard {
 }
 
 pin_project! {
-    /// The client socket, noting when a request head starts arriving.
-    struct ClientIo {
+    /// The client socket, noting when a request head starts arriving. `prefix` holds
+    /// bytes hyper had read past the last request when the socket was parked.
+    pub struct ClientIo {
         #[pin]
         stream: TcpStream,
         guard: ClientGuard,
+        prefix: Bytes,
     }
 }
 
@@ -260,6 +279,11 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = this.stream.poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -338,6 +362,21 @@ pub async fn accept_loop(
     }
 }
 
+/// An idle client connection is taken back from hyper after this long and parked as
+/// a bare socket: a leaky client parks thousands, and a parked socket holds no
+/// buffers. Busy keep-alive connections never park.
+const PARK_AFTER: Duration = Duration::from_millis(500);
+
+/// How one hyper connection over a client socket ended.
+enum Ended {
+    /// Closed (by the client, a timeout, eviction or shutdown): drop the socket.
+    Closed,
+    /// Idle: park the socket until its next request.
+    Parked,
+    /// A CONNECT was answered: the socket becomes a tunnel.
+    Tunnel,
+}
+
 async fn serve(
     stream: TcpStream,
     conn: Arc<ClientConn>,
@@ -345,12 +384,9 @@ async fn serve(
     mode: Mode,
     stop: CancellationToken,
 ) {
-    let io = ClientIo {
-        stream,
-        guard: ClientGuard { conn: conn.clone() },
-    };
     let table = shared.table();
-    let proxy_config = &table.config.proxy;
+    let proxy_config = table.config.proxy.clone();
+    drop(table);
     let service = {
         let shared = shared.clone();
         let conn = conn.clone();
@@ -358,10 +394,12 @@ async fn serve(
             let guard = conn.begin_request();
             let shared = shared.clone();
             let conn = conn.clone();
-            async move {
+            // Boxed so hyper can hand the connection back between requests
+            // (`poll_without_shutdown` needs an `Unpin` future).
+            Box::pin(async move {
                 let resp = proxy::handle(req, shared, mode, conn).await;
                 Ok::<_, std::convert::Infallible>(resp.map(|b| b.with_guard(guard)))
-            }
+            })
         })
     };
     let mut builder = http1::Builder::new();
@@ -372,35 +410,87 @@ async fn serve(
         .header_read_timeout(None)
         .max_buf_size(proxy_config.max_header_bytes.max(8192))
         .keep_alive(true);
-    let connection = builder
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    let mut connection = pin!(connection);
-    let idle_timeout = proxy_config.client_idle_timeout;
-    let head_timeout = proxy_config.header_read_timeout;
+    let mut io = ClientIo {
+        stream,
+        guard: ClientGuard { conn: conn.clone() },
+        prefix: Bytes::new(),
+    };
+    loop {
+        // Boxed: while the socket is parked, the task keeps nothing of hyper's.
+        let mut connection = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));
+        match drive(&mut connection, &conn, &proxy_config, &stop).await {
+            Ended::Closed => return,
+            Ended::Parked => {
+                let parts = (*connection).into_parts();
+                io = parts.io.into_inner();
+                // Copied: a slice of hyper's read buffer, even an empty one, would
+                // keep the whole buffer alive while the socket is parked.
+                io.prefix = Bytes::copy_from_slice(&parts.read_buf);
+                if !park(&mut io, &conn, &proxy_config, &stop).await {
+                    return;
+                }
+            }
+            Ended::Tunnel => {
+                let parts = (*connection).into_parts();
+                let mut io = parts.io.into_inner();
+                io.prefix = parts.read_buf;
+                let job = conn.tunnel.lock().take();
+                if let Some(job) = job {
+                    job.tunnels.run(io, job.upstream).await;
+                    drop(job.busy);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Runs hyper over the socket until it closes, parks, or turns into a tunnel,
+/// enforcing the head and idle timeouts.
+async fn drive<S>(
+    connection: &mut http1::Connection<TokioIo<ClientIo>, S>,
+    conn: &Arc<ClientConn>,
+    config: &crate::config::ProxyConfig,
+    stop: &CancellationToken,
+) -> Ended
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::ProxyBody> + Unpin,
+    S::Future: Send + Unpin + 'static,
+{
     let mut shutting_down = false;
+    let mut parking = false;
     loop {
         let now = conn.now_ms();
         let head = conn.head_started.load(Ordering::Relaxed);
         let busy = conn.in_flight.load(Ordering::Acquire) > 0;
-        let wait = if busy {
+        let wait = if busy || shutting_down {
             None
         } else if head != 0 {
             let elapsed = Duration::from_millis(now.saturating_sub(head - 1));
-            if elapsed >= head_timeout {
+            if elapsed >= config.header_read_timeout {
                 conn.set_reason(ClientClose::HeaderTimeout);
-                return; // slowloris: drop the socket, no graceful close
+                return Ended::Closed; // slowloris: drop the socket, no graceful close
             }
-            Some(head_timeout - elapsed)
+            Some(config.header_read_timeout - elapsed)
         } else {
             let elapsed = conn.idle_for();
-            if elapsed >= idle_timeout && !shutting_down {
+            if elapsed >= config.client_idle_timeout {
                 conn.set_reason(ClientClose::IdleTimeout);
                 shutting_down = true;
-                connection.as_mut().graceful_shutdown();
+                Pin::new(&mut *connection).graceful_shutdown();
+                None
+            } else if elapsed >= PARK_AFTER {
+                // Hand the idle socket back: hyper stops reading and returns it.
+                parking = true;
+                shutting_down = true;
+                Pin::new(&mut *connection).graceful_shutdown();
                 None
             } else {
-                Some(idle_timeout.saturating_sub(elapsed))
+                Some(
+                    PARK_AFTER
+                        .min(config.client_idle_timeout)
+                        .saturating_sub(elapsed),
+                )
             }
         };
         let sleep = async {
@@ -410,25 +500,76 @@ async fn serve(
             }
         };
         tokio::select! {
-            result = connection.as_mut() => {
+            result = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
                 if let Err(e) = result {
                     if conn.reason.load(Ordering::Relaxed) == ClientClose::ClientClosed as u8 && !e.is_incomplete_message() {
                         conn.set_reason(ClientClose::Error);
                     }
                     tracing::debug!(client = %conn.peer, error = %e, "client connection ended with an error");
+                    return Ended::Closed;
                 }
-                return;
+                if conn.tunnel.lock().is_some() {
+                    return Ended::Tunnel;
+                }
+                // A parked socket comes back only if nothing else asked it to close.
+                return if parking && conn.reason.load(Ordering::Relaxed) == ClientClose::ClientClosed as u8 {
+                    Ended::Parked
+                } else {
+                    Ended::Closed
+                };
             }
             _ = sleep => {}
             _ = conn.changed.notified() => {}
             _ = conn.kill.notified(), if !shutting_down => {
                 shutting_down = true;
-                connection.as_mut().graceful_shutdown();
+                Pin::new(&mut *connection).graceful_shutdown();
             }
-            _ = stop.cancelled(), if !shutting_down => {
+            _ = stop.cancelled(), if !shutting_down || parking => {
                 conn.set_reason(ClientClose::Shutdown);
+                parking = false;
                 shutting_down = true;
-                connection.as_mut().graceful_shutdown();
+                Pin::new(&mut *connection).graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Holds an idle socket with no HTTP state until its next request arrives (true),
+/// or until it should close (false): idle timeout, eviction, shutdown, an error.
+async fn park(
+    io: &mut ClientIo,
+    conn: &ClientConn,
+    config: &crate::config::ProxyConfig,
+    stop: &CancellationToken,
+) -> bool {
+    if !io.prefix.is_empty() {
+        // The next request's first bytes already came with the last one.
+        conn.head_started
+            .store(conn.now_ms() + 1, Ordering::Relaxed);
+        return true;
+    }
+    loop {
+        let left = config.client_idle_timeout.saturating_sub(conn.idle_for());
+        if left.is_zero() {
+            conn.set_reason(ClientClose::IdleTimeout);
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            // Wait for a byte (or EOF) without taking it: a stale readiness flag must
+            // not wake a parked socket.
+            peeked = io.stream.peek(&mut probe) => {
+                if matches!(peeked, Ok(n) if n > 0) {
+                    // A request head is arriving: its clock starts now.
+                    conn.head_started.store(conn.now_ms() + 1, Ordering::Relaxed);
+                }
+                return peeked.is_ok();
+            }
+            _ = tokio::time::sleep(left) => {}
+            _ = conn.kill.notified() => return false,
+            _ = stop.cancelled() => {
+                conn.set_reason(ClientClose::Shutdown);
+                return false;
             }
         }
     }

@@ -9,15 +9,14 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::listener::ClientConn;
+use crate::listener::{ClientConn, TunnelJob};
 use crate::policy::{Decision, Origin};
 use crate::rewrite;
-use crate::upstream::{CloseReason, Tracked, Upstream};
+use crate::upstream::{Tracked, Upstream};
 use crate::{Shared, Table};
 
 /// How a client reached tether.
@@ -226,19 +225,12 @@ async fn connect(
         local_port,
         crate::upstream::pool::ConnState::TunnelActive,
     );
-    let upstream_io = Tracked::new(tcp, slot);
-    let tunnels = upstream.tunnels.clone();
-    // The client connection stays "active" for the tunnel's lifetime.
-    let busy = client.begin_request();
-    tokio::spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => tunnels.run(TokioIo::new(upgraded), upstream_io).await,
-            Err(e) => {
-                upstream_io.slot().close_reason(CloseReason::Error);
-                tracing::debug!(error = %e, "CONNECT upgrade failed");
-            }
-        }
-        drop(busy);
+    // The client connection stays "active" for the tunnel's lifetime; the listener
+    // runs the tunnel once hyper has written the 200 and handed the socket back.
+    client.start_tunnel(TunnelJob {
+        tunnels: upstream.tunnels.clone(),
+        upstream: Tracked::new(tcp, slot),
+        busy: client.begin_request(),
     });
     let mut response = Response::new(ProxyBody::empty());
     *response.status_mut() = StatusCode::OK;

@@ -166,3 +166,54 @@ async fn at_max_client_connections_with_none_idle_new_clients_are_refused() {
         assert_eq!(b.await.unwrap(), 200);
     }
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    let tether = start(cfg).await;
+    let mut stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    stream.write_all(request).await.unwrap();
+    let first = read_some(&mut stream).await;
+    assert!(
+        first.starts_with("HTTP/1.1 200") && !first.contains("connection: close"),
+        "{first}"
+    );
+    // Idle past the parking delay (half a second): tether hands the socket back from
+    // hyper and holds it bare. The same connection must serve the next requests,
+    // including two pipelined in one write.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stream.write_all(request).await.unwrap();
+    let second = read_some(&mut stream).await;
+    assert!(
+        second.starts_with("HTTP/1.1 200") && !second.contains("connection: close"),
+        "{second}"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stream
+        .write_all(&[request.as_slice(), request.as_slice()].concat())
+        .await
+        .unwrap();
+    let mut both = String::new();
+    while both.matches("HTTP/1.1 200").count() < 2 {
+        both.push_str(&read_some(&mut stream).await);
+    }
+    let opened = metric(
+        &tether.metrics(),
+        "tether_downstream_connections_opened_total",
+        &[],
+    );
+    assert_eq!(opened, Some(1.0), "one client connection throughout");
+    assert_eq!(origin.requests(), 4);
+}
+
+async fn read_some(stream: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
