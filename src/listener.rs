@@ -45,9 +45,12 @@ pub enum ClientClose {
     Error = 5,
     /// Refused at accept: `max_client_connections` reached and none idle.
     Limit = 6,
+    /// A redirected connection whose original destination the egress policy does
+    /// not allow (or that was not redirected at all): closed without a byte.
+    Denied = 7,
 }
 
-const CLOSE_REASONS: [&str; 7] = [
+const CLOSE_REASONS: [&str; 8] = [
     "client_closed",
     "idle_timeout",
     "header_timeout",
@@ -55,6 +58,7 @@ const CLOSE_REASONS: [&str; 7] = [
     "shutdown",
     "error",
     "limit",
+    "denied",
 ];
 
 /// Downstream accounting shared by all listeners.
@@ -62,7 +66,7 @@ pub struct Downstream {
     active: Gauge,
     idle: Gauge,
     opened: Counter,
-    closed: [Counter; 7],
+    closed: [Counter; 8],
     rejected: Mutex<HashMap<&'static str, Counter>>,
     telemetry: Arc<Telemetry>,
     conns: Mutex<HashMap<u64, Arc<ClientConn>>>,
@@ -139,6 +143,23 @@ impl Downstream {
         conn
     }
 
+    /// Registers a just-accepted client connection, making room under
+    /// `max_client_connections` by closing the longest-idle one; `None` (counted,
+    /// logged) when at the limit with none idle. The caller must wrap the socket in
+    /// a [`ClientIo`] at once, so the registration ends when the socket drops.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        limit: usize,
+    ) -> Option<Arc<ClientConn>> {
+        if self.open() >= limit && !self.evict_idle() {
+            self.closed[ClientClose::Limit as usize].increment(1);
+            tracing::warn!(client = %peer, limit, "max_client_connections reached and no idle client to close: refusing");
+            return None;
+        }
+        Some(self.register(peer))
+    }
+
     /// Asks the client connection idle longest to close; false when none is idle.
     fn evict_idle(&self) -> bool {
         let conns = self.conns.lock();
@@ -204,7 +225,7 @@ impl ClientConn {
         )
     }
 
-    fn set_reason(&self, reason: ClientClose) {
+    pub(crate) fn set_reason(&self, reason: ClientClose) {
         self.reason.store(reason as u8, Ordering::Relaxed);
     }
 
@@ -269,10 +290,24 @@ impl Drop for ClientGuard {
 
 pin_project! {
     /// The client socket, noting when a request head starts arriving.
-    struct ClientIo {
+    pub(crate) struct ClientIo {
         #[pin]
         stream: TcpStream,
         guard: ClientGuard,
+    }
+}
+
+impl ClientIo {
+    /// `stream`, registered as `conn` until it drops.
+    pub(crate) fn new(stream: TcpStream, conn: Arc<ClientConn>) -> ClientIo {
+        ClientIo {
+            stream,
+            guard: ClientGuard { conn },
+        }
+    }
+
+    pub(crate) fn stream(&self) -> &TcpStream {
+        &self.stream
     }
 }
 
@@ -364,10 +399,19 @@ async fn serve(
     mode: Mode,
     stop: CancellationToken,
 ) {
-    let io = ClientIo {
-        stream,
-        guard: ClientGuard { conn: conn.clone() },
-    };
+    let io = ClientIo::new(stream, conn.clone());
+    serve_io(io, conn, shared, mode, stop).await
+}
+
+/// Serves HTTP/1.1 on a registered client socket until it closes, enforcing the
+/// head and idle timeouts.
+pub(crate) async fn serve_io(
+    io: ClientIo,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+    mode: Mode,
+    stop: CancellationToken,
+) {
     let table = shared.table();
     let proxy_config = &table.config.proxy;
     let service = {
