@@ -207,7 +207,12 @@ fn check_config_rejects_a_missing_file() {
 fn every_shipped_config_passes_check_config() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut checked = 0;
-    for dir in ["config", "deploy/sidecar", "deploy/gateway"] {
+    for dir in [
+        "config",
+        "deploy/sidecar",
+        "deploy/sidecar/transparent",
+        "deploy/gateway",
+    ] {
         let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
             continue;
         };
