@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use support::netns::{self, NsRuntime, Pair, TetherProcess, B_ADDR, TETHER_UID};
+use support::netns::{self, NsRuntime, Pair, TetherProcess, B_ADDR, B_ADDR6, TETHER_UID};
 use support::*;
 use tether::testkit::tls::{TestCa, ALPN_HTTP1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,8 +40,15 @@ const CAP: usize = 4;
 /// nothing else uses.
 const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
 
-fn tether_config(allow_unlisted: bool) -> String {
-    format!(
+/// tether's config. With `ipv6` the transparent listener is dual-stack and a
+/// third upstream, `plain6`, is the plain origin's IPv6 address.
+fn tether_config(allow_unlisted: bool, ipv6: bool) -> String {
+    let listen = if ipv6 {
+        "[::]:15001"
+    } else {
+        "127.0.0.1:15001"
+    };
+    let mut config = format!(
         r#"
 [proxy]
 listen = "127.0.0.1:3128"
@@ -50,7 +57,7 @@ client_idle_timeout = "1s"
 listen = "{ADMIN}"
 [transparent]
 enabled = true
-listen = "127.0.0.1:15001"
+listen = "{listen}"
 ports = [{PLAIN}, {SECURE}, {OTHER}]
 allow_unlisted = {allow_unlisted}
 [pool]
@@ -67,7 +74,13 @@ origin = "{B_ADDR}:{PLAIN}"
 name = "secure"
 origin = "secure.test:{SECURE}"
 "#
-    )
+    );
+    if ipv6 {
+        config.push_str(&format!(
+            "[[upstream]]\nname = \"plain6\"\norigin = \"[{B_ADDR6}]:{PLAIN}\"\n"
+        ));
+    }
+    config
 }
 
 /// The namespaces, the origins in B, tether in A. Fields drop in order: tether and
@@ -77,6 +90,8 @@ struct World {
     a: NsRuntime,
     _b: NsRuntime,
     plain: Origin,
+    /// The plain origin's twin on B's IPv6 address (with `ipv6` only).
+    plain6: Option<Origin>,
     secure: Origin,
     other: Origin,
     tls: TlsConnector,
@@ -85,6 +100,10 @@ struct World {
 
 impl World {
     async fn start(allow_unlisted: bool) -> World {
+        World::start_with(allow_unlisted, false).await
+    }
+
+    async fn start_with(allow_unlisted: bool, ipv6: bool) -> World {
         let pair = Pair::new(&[("secure.test", B_ADDR.into())]);
         let b = NsRuntime::enter(&pair.b);
         let a = NsRuntime::enter(&pair.a);
@@ -92,17 +111,21 @@ impl World {
         let server_tls = ca
             .server(&["secure.test", &B_ADDR.to_string()])
             .server_config(ALPN_HTTP1);
-        let origin = |port: u16, tls| {
+        let origin = |ip: IpAddr, port: u16, tls| {
             b.run(Origin::start_with(OriginOptions {
-                bind: Some((B_ADDR, port).into()),
+                bind: Some((ip, port).into()),
                 tls,
                 ..Default::default()
             }))
         };
-        let plain = origin(PLAIN, None).await;
-        let secure = origin(SECURE, Some(server_tls)).await;
-        let other = origin(OTHER, None).await;
-        let tether = TetherProcess::spawn(&pair.a, &tether_config(allow_unlisted));
+        let plain = origin(B_ADDR.into(), PLAIN, None).await;
+        let plain6 = match ipv6 {
+            true => Some(origin(B_ADDR6.into(), PLAIN, None).await),
+            false => None,
+        };
+        let secure = origin(B_ADDR.into(), SECURE, Some(server_tls)).await;
+        let other = origin(B_ADDR.into(), OTHER, None).await;
+        let tether = TetherProcess::spawn(&pair.a, &tether_config(allow_unlisted, ipv6));
         let ready = eventually(WAIT, || async {
             tether.assert_running();
             a.run(try_get(ADMIN, "/readyz"))
@@ -114,11 +137,11 @@ impl World {
         let binary = tether.binary.to_str().unwrap().to_string();
         let config = tether.config.to_str().unwrap().to_string();
         let uid = TETHER_UID.to_string();
-        netns::run_in(
-            &pair.a,
-            &binary,
-            &["iptables", "apply", "--config", &config, "--uid", &uid],
-        );
+        let mut apply = vec!["iptables", "apply", "--config", &config, "--uid", &uid];
+        if ipv6 {
+            apply.push("--ipv6");
+        }
+        netns::run_in(&pair.a, &binary, &apply);
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.der()).unwrap();
         let mut client_tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -134,6 +157,7 @@ impl World {
             a,
             _b: b,
             plain,
+            plain6,
             secure,
             other,
             tls: TlsConnector::from(Arc::new(client_tls)),
@@ -243,10 +267,19 @@ async fn tls_job(tls: &TlsConnector) -> (u16, http1::SendRequest<Empty<Bytes>>) 
 /// `n` leaky clients at once, each running `jobs` plain-HTTP jobs against `port` in
 /// B; every job is a new connection that is never closed.
 async fn plain_jobs(world: &World, port: u16, clients: usize, jobs: usize) -> Vec<LeakyClient> {
+    plain_jobs_to(world, (B_ADDR, port).into(), clients, jobs).await
+}
+
+/// [`plain_jobs`] against any address.
+async fn plain_jobs_to(
+    world: &World,
+    addr: SocketAddr,
+    clients: usize,
+    jobs: usize,
+) -> Vec<LeakyClient> {
     world
         .a
         .run(async move {
-            let addr = SocketAddr::from((B_ADDR, port));
             let host = addr.to_string();
             let mut tasks = tokio::task::JoinSet::new();
             for _ in 0..clients {
@@ -273,9 +306,13 @@ struct Counters {
 
 impl Counters {
     fn read(ns: &str) -> Counters {
+        Counters::read_with(ns, "iptables")
+    }
+
+    fn read_with(ns: &str, program: &str) -> Counters {
         let text = netns::run_in(
             ns,
-            "iptables",
+            program,
             &[
                 "-w",
                 "-t",
@@ -499,7 +536,7 @@ async fn a_redirected_connection_to_an_unlisted_destination_is_closed_unless_all
 
     // allow_unlisted, applied by a live reload: the same destination is now relayed,
     // pooled under the `unlisted` label.
-    world.tether.reload(&tether_config(true));
+    world.tether.reload(&tether_config(true, false));
     let reloaded = eventually(WAIT, || async {
         world
             .metric("tether_config_reloads_total", &[("result", "success")])
@@ -535,4 +572,41 @@ async fn a_redirected_connection_to_an_unlisted_destination_is_closed_unless_all
         .unwrap_or_else(|| panic!("no unlisted pool in {pools}"));
     assert_eq!(unlisted["origin"], format!("{B_ADDR}:{OTHER}"));
     assert_eq!(denied().await, 1.0, "nothing more was denied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_listener_intercepts_ipv6_and_ipv4_clients() {
+    if !netns::can_run("a_dual_stack_listener_intercepts_ipv6_and_ipv4_clients") {
+        return;
+    }
+    // ip6tables REDIRECT delivers to [::1]; IPv4 clients arrive v4-mapped on the
+    // same socket and still have an IPv4 original destination.
+    let world = World::start_with(false, true).await;
+    let plain6 = world.plain6.clone().expect("the IPv6 origin");
+    let _v6 = plain_jobs_to(&world, (B_ADDR6, PLAIN).into(), 2, 3).await;
+    let _v4 = plain_jobs(&world, PLAIN, 2, 3).await;
+    assert_eq!(plain6.requests(), 6);
+    assert_eq!(plain6.listening().unproxied_requests(), 0);
+    assert_eq!(world.plain.requests(), 6);
+    assert_eq!(world.plain.listening().unproxied_requests(), 0);
+    for (name, origin) in [("plain6", &plain6), ("plain", &world.plain)] {
+        let requests = world
+            .metric(
+                "tether_upstream_connections_opened_total",
+                &[("upstream", name)],
+            )
+            .await;
+        assert_eq!(requests, origin.accepted() as f64, "{name}");
+        assert!(origin.peak() <= CAP);
+    }
+    // Each leaky job was a new connection, redirected once by its own family's rules.
+    for program in ["iptables", "ip6tables"] {
+        let counters = Counters::read_with(&world.pair.a, program);
+        assert_eq!(
+            counters.redirected(PLAIN),
+            6,
+            "{program}: {}",
+            counters.text
+        );
+    }
 }

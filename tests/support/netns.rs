@@ -1,10 +1,11 @@
 //! Network namespaces for tests that need real iptables rules.
 //!
 //! [`Pair`] makes two namespaces joined by a veth pair, with addresses in
-//! 10.213.0.0/24 that exist only inside them; traffic between them never leaves the
-//! machine. Names carry the test process's id and a counter, so parallel tests and
-//! parallel runs never share one; dropping the pair deletes both (which deletes the
-//! veth ends too), and namespaces left by runs that died are deleted first.
+//! 10.213.0.0/24 and fd00:213::/64 that exist only inside them; traffic between
+//! them never leaves the machine. Names carry the test process's id and a counter,
+//! so parallel tests and parallel runs never share one; dropping the pair deletes
+//! both (which deletes the veth ends too), and namespaces left by runs that died are
+//! deleted first.
 //!
 //! [`NsRuntime`] is a tokio runtime on a thread that entered one namespace: sockets
 //! that its tasks open live there. [`TetherProcess`] runs the tether binary in a
@@ -12,7 +13,7 @@
 //! traffic from the client's.
 
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,6 +29,10 @@ pub const PREFIX: &str = "tether-e2e-";
 pub const A_ADDR: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
 /// The address of the second namespace's end.
 pub const B_ADDR: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 2);
+/// The IPv6 (unique local) address of the first namespace's end.
+pub const A_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x213, 0, 0, 0, 0, 0, 1);
+/// The IPv6 address of the second namespace's end.
+pub const B_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x213, 0, 0, 0, 0, 0, 2);
 
 /// Whether the test can run: it needs root, `ip`, `iptables` and `setpriv`. Outside
 /// CI a missing one skips the test with a message; in CI (`CI` set) it fails.
@@ -81,7 +86,8 @@ pub fn run_in(ns: &str, program: &str, args: &[&str]) -> String {
     run("ip", &all)
 }
 
-/// Two namespaces joined by a veth pair: `a` (10.213.0.1) and `b` (10.213.0.2).
+/// Two namespaces joined by a veth pair: `a` (10.213.0.1, fd00:213::1) and `b`
+/// (10.213.0.2, fd00:213::2).
 pub struct Pair {
     pub a: String,
     pub b: String,
@@ -122,6 +128,11 @@ impl Pair {
                 &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev],
             );
             run("ip", &["-n", ns, "link", "set", dev, "up"]);
+        }
+        for (ns, dev, addr) in [(a, &veth_a, A_ADDR6), (b, &veth_b, B_ADDR6)] {
+            // nodad: usable at once, without duplicate address detection's delay.
+            let cidr = format!("{addr}/64");
+            run("ip", &["-n", ns, "addr", "add", &cidr, "dev", dev, "nodad"]);
         }
         if !hosts.is_empty() {
             let dir = Path::new("/etc/netns").join(a);
