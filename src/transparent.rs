@@ -341,6 +341,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_listed_host_name_matches_the_addresses_it_resolves_to() {
+        use crate::upstream::connect::Connector;
+        let upstream = |host: &str| {
+            let origin = Origin::parse_authority(host).unwrap();
+            Upstream::new(
+                "up",
+                Connector::plain(origin, false),
+                crate::config::PoolConfig::default(),
+                &crate::telemetry::Telemetry::new(),
+            )
+        };
+        let by_name = upstream("localhost:8080");
+        assert!(by_name.resolves_to("127.0.0.1".parse().unwrap()).await);
+        assert!(!by_name.resolves_to("10.0.0.1".parse().unwrap()).await);
+        let literal = upstream("10.0.0.1:8080");
+        assert!(literal.resolves_to("10.0.0.1".parse().unwrap()).await);
+    }
+
+    #[tokio::test]
     async fn a_connection_that_was_not_redirected_has_no_original_destination() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())
