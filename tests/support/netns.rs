@@ -160,18 +160,28 @@ fn delete(ns: &str) {
     let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
 }
 
-/// Deletes namespaces (and their hosts files) left by test processes that died.
+/// Deletes namespaces (and their hosts files) and temporary directories (with a
+/// copy of the binary each) left by test processes that died.
 fn remove_stale() {
+    let dead = |name: &str| {
+        let pid = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next());
+        pid.is_some_and(|pid| !pid.is_empty() && !Path::new("/proc").join(pid).exists())
+    };
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if dead(&entry.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let pid = rest.split('-').next().unwrap_or("");
-        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+        if dead(name) {
             delete(name);
         }
     }
@@ -252,7 +262,7 @@ impl TetherProcess {
     /// build directory is.
     pub fn spawn(ns: &str, config: &str) -> TetherProcess {
         let dir = tempfile::Builder::new()
-            .prefix("tether-e2e-")
+            .prefix(&format!("{PREFIX}{}-", std::process::id()))
             .tempdir()
             .expect("temp dir");
         let open = |path: &Path, mode| {
