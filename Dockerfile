@@ -44,6 +44,27 @@ RUN find src -type f -exec touch {} + \
     && install -D -m 0755 target/release/tether /out/tether
 
 # ---------------------------------------------------------------------------
+# iptables-init: the init container of deploy/sidecar/transparent, which runs
+# `tether iptables apply` once in the pod's network namespace and exits.
+#   docker build --target iptables-init -t tether-iptables-init:dev .
+# Debian slim, because the rules are installed by the iptables program (the
+# distroless runtime below has none). Debian's default is the nf_tables backend.
+# ---------------------------------------------------------------------------
+FROM debian:bookworm-slim AS iptables-init
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY --from=builder /out/tether /usr/local/bin/tether
+
+# Runs as root (the image's default user): changing nat rules needs uid 0 with
+# NET_ADMIN and NET_RAW, which the manifest grants to this container alone.
+ENTRYPOINT ["tether"]
+CMD ["iptables", "--help"]
+
+# ---------------------------------------------------------------------------
 # Runtime: glibc + libgcc + CA certificates, no shell, uid/gid 65532.
 # ---------------------------------------------------------------------------
 FROM gcr.io/distroless/cc-debian12:nonroot

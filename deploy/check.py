@@ -215,6 +215,27 @@ def find_kustomize() -> list[str] | None:
     return None
 
 
+def kustomize_target(d: Path, name: str) -> tuple[Path, str]:
+    """What to render for kustomization directory `d`. A Component (an opt-in
+    add-on such as deploy/sidecar/transparent) cannot be rendered alone: it is
+    rendered applied to the nearest enclosing Kustomization, through a temporary
+    kustomization (kustomize takes only relative paths to other roots)."""
+    import yaml
+
+    docs = [doc for doc in yaml.safe_load_all((d / "kustomization.yaml").read_text()) if doc]
+    if not docs or docs[0].get("kind") != "Component":
+        return d, name
+    base = next((p for p in d.parents if (p / "kustomization.yaml").is_file()), None)
+    if base is None:
+        return d, name
+    tmp = Path(tempfile.mkdtemp(prefix="tether-kustomize-"))
+    (tmp / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(base, tmp)}\n"
+        f"components:\n  - {os.path.relpath(d, tmp)}\n")
+    return tmp, f"{name} (component, applied to {rel(base)})"
+
+
 def check_kustomize(report: Report, versions: list[str]) -> None:
     dirs = sorted({k.parent for k in DEPLOY.rglob("kustomization.yaml")})
     if not dirs:
@@ -230,7 +251,12 @@ def check_kustomize(report: Report, versions: list[str]) -> None:
         except ImportError as e:
             report.line("FAIL", name, f"{e}; install with: pip install kubernetes-validate")
             continue
-        proc = subprocess.run(cmd + [str(d)], capture_output=True, text=True)
+        target, name = kustomize_target(d, name)
+        try:
+            proc = subprocess.run(cmd + [str(target)], capture_output=True, text=True)
+        finally:
+            if target != d:
+                shutil.rmtree(target, ignore_errors=True)
         if proc.returncode != 0:
             report.line("FAIL", name, f"`{' '.join(cmd)}` failed", proc.stderr.strip().splitlines())
             continue

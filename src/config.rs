@@ -34,6 +34,14 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 4096;
 /// HAProxy accept by default for a request head and keeps per-connection memory small.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Transparent listener: the port Istio's sidecar uses for redirected outbound
+/// traffic, on loopback because iptables `REDIRECT` of locally generated packets
+/// always delivers them to 127.0.0.1.
+pub const DEFAULT_TRANSPARENT_LISTEN: &str = "127.0.0.1:15001";
+/// HTTP and TLS clients send their first bytes as soon as they connect; a
+/// connection still silent after this is taken for a server-speaks-first protocol
+/// and relayed as a tunnel.
+pub const DEFAULT_PEEK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Declares the pool keys once: generates [`PoolConfig`] (the `[pool]` table) and
 /// [`UpstreamConfig`], whose `[[upstream]]` tables take the same keys as optional
@@ -192,6 +200,7 @@ pub struct Config {
     pub route: Vec<RouteConfig>,
     pub diagnosis: DiagnosisConfig,
     pub budget: BudgetConfig,
+    pub transparent: TransparentConfig,
 }
 
 /// `[budget]`: one connection budget shared by every upstream.
@@ -287,6 +296,34 @@ pub struct EgressConfig {
 pub struct RouteConfig {
     pub listen: SocketAddr,
     pub upstream: String,
+}
+
+/// `[transparent]`: a listener for connections redirected to tether by iptables,
+/// for clients that cannot be pointed at a proxy at all. Off by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransparentConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Destination ports `tether iptables` redirects to `listen`.
+    pub ports: Vec<u16>,
+    /// Relay redirected connections whose destination matches no upstream and no
+    /// allow pattern, pooled per destination under the `unlisted` label.
+    pub allow_unlisted: bool,
+    #[serde(with = "humantime_serde")]
+    pub peek_timeout: Duration,
+}
+
+impl Default for TransparentConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: DEFAULT_TRANSPARENT_LISTEN.parse().expect("valid default"),
+            ports: Vec::new(),
+            allow_unlisted: false,
+            peek_timeout: DEFAULT_PEEK_TIMEOUT,
+        }
+    }
 }
 
 /// One problem found while loading or validating, with the key path it concerns.
@@ -450,6 +487,9 @@ impl Config {
             ("proxy.listen".into(), self.proxy.listen),
             ("admin.listen".into(), self.admin.listen),
         ];
+        if self.transparent.enabled {
+            listeners.push(("transparent.listen".into(), self.transparent.listen));
+        }
         listeners.extend(
             self.route
                 .iter()
@@ -494,10 +534,38 @@ impl Config {
             }
         }
 
+        self.validate_transparent(&mut problem);
+
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError(problems))
+        }
+    }
+
+    fn validate_transparent(&self, problem: &mut impl FnMut(String, String)) {
+        let t = &self.transparent;
+        if t.peek_timeout.is_zero() {
+            problem(
+                "transparent.peek_timeout".into(),
+                "must be greater than zero".into(),
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, &port) in t.ports.iter().enumerate() {
+            let at = format!("transparent.ports[{i}]");
+            if port == 0 {
+                problem(at, "port 0 is not valid".into());
+            } else if port == t.listen.port() {
+                problem(
+                    at,
+                    format!(
+                        "{port} is the transparent listener's own port: redirecting it would loop"
+                    ),
+                );
+            } else if !seen.insert(port) {
+                problem(at, format!("{port} is listed twice"));
+            }
         }
     }
 
@@ -510,7 +578,15 @@ impl Config {
 /// `TETHER_<SECTION>__<KEY>` variables. Only the scalar sections can be set this way,
 /// and other `TETHER_*` variables (a script's `TETHER_BIN`, say) are not config.
 fn env() -> Env {
-    const SECTIONS: [&str; 6] = ["proxy", "admin", "egress", "pool", "diagnosis", "budget"];
+    const SECTIONS: [&str; 7] = [
+        "proxy",
+        "admin",
+        "egress",
+        "pool",
+        "diagnosis",
+        "budget",
+        "transparent",
+    ];
     Env::prefixed(ENV_PREFIX)
         .filter(|key| {
             let key = key.as_str().to_ascii_lowercase();

@@ -11,12 +11,14 @@ pub mod config;
 pub mod demo;
 pub mod diagnosis;
 pub mod error;
+pub mod iptables;
 pub mod listener;
 pub mod policy;
 pub mod proxy;
 pub mod rewrite;
 pub mod telemetry;
 pub mod testkit;
+pub mod transparent;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -114,6 +116,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Bound addresses of the `[[route]]` listeners, in config order at start.
     pub route_addrs: Vec<SocketAddr>,
+    /// Bound address of the `[transparent]` listener, when enabled.
+    pub transparent_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     routes: Mutex<HashMap<RouteKey, RouteListener>>,
     next_route: Mutex<usize>,
@@ -150,9 +154,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     raise_fd_limit(&config);
     let proxy_listener = bind("proxy.listen".into(), config.proxy.listen).await?;
     let admin_listener = bind("admin.listen".into(), config.admin.listen).await?;
+    let transparent_listener = match config.transparent.enabled {
+        true => Some(bind("transparent.listen".into(), config.transparent.listen).await?),
+        false => None,
+    };
     let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let proxy_addr = local(&proxy_listener);
     let admin_addr = local(&admin_listener);
+    let transparent_addr = transparent_listener.as_ref().map(local);
 
     let telemetry = Telemetry::new();
     let upstreams = Upstreams::new(telemetry.clone());
@@ -176,6 +185,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         proxy_addr,
         admin_addr,
         route_addrs: Vec::new(),
+        transparent_addr,
         shared: shared.clone(),
         routes: Mutex::default(),
         next_route: Mutex::new(0),
@@ -196,13 +206,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         running.stop.clone(),
         running.connections.clone(),
     ));
+    if let Some(listener) = transparent_listener {
+        tokio::spawn(transparent::accept_loop(
+            listener,
+            shared.clone(),
+            running.stop.clone(),
+            running.connections.clone(),
+        ));
+    }
     tokio::spawn(admin::serve(
         admin_listener,
         shared.clone(),
         running.admin_stop.clone(),
     ));
     shared.ready.store(true, Ordering::Release);
-    tracing::info!(%proxy_addr, %admin_addr, routes = ?running.route_addrs, "tether is ready");
+    tracing::info!(%proxy_addr, %admin_addr, routes = ?running.route_addrs, transparent = ?transparent_addr, "tether is ready");
     Ok(running)
 }
 
@@ -354,6 +372,12 @@ impl Running {
             if old != new {
                 tracing::warn!(what, %old, %new, "a listener address changes only on restart");
             }
+        }
+        let (old, new) = (&current.config.transparent, &config.transparent);
+        if (old.enabled, old.listen) != (new.enabled, new.listen) {
+            tracing::warn!(
+                "transparent.enabled and transparent.listen change only on restart; its other keys apply now"
+            );
         }
         // Pools are reconfigured by `build`; a failed bind afterwards leaves the new
         // limits on kept pools, which is the operator's intent anyway.

@@ -45,9 +45,12 @@ pub enum ClientClose {
     Error = 5,
     /// Refused at accept: `max_client_connections` reached and none idle.
     Limit = 6,
+    /// A redirected connection whose original destination the egress policy does
+    /// not allow (or that was not redirected at all): closed without a byte.
+    Denied = 7,
 }
 
-const CLOSE_REASONS: [&str; 7] = [
+const CLOSE_REASONS: [&str; 8] = [
     "client_closed",
     "idle_timeout",
     "header_timeout",
@@ -55,6 +58,7 @@ const CLOSE_REASONS: [&str; 7] = [
     "shutdown",
     "error",
     "limit",
+    "denied",
 ];
 
 /// Downstream accounting shared by all listeners.
@@ -62,7 +66,7 @@ pub struct Downstream {
     active: Gauge,
     idle: Gauge,
     opened: Counter,
-    closed: [Counter; 7],
+    closed: [Counter; 8],
     rejected: Mutex<HashMap<&'static str, Counter>>,
     telemetry: Arc<Telemetry>,
     conns: Mutex<HashMap<u64, Arc<ClientConn>>>,
@@ -153,6 +157,25 @@ impl Downstream {
         conn
     }
 
+    /// Registers a just-accepted client connection, making room under
+    /// `max_client_connections` by closing the longest-idle one; `None` (counted,
+    /// logged) when at the limit with none idle. The caller must wrap the socket in
+    /// a [`ClientIo`] at once, so the registration ends when the socket drops.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        config: &crate::config::Config,
+    ) -> Option<Arc<ClientConn>> {
+        let limit = config.proxy.max_client_connections;
+        if self.open() >= limit && !self.evict_idle() {
+            self.closed[ClientClose::Limit as usize].increment(1);
+            tracing::warn!(client = %peer, limit, "max_client_connections reached and no idle client to close: refusing");
+            return None;
+        }
+        self.clients.opened(peer.ip(), &config.diagnosis);
+        Some(self.register(peer))
+    }
+
     /// Asks the client connection idle longest to close; false when none is idle.
     fn evict_idle(&self) -> bool {
         let conns = self.conns.lock();
@@ -191,7 +214,7 @@ impl ClientConn {
         )
     }
 
-    fn set_reason(&self, reason: ClientClose) {
+    pub(crate) fn set_reason(&self, reason: ClientClose) {
         self.reason.store(reason as u8, Ordering::Relaxed);
     }
 
@@ -272,6 +295,21 @@ pin_project! {
     }
 }
 
+impl ClientIo {
+    /// `stream`, registered as `conn` until it drops.
+    pub(crate) fn new(stream: TcpStream, conn: Arc<ClientConn>) -> ClientIo {
+        ClientIo {
+            stream,
+            guard: ClientGuard { conn },
+            prefix: Bytes::new(),
+        }
+    }
+
+    pub(crate) fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
 impl AsyncRead for ClientIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -345,19 +383,11 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let limit = shared.table().config.proxy.max_client_connections;
-        if shared.downstream.open() >= limit && !shared.downstream.evict_idle() {
-            shared.downstream.closed[ClientClose::Limit as usize].increment(1);
-            tracing::warn!(client = %peer, limit, "max_client_connections reached and no idle client to close: refusing");
+        let Some(conn) = shared.downstream.admit(peer, &shared.table().config) else {
             drop(stream);
             continue;
-        }
+        };
         let _ = stream.set_nodelay(true);
-        let conn = shared.downstream.register(peer);
-        shared
-            .downstream
-            .clients
-            .opened(peer.ip(), &shared.table().config.diagnosis);
         tracker.spawn(serve(stream, conn, shared.clone(), mode, stop.clone()));
     }
 }
@@ -379,6 +409,19 @@ enum Ended {
 
 async fn serve(
     stream: TcpStream,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+    mode: Mode,
+    stop: CancellationToken,
+) {
+    let io = ClientIo::new(stream, conn.clone());
+    serve_io(io, conn, shared, mode, stop).await
+}
+
+/// Serves HTTP/1.1 on a registered client socket until it closes, enforcing the
+/// head and idle timeouts.
+pub(crate) async fn serve_io(
+    io: ClientIo,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
     mode: Mode,
@@ -410,11 +453,7 @@ async fn serve(
         .header_read_timeout(None)
         .max_buf_size(proxy_config.max_header_bytes.max(8192))
         .keep_alive(true);
-    let mut io = ClientIo {
-        stream,
-        guard: ClientGuard { conn: conn.clone() },
-        prefix: Bytes::new(),
-    };
+    let mut io = io;
     loop {
         // Boxed: while the socket is parked, the task keeps nothing of hyper's.
         let mut connection = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));

@@ -36,6 +36,45 @@ enum Command {
     /// Show the leak and the fix: a leaky client against a fake registry, first
     /// without tether, then through it (loopback only; ends by itself).
     Demo(DemoArgs),
+    /// Print, apply or remove the iptables rules that redirect this network
+    /// namespace's outbound connections to given ports to the transparent listener,
+    /// leaving tether's own connections (by uid) and local destinations alone.
+    Iptables(IptablesArgs),
+}
+
+#[derive(clap::Args)]
+struct IptablesArgs {
+    #[arg(value_enum)]
+    action: IptablesAction,
+    /// A destination port to redirect (repeatable) [default: `ports` of the
+    /// config's [transparent] section].
+    #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    ports: Vec<u16>,
+    /// The transparent listener's port [default: the port of the config's
+    /// [transparent] listen].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    proxy_port: Option<u16>,
+    /// The uid tether runs as; its connections are never redirected. Required for
+    /// print and apply.
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Also write the rules with ip6tables (the listener must then take IPv6 too,
+    /// e.g. listen = "[::]:15001").
+    #[arg(long)]
+    ipv6: bool,
+    /// Config file to take the ports from; the embedded default when omitted.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IptablesAction {
+    /// Print the commands apply would run.
+    Print,
+    /// Replace tether's rules with these (idempotent).
+    Apply,
+    /// Remove tether's rules, if any.
+    Remove,
 }
 
 #[derive(clap::Args)]
@@ -81,6 +120,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig { config }) => check_config(config),
         Some(Command::Run(args)) => run(args),
         Some(Command::Demo(args)) => demo(args),
+        Some(Command::Iptables(args)) => iptables(args),
         None => run(cli.run),
     }
 }
@@ -167,6 +207,73 @@ fn demo(args: DemoArgs) -> ExitCode {
             eprintln!("demo: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn iptables(args: IptablesArgs) -> ExitCode {
+    use tether::iptables;
+    let usage = |message: String| {
+        eprintln!("error: {message}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let failed = |e: std::io::Error| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    };
+    if args.action == IptablesAction::Remove {
+        return match iptables::remove(args.ipv6) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => failed(e),
+        };
+    }
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(config) => config.transparent,
+        Err(e) => return usage(e.to_string()),
+    };
+    let ports = if args.ports.is_empty() {
+        config.ports
+    } else {
+        args.ports
+    };
+    if ports.is_empty() {
+        return usage(
+            "no ports to redirect: give --port, or a --config whose [transparent] has ports".into(),
+        );
+    }
+    let Some(proxy_port) = args
+        .proxy_port
+        .or(Some(config.listen.port()).filter(|p| *p != 0))
+    else {
+        return usage("the config's transparent.listen has port 0: give --proxy-port".into());
+    };
+    if ports.contains(&proxy_port) {
+        return usage(format!(
+            "port {proxy_port} is the transparent listener's own: redirecting it would loop"
+        ));
+    }
+    let Some(uid) = args.uid else {
+        return usage(
+            "--uid is required: the uid tether runs as, whose connections must not be redirected"
+                .into(),
+        );
+    };
+    let rules = iptables::Rules {
+        ports,
+        proxy_port,
+        uid,
+        ipv6: args.ipv6,
+    };
+    match args.action {
+        IptablesAction::Print => {
+            for invocation in rules.install() {
+                println!("{invocation}");
+            }
+            ExitCode::SUCCESS
+        }
+        _ => match iptables::apply(&rules) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => failed(e),
+        },
     }
 }
 

@@ -3,6 +3,7 @@
 //! upstream (origin-form, Host, hop-by-hop headers, Via), send it through the
 //! upstream's governed pool, and rewrite the response head for the client.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use crate::error::ProxyError;
 use crate::listener::{ClientConn, TunnelJob};
 use crate::policy::{Decision, Origin};
 use crate::rewrite;
-use crate::upstream::{Tracked, Upstream};
+use crate::upstream::Upstream;
 use crate::{Shared, Table};
 
 /// How a client reached tether.
@@ -27,6 +28,10 @@ pub enum Mode {
     /// Route listener number `n`; its upstream is looked up per request, so a
     /// reload can re-point it.
     Route(usize),
+    /// A plain-HTTP connection iptables redirected to the transparent listener, with
+    /// its original destination. The upstream is matched per request, like a route's;
+    /// the client addressed the origin itself, so its `Host` is kept.
+    Intercept(SocketAddr),
 }
 
 const VIA: HeaderValue = HeaderValue::from_static("1.1 tether");
@@ -102,9 +107,13 @@ async fn forward(
             let origin = Origin::from_uri(req.uri()).map_err(ProxyError::BadTarget)?;
             lookup(shared, &table, &origin)?
         }
+        Mode::Intercept(destination) => {
+            crate::transparent::upstream_for(shared, &table, destination).await?
+        }
     };
     let client_host = req.headers().get(header::HOST).cloned();
-    prepare_request(&mut req, &upstream.origin)?;
+    let keep_host = matches!(mode, Mode::Intercept(_));
+    prepare_request(&mut req, &upstream.origin, keep_host)?;
     let mut response = upstream.send(req).await?;
     strip_hop_by_hop(response.headers_mut());
     response.headers_mut().append(header::VIA, VIA);
@@ -129,8 +138,13 @@ fn lookup(shared: &Shared, table: &Table, origin: &Origin) -> Result<Arc<Upstrea
 }
 
 /// Turns the client's request head into the one the upstream gets: origin-form
-/// target, `Host` naming the upstream, no hop-by-hop headers, `Via` added.
-fn prepare_request(req: &mut Request<Incoming>, origin: &Origin) -> Result<(), ProxyError> {
+/// target, `Host` naming the upstream (or the client's own, with `keep_host`, when
+/// it has one), no hop-by-hop headers, `Via` added.
+fn prepare_request(
+    req: &mut Request<Incoming>,
+    origin: &Origin,
+    keep_host: bool,
+) -> Result<(), ProxyError> {
     reject_smuggling(req.headers())?;
     let path = req
         .uri()
@@ -142,6 +156,10 @@ fn prepare_request(req: &mut Request<Incoming>, origin: &Origin) -> Result<(), P
     *req.version_mut() = http::Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    if keep_host && headers.contains_key(header::HOST) {
+        headers.append(header::VIA, VIA);
+        return Ok(());
+    }
     let host = if origin.port == 80 {
         origin.host.clone()
     } else {
@@ -208,28 +226,12 @@ async fn connect(
         .ok_or_else(|| ProxyError::BadTarget("CONNECT needs a host:port target".into()))?;
     let origin = Origin::parse_authority(authority.as_str()).map_err(ProxyError::BadTarget)?;
     let upstream = lookup(shared, &shared.table(), &origin)?;
-    let config = upstream.pool.config();
-    let slot = upstream.pool.checkout_tunnel(&upstream.tunnels).await?;
-    let tcp = match upstream
-        .pool
-        .connector()
-        .connect_tcp_within(config.connect_timeout)
-        .await
-    {
-        Ok(tcp) => tcp,
-        Err(e) => return Err(e), // the slot drops here: never opened, nothing counted
-    };
-    let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
-    upstream.pool.connected(
-        slot.id(),
-        local_port,
-        crate::upstream::pool::ConnState::TunnelActive,
-    );
+    let upstream_io = upstream.open_tunnel().await?;
     // The client connection stays "active" for the tunnel's lifetime; the listener
     // runs the tunnel once hyper has written the 200 and handed the socket back.
     client.start_tunnel(TunnelJob {
         tunnels: upstream.tunnels.clone(),
-        upstream: Tracked::new(tcp, slot),
+        upstream: upstream_io,
         busy: client.begin_request(),
     });
     let mut response = Response::new(ProxyBody::empty());

@@ -92,6 +92,9 @@ fn rewrite_url(table: &Table, mode: Mode, client_host: Option<&str>, url: &str) 
             Some(format!("http://{origin}{path}"))
         }
         Mode::Forward => None,
+        // Intercepted clients reach every origin directly, and their follow-ups are
+        // intercepted by the same rules: nothing to point elsewhere.
+        Mode::Intercept(_) => None,
     }
 }
 

@@ -207,7 +207,12 @@ fn check_config_rejects_a_missing_file() {
 fn every_shipped_config_passes_check_config() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut checked = 0;
-    for dir in ["config", "deploy/sidecar", "deploy/gateway"] {
+    for dir in [
+        "config",
+        "deploy/sidecar",
+        "deploy/sidecar/transparent",
+        "deploy/gateway",
+    ] {
         let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
             continue;
         };
@@ -231,4 +236,47 @@ fn every_shipped_config_passes_check_config() {
         }
     }
     assert!(checked >= 1);
+}
+
+#[test]
+fn the_transparent_listener_is_off_by_default_and_its_ports_are_checked() {
+    let config = Config::from_toml("").unwrap();
+    assert!(!config.transparent.enabled);
+    assert_eq!(config.transparent.listen.to_string(), "127.0.0.1:15001");
+    assert!(!config.transparent.allow_unlisted);
+    let err = Config::from_toml(
+        r#"
+        [proxy]
+        listen = "127.0.0.1:15001"
+        [transparent]
+        enabled = true
+        ports = [443, 0, 443, 15001]
+        peek_timeout = "0s"
+        "#,
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = err.0.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "transparent.listen",
+            "transparent.peek_timeout",
+            "transparent.ports[1]",
+            "transparent.ports[2]",
+            "transparent.ports[3]",
+        ],
+        "{err}"
+    );
+    assert!(err.to_string().contains("would loop"), "{err}");
+}
+
+#[test]
+fn the_transparent_section_can_be_set_from_the_environment() {
+    Jail::expect_with(|jail| {
+        jail.set_env("TETHER_TRANSPARENT__ENABLED", "true");
+        jail.set_env("TETHER_TRANSPARENT__ALLOW_UNLISTED", "true");
+        let config = Config::from_toml_and_env("").map_err(jail_err)?;
+        assert!(config.transparent.enabled && config.transparent.allow_unlisted);
+        Ok(())
+    });
 }

@@ -47,6 +47,9 @@ pub struct ServeOptions {
     pub h2_max_concurrent_streams: Option<u32>,
     /// Close a connection idle this long (the upstream's own keep-alive timeout).
     pub idle_close_after: Option<Duration>,
+    /// Where to listen instead of `127.0.0.1:0`: an address inside a network
+    /// namespace a test made (the caller's thread must have entered it).
+    pub bind: Option<SocketAddr>,
 }
 
 /// A running server and its socket counts.
@@ -71,11 +74,11 @@ struct Counts {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Listening {
-    /// Binds `127.0.0.1:0` and serves every connection with `handler`.
+    /// Binds `127.0.0.1:0` (or `options.bind`) and serves every connection with
+    /// `handler`.
     pub async fn start(options: ServeOptions, handler: Handler) -> Listening {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
+        let bind = options.bind.unwrap_or(([127, 0, 0, 1], 0).into());
+        let listener = TcpListener::bind(bind).await.expect("bind the test server");
         let addr = listener.local_addr().expect("bound");
         let counts = Arc::new(Counts::default());
         let listening = Listening {

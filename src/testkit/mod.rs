@@ -2,7 +2,8 @@
 //! they accepted and closed ([`listening`], [`origin`], a fake registry and token
 //! server in [`registry`]), plain or TLS with certificates made at run time ([`tls`]),
 //! and a leaky client that imitates the Dragonfly manager (a new HTTP client per job,
-//! never closed). They bind `127.0.0.1:0` only.
+//! never closed). They bind `127.0.0.1:0`, unless a test that made its own network
+//! namespace gives them an address there.
 
 pub mod leaky;
 pub mod listening;

@@ -40,6 +40,8 @@ pub struct OriginOptions {
     pub h2: bool,
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` on h2 connections.
     pub h2_max_concurrent_streams: Option<u32>,
+    /// Listen here instead of `127.0.0.1:0` (see [`ServeOptions::bind`]).
+    pub bind: Option<SocketAddr>,
 }
 
 /// A running origin and its socket counts.
@@ -80,6 +82,7 @@ impl Origin {
                 h2: options.h2,
                 h2_max_concurrent_streams: options.h2_max_concurrent_streams,
                 idle_close_after: options.idle_close_after,
+                bind: options.bind,
             },
             handler,
         )

@@ -13,9 +13,11 @@ pub mod tunnel;
 
 use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{header, Request, Response};
 use hyper::body::Incoming;
@@ -23,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 pub use body::UpstreamBody;
@@ -45,7 +48,14 @@ pub struct Upstream {
     pub tls: bool,
     /// The `[[upstream]]` it was built from, to match it across reloads.
     pub settings: UpstreamConfig,
+    /// What the origin's host last resolved to, and when: a redirected connection
+    /// to one of these addresses belongs to this upstream.
+    addresses: Mutex<Option<(Instant, Arc<[IpAddr]>)>>,
 }
+
+/// How long a resolution of an upstream's host is trusted when matching redirected
+/// connections: short, so a DNS change is followed within seconds.
+const ADDRESSES_TTL: Duration = Duration::from_secs(5);
 
 impl Upstream {
     pub fn new(
@@ -75,7 +85,57 @@ impl Upstream {
             rewrite_realm: true,
             tls: false,
             settings: UpstreamConfig::new(name, origin_string),
+            addresses: Mutex::new(None),
         }
+    }
+
+    /// The origin's host is `ip` or resolves to it (cached for a few seconds; a
+    /// failed lookup matches nothing until it is retried).
+    pub async fn resolves_to(&self, ip: IpAddr) -> bool {
+        if let Some(literal) = self.origin.ip() {
+            return literal == ip;
+        }
+        let cached = self
+            .addresses
+            .lock()
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < ADDRESSES_TTL)
+            .map(|(_, addrs)| addrs.clone());
+        let addrs = match cached {
+            Some(addrs) => addrs,
+            None => {
+                let looked_up =
+                    tokio::net::lookup_host((self.origin.bare_host(), self.origin.port)).await;
+                let addrs: Arc<[IpAddr]> = match looked_up {
+                    Ok(found) => found.map(|a| a.ip()).collect(),
+                    Err(e) => {
+                        tracing::debug!(upstream = %self.name, error = %e, "cannot resolve the upstream's host");
+                        Arc::new([])
+                    }
+                };
+                *self.addresses.lock() = Some((Instant::now(), addrs.clone()));
+                addrs
+            }
+        };
+        addrs.contains(&ip)
+    }
+
+    /// A governed raw TCP socket for a tunnel (CONNECT, or an intercepted connection
+    /// that is not plain HTTP): a place under the cap, made by evicting the idle
+    /// socket or tunnel idle longest when at it, then TCP within `connect_timeout`.
+    pub async fn open_tunnel(&self) -> Result<Tracked<TcpStream>, ProxyError> {
+        let config = self.pool.config();
+        let slot = self.pool.checkout_tunnel(&self.tunnels).await?;
+        // On error the slot drops here: never opened, nothing counted.
+        let tcp = self
+            .pool
+            .connector()
+            .connect_tcp_within(config.connect_timeout)
+            .await?;
+        let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+        self.pool
+            .connected(slot.id(), local_port, pool::ConnState::TunnelActive);
+        Ok(Tracked::new(tcp, slot))
     }
 
     /// Sends `req` (already in origin form, hop-by-hop headers removed) and returns

@@ -3,6 +3,8 @@
 //! so `tether demo` and the benches use the same code.
 #![allow(dead_code, unused_imports)]
 
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,370 @@
+//! The transparent listener: connections that iptables redirected to tether from a
+//! client that was never told about a proxy.
+//!
+//! For each accepted connection tether reads the destination the client dialled
+//! (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` for IPv6), applies the egress policy
+//! to it, and then looks at the first bytes without consuming them:
+//!
+//! - plain HTTP/1.x is served exactly like a route listener serves it
+//!   ([`Mode::Intercept`]): full pooling under the matched upstream's cap;
+//! - anything else (a TLS ClientHello, or silence past `peek_timeout` from a protocol
+//!   where the server speaks first) becomes a governed tunnel, the same kind a
+//!   `CONNECT` opens: counted against the cap, reaped when idle, evicted idle-first.
+//!
+//! A connection whose destination is not allowed — or that reached the listener
+//! without being redirected, which could only loop — is closed without a byte and
+//! counted as `tether_downstream_connections_closed_total{reason="denied"}`.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::ProxyError;
+use crate::listener::{self, ClientClose, ClientConn, ClientIo};
+use crate::policy::{Decision, Origin};
+use crate::proxy::Mode;
+use crate::upstream::{CloseReason, Upstream};
+use crate::{Shared, Table};
+
+/// Accepts redirected connections on `listener` until `stop` fires.
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(ok) => ok,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed on the transparent listener");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(conn) = shared.downstream.admit(peer, &shared.table().config) else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let io = ClientIo::new(stream, conn.clone());
+        tracker.spawn(serve(io, conn, shared.clone(), stop.clone()));
+    }
+}
+
+async fn serve(io: ClientIo, conn: Arc<ClientConn>, shared: Arc<Shared>, stop: CancellationToken) {
+    let client = conn.peer;
+    let destination = match original_destination(io.stream()) {
+        Ok(destination) => destination,
+        Err(e) => {
+            conn.set_reason(ClientClose::Denied);
+            tracing::warn!(%client, error = %e, "closing a connection to the transparent listener that iptables did not redirect");
+            return;
+        }
+    };
+    let table = shared.table();
+    let upstream = match upstream_for(&shared, &table, destination).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            conn.set_reason(ClientClose::Denied);
+            tracing::warn!(%client, %destination, error = %e, "redirected connection closed");
+            return;
+        }
+    };
+    let peek_timeout = table.config.transparent.peek_timeout;
+    drop(table);
+    let kind = tokio::select! {
+        kind = first_bytes(io.stream(), peek_timeout) => kind,
+        _ = stop.cancelled() => {
+            conn.set_reason(ClientClose::Shutdown);
+            return;
+        }
+    };
+    match kind {
+        Ok(Kind::Http) => {
+            tracing::debug!(%client, %destination, upstream = %upstream.name, "intercepted plain HTTP");
+            drop(upstream); // matched again per request, so a reload applies
+            listener::serve_io(io, conn, shared, Mode::Intercept(destination), stop).await;
+        }
+        Ok(Kind::Opaque) => tunnel(io, conn, &shared, &upstream, destination, stop).await,
+        Ok(Kind::Closed) => {}
+        Err(e) => {
+            conn.set_reason(ClientClose::Error);
+            tracing::debug!(%client, error = %e, "redirected connection failed before its first byte");
+        }
+    }
+}
+
+/// Relays an intercepted connection that is not plain HTTP through a governed tunnel
+/// to `upstream`. On shutdown the tunnel closes at once: a byte stream has no
+/// boundary at which to finish it gracefully.
+async fn tunnel(
+    io: ClientIo,
+    conn: Arc<ClientConn>,
+    shared: &Shared,
+    upstream: &Upstream,
+    destination: SocketAddr,
+    stop: CancellationToken,
+) {
+    let upstream_io = match upstream.open_tunnel().await {
+        Ok(upstream_io) => upstream_io,
+        Err(e) => {
+            let (_, code) = e.classify();
+            shared.downstream.reject(code);
+            conn.set_reason(if code == "denied" {
+                ClientClose::Denied
+            } else {
+                ClientClose::Error
+            });
+            tracing::warn!(client = %conn.peer, %destination, upstream = %upstream.name, error = %e, "intercepted connection closed: no tunnel");
+            return;
+        }
+    };
+    let id = upstream_io.slot().id();
+    tracing::debug!(client = %conn.peer, %destination, upstream = %upstream.name, "intercepted connection tunnelled");
+    // The client connection stays "active" for the tunnel's lifetime.
+    let _busy = conn.begin_request();
+    tokio::select! {
+        () = upstream.tunnels.run(io, upstream_io) => {}
+        _ = stop.cancelled() => {
+            upstream.pool.close_reason(id, CloseReason::Shutdown);
+            conn.set_reason(ClientClose::Shutdown);
+        }
+    }
+}
+
+/// The upstream a connection redirected from `destination` belongs to: a listed
+/// upstream whose origin is that address (or a name resolving to it), else — if an
+/// `[egress] allow` pattern matches it or `allow_unlisted` is set — the `unlisted`
+/// pool of that destination.
+pub async fn upstream_for(
+    shared: &Shared,
+    table: &Table,
+    destination: SocketAddr,
+) -> Result<Arc<Upstream>, ProxyError> {
+    let origin = Origin {
+        host: match destination.ip() {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        },
+        port: destination.port(),
+    };
+    let decision = table.policy.decide(&origin);
+    if let Decision::Upstream(i) = decision {
+        return Ok(table.listed[i].clone());
+    }
+    for upstream in table.listed.iter().filter(|u| u.origin.port == origin.port) {
+        if upstream.origin.ip().is_none() && upstream.resolves_to(destination.ip()).await {
+            return Ok(upstream.clone());
+        }
+    }
+    if decision == Decision::Allowed || table.config.transparent.allow_unlisted {
+        return Ok(shared
+            .upstreams
+            .unlisted(&origin, !table.policy.allow_private));
+    }
+    Err(ProxyError::Denied {
+        origin: origin.to_string(),
+    })
+}
+
+/// The destination the client dialled before iptables redirected it here. A
+/// connection made to the listener itself has no other destination and is refused:
+/// relaying it would connect tether to itself.
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt, SockaddrIn, SockaddrIn6};
+    let local = stream.local_addr()?;
+    let found = match local {
+        SocketAddr::V4(_) => getsockopt(stream, sockopt::OriginalDst)
+            .map(|raw| SocketAddr::from(SockaddrIn::from(raw))),
+        // A dual-stack listener sees IPv4 clients as v4-mapped addresses, and
+        // their conntrack entries are IPv4 ones.
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => {
+            getsockopt(stream, sockopt::OriginalDst)
+                .map(|raw| SocketAddr::from(SockaddrIn::from(raw)))
+        }
+        SocketAddr::V6(_) => getsockopt(stream, sockopt::Ip6tOriginalDst)
+            .map(|raw| SocketAddr::from(SockaddrIn6::from(raw))),
+    };
+    let destination = found.map_err(|errno| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no original destination ({errno}): not redirected by iptables"),
+        )
+    })?;
+    let same = |a: SocketAddr, b: SocketAddr| {
+        a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+    };
+    if same(destination, local) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("dialled the transparent listener {local} itself, not redirected"),
+        ));
+    }
+    Ok(destination)
+}
+
+/// What the first bytes of a redirected connection say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// An HTTP/1.x request line.
+    Http,
+    /// Anything else, or nothing yet: relayed as bytes.
+    Opaque,
+    /// The client closed before sending a byte.
+    Closed,
+}
+
+/// What a prefix of the first bytes shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sniff {
+    Http,
+    Other,
+    /// A proper prefix of a request line's method: wait for more.
+    NeedMore,
+}
+
+/// Methods an HTTP/1.x request line may start with. HTTP/2's prior-knowledge
+/// preface (`PRI * HTTP/2.0`) is not among them: it is relayed, not parsed.
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
+];
+
+fn sniff(bytes: &[u8]) -> Sniff {
+    if METHODS.iter().any(|m| bytes.starts_with(m)) {
+        Sniff::Http
+    } else if METHODS.iter().any(|m| m.starts_with(bytes)) {
+        Sniff::NeedMore
+    } else {
+        Sniff::Other
+    }
+}
+
+/// Peeks at the first bytes (leaving them for whoever reads next) until they tell
+/// HTTP from anything else, or `within` passes.
+async fn first_bytes(stream: &TcpStream, within: Duration) -> io::Result<Kind> {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 16];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(peeked) => peeked?,
+            Err(_) => return Ok(Kind::Opaque),
+        };
+        if n == 0 {
+            return Ok(Kind::Closed);
+        }
+        match sniff(&buf[..n]) {
+            Sniff::Http => return Ok(Kind::Http),
+            Sniff::Other => return Ok(Kind::Opaque),
+            Sniff::NeedMore if Instant::now() >= deadline => return Ok(Kind::Opaque),
+            // The rest of the method is in flight; peeking again at once would only
+            // see the same bytes.
+            Sniff::NeedMore => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_are_http_and_a_client_hello_is_not() {
+        assert_eq!(sniff(b"GET /v2/ HTTP/1.1\r\n"), Sniff::Http);
+        assert_eq!(sniff(b"OPTIONS * HTTP/1.1"), Sniff::Http);
+        assert_eq!(sniff(b"\x16\x03\x01\x02\x00\x01\x00\x01"), Sniff::Other);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), Sniff::Other);
+        assert_eq!(sniff(b"SSH-2.0-OpenSSH"), Sniff::Other);
+        assert_eq!(
+            sniff(b"get / HTTP/1.1"),
+            Sniff::Other,
+            "methods are case-sensitive"
+        );
+        assert_eq!(sniff(b"GETX / HTTP/1.1"), Sniff::Other);
+    }
+
+    #[test]
+    fn a_partial_method_waits_for_more() {
+        assert_eq!(sniff(b"G"), Sniff::NeedMore);
+        assert_eq!(sniff(b"DELE"), Sniff::NeedMore);
+        assert_eq!(sniff(b"POST"), Sniff::NeedMore);
+        assert_eq!(sniff(b"POSX"), Sniff::Other);
+    }
+
+    #[tokio::test]
+    async fn silence_is_opaque_after_the_peek_timeout_and_bytes_are_left_unread() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let silent = first_bytes(&server, Duration::from_millis(50)).await;
+        assert_eq!(silent.unwrap(), Kind::Opaque);
+        client.write_all(b"GE").await.unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
+            client
+        });
+        let kind = first_bytes(&server, Duration::from_secs(5)).await;
+        assert_eq!(kind.unwrap(), Kind::Http);
+        let mut client = writer.await.unwrap();
+        let mut line = [0u8; 16];
+        server.read_exact(&mut line).await.unwrap();
+        assert_eq!(&line, b"GET / HTTP/1.1\r\n", "peeking consumed nothing");
+        drop(client.shutdown().await);
+        drop(client);
+        assert_eq!(
+            first_bytes(&server, Duration::from_secs(5)).await.unwrap(),
+            Kind::Closed
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listed_host_name_matches_the_addresses_it_resolves_to() {
+        use crate::upstream::connect::Connector;
+        let upstream = |host: &str| {
+            let origin = Origin::parse_authority(host).unwrap();
+            Upstream::new(
+                "up",
+                Connector::plain(origin, false),
+                crate::config::PoolConfig::default(),
+                &crate::telemetry::Telemetry::new(),
+            )
+        };
+        let by_name = upstream("localhost:8080");
+        assert!(by_name.resolves_to("127.0.0.1".parse().unwrap()).await);
+        assert!(!by_name.resolves_to("10.0.0.1".parse().unwrap()).await);
+        let literal = upstream("10.0.0.1:8080");
+        assert!(literal.resolves_to("10.0.0.1".parse().unwrap()).await);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_was_not_redirected_has_no_original_destination() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(original_destination(&server).is_err());
+    }
+}
