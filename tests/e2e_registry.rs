@@ -349,7 +349,11 @@ async fn push_and_preheat(protocol: Protocol) {
     );
     // The cap bounds sockets open at once; a socket reaped mid-run may be replaced,
     // so the accepted total is not the invariant.
-    assert!(token_server.peak() <= AUTH_CAP, "auth peak {}", token_server.peak());
+    assert!(
+        token_server.peak() <= AUTH_CAP,
+        "auth peak {}",
+        token_server.peak()
+    );
     if protocol == Protocol::Auto {
         // The registry (Go's net/http) offers h2: once the push has shown it, every
         // preheat's requests are streams on that one connection.

@@ -9,12 +9,7 @@ use support::*;
 use tether::config::Config;
 
 fn closed(tether: &tether::Running, reason: &str) -> f64 {
-    metric(
-        &tether.metrics(),
-        "tether_upstream_connections_closed_total",
-        &[("upstream", "up"), ("reason", reason)],
-    )
-    .unwrap_or(0.0)
+    closed_total(tether, "up", reason)
 }
 
 /// Gaps between requests, pseudo-random but repeatable, straddling the upstream's

@@ -16,12 +16,7 @@ fn pool_config(origin: &Origin, f: impl FnOnce(&mut Config)) -> Config {
 }
 
 fn closed(tether: &tether::Running, reason: &str) -> f64 {
-    metric(
-        &tether.metrics(),
-        "tether_upstream_connections_closed_total",
-        &[("upstream", "up"), ("reason", reason)],
-    )
-    .unwrap_or(0.0)
+    closed_total(tether, "up", reason)
 }
 
 fn rejected(tether: &tether::Running, reason: &str) -> f64 {

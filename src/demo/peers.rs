@@ -50,8 +50,8 @@ impl Servers {
 
     pub(super) fn ss(&self) -> Option<[usize; 2]> {
         Some([
-            ss_established_to(self.fake.registry.addr.port())?,
-            ss_established_to(self.fake.auth.addr.port())?,
+            crate::testkit::ss_established_to(self.fake.registry.addr.port())?,
+            crate::testkit::ss_established_to(self.fake.auth.addr.port())?,
         ])
     }
 }
@@ -143,24 +143,4 @@ async fn preheat(client: &mut LeakyClient, registry: SocketAddr, n: usize) -> Re
         Ok(result) => result.map(|_| ()).map_err(|e| e.to_string()),
         Err(_) => Err(format!("took longer than {PREHEAT_TIMEOUT:?}")),
     }
-}
-
-/// Established sockets to `port` as the kernel sees them, counted on the connecting
-/// side. `None` where `ss` is not installed.
-fn ss_established_to(port: u16) -> Option<usize> {
-    let out = std::process::Command::new("ss")
-        .args([
-            "-Htn",
-            "state",
-            "established",
-            &format!("( dport = :{port} )"),
-        ])
-        .output()
-        .ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .count()
-    })
 }

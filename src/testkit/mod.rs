@@ -60,3 +60,23 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             same.then(|| value.parse().ok()).flatten()
         })
 }
+
+/// Sockets in ESTABLISHED state to `port` as the kernel sees them (`ss`), counted on
+/// the connecting side. `None` where `ss` is not installed.
+pub fn ss_established_to(port: u16) -> Option<usize> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( dport = :{port} )"),
+        ])
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    })
+}

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 pub use tether::testkit::leaky::LeakyClient;
 pub use tether::testkit::listening::Listening;
 pub use tether::testkit::origin::{Origin, OriginOptions};
-pub use tether::testkit::{eventually, metric};
+pub use tether::testkit::{eventually, metric, ss_established_to};
 
 /// How long a condition may take to become true before a test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -110,24 +110,14 @@ pub async fn admin(running: &Running, path: &str) -> Reply {
     route_get(running.admin_addr, path).await
 }
 
-/// Sockets in ESTABLISHED state to `port` as the kernel sees them (`ss`), from the
-/// connecting side. `None` where `ss` is not installed.
-pub fn ss_established_to(port: u16) -> Option<usize> {
-    let out = std::process::Command::new("ss")
-        .args([
-            "-Htn",
-            "state",
-            "established",
-            &format!("( dport = :{port} )"),
-        ])
-        .output()
-        .ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .count()
-    })
+/// `tether_upstream_connections_closed_total` of `upstream` for `reason`.
+pub fn closed_total(tether: &Running, upstream: &str, reason: &str) -> f64 {
+    metric(
+        &tether.metrics(),
+        "tether_upstream_connections_closed_total",
+        &[("upstream", upstream), ("reason", reason)],
+    )
+    .unwrap_or(0.0)
 }
 
 /// The sum of `tether_upstream_connections` over states for `upstream`.
