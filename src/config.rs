@@ -34,6 +34,11 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 4096;
 /// HAProxy accept by default for a request head and keeps per-connection memory small.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest duration any key accepts: 100 years (humantime's `"100y"`), which
+/// is "never" in practice. tether adds durations to the clock for deadlines, and
+/// humantime parses values up to 584 billion years, far past where that overflows
+/// (a panic on the request path).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// Declares the pool keys once: generates [`PoolConfig`] (the `[pool]` table) and
 /// [`UpstreamConfig`], whose `[[upstream]]` tables take the same keys as optional
@@ -341,6 +346,13 @@ impl Config {
                 problem(format!("proxy.{key}"), "must be greater than zero".into());
             }
         }
+        for (key, d) in [
+            ("client_idle_timeout", self.proxy.client_idle_timeout),
+            ("header_read_timeout", self.proxy.header_read_timeout),
+            ("drain_timeout", self.proxy.drain_timeout),
+        ] {
+            check_at_most_max(&format!("proxy.{key}"), d, &mut problem);
+        }
 
         let mut names = HashSet::new();
         let mut origins = HashSet::new();
@@ -492,5 +504,31 @@ fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, Stri
         if d.is_zero() {
             problem(format!("{at}.{key}"), "must be greater than zero".into());
         }
+    }
+    for (key, d) in [
+        ("idle_timeout", pool.idle_timeout),
+        ("reap_interval", pool.reap_interval),
+        ("max_lifetime", pool.max_lifetime),
+        ("queue_timeout", pool.queue_timeout),
+        ("connect_timeout", pool.connect_timeout),
+        ("response_header_timeout", pool.response_header_timeout),
+        ("request_timeout", pool.request_timeout),
+        ("tunnel_idle_timeout", pool.tunnel_idle_timeout),
+        ("min_idle_for_eviction", pool.min_idle_for_eviction),
+    ] {
+        check_at_most_max(&format!("{at}.{key}"), d, problem);
+    }
+}
+
+fn check_at_most_max(path: &str, d: Duration, problem: &mut impl FnMut(String, String)) {
+    if d > MAX_DURATION {
+        problem(
+            path.to_string(),
+            format!(
+                "{} is longer than the maximum, {}",
+                humantime::format_duration(d),
+                humantime::format_duration(MAX_DURATION)
+            ),
+        );
     }
 }
