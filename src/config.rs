@@ -42,6 +42,11 @@ pub const DEFAULT_TRANSPARENT_LISTEN: &str = "127.0.0.1:15001";
 /// connection still silent after this is taken for a server-speaks-first protocol
 /// and relayed as a tunnel.
 pub const DEFAULT_PEEK_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest duration any key accepts: 100 years (humantime's `"100y"`), which
+/// is "never" in practice. tether adds durations to the clock for deadlines, and
+/// humantime parses values up to 584 billion years, far past where that overflows
+/// (a panic on the request path).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// Declares the pool keys once: generates [`PoolConfig`] (the `[pool]` table) and
 /// [`UpstreamConfig`], whose `[[upstream]]` tables take the same keys as optional
@@ -422,6 +427,13 @@ impl Config {
                 problem(format!("proxy.{key}"), "must be greater than zero".into());
             }
         }
+        for (key, d) in [
+            ("client_idle_timeout", self.proxy.client_idle_timeout),
+            ("header_read_timeout", self.proxy.header_read_timeout),
+            ("drain_timeout", self.proxy.drain_timeout),
+        ] {
+            check_at_most_max(&format!("proxy.{key}"), d, &mut problem);
+        }
 
         let mut names = HashSet::new();
         let mut origins = HashSet::new();
@@ -527,6 +539,16 @@ impl Config {
         if self.diagnosis.leak_window < Duration::from_secs(1) {
             problem("diagnosis.leak_window".into(), "must be at least 1s".into());
         }
+        check_at_most_max(
+            "diagnosis.leak_window",
+            self.diagnosis.leak_window,
+            &mut problem,
+        );
+        check_at_most_max(
+            "transparent.peek_timeout",
+            self.transparent.peek_timeout,
+            &mut problem,
+        );
 
         for (i, pattern) in self.egress.allow.iter().enumerate() {
             if let Err(e) = crate::policy::Pattern::parse(pattern) {
@@ -650,5 +672,32 @@ fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, Stri
         if d.is_zero() {
             problem(format!("{at}.{key}"), "must be greater than zero".into());
         }
+    }
+    for (key, d) in [
+        ("idle_timeout", pool.idle_timeout),
+        ("reap_interval", pool.reap_interval),
+        ("max_lifetime", pool.max_lifetime),
+        ("queue_timeout", pool.queue_timeout),
+        ("connect_timeout", pool.connect_timeout),
+        ("response_header_timeout", pool.response_header_timeout),
+        ("request_timeout", pool.request_timeout),
+        ("tunnel_idle_timeout", pool.tunnel_idle_timeout),
+        ("min_idle_for_eviction", pool.min_idle_for_eviction),
+        ("keepalive_margin", pool.keepalive_margin),
+    ] {
+        check_at_most_max(&format!("{at}.{key}"), d, problem);
+    }
+}
+
+fn check_at_most_max(path: &str, d: Duration, problem: &mut impl FnMut(String, String)) {
+    if d > MAX_DURATION {
+        problem(
+            path.to_string(),
+            format!(
+                "{} is longer than the maximum, {}",
+                humantime::format_duration(d),
+                humantime::format_duration(MAX_DURATION)
+            ),
+        );
     }
 }

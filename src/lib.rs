@@ -219,6 +219,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shared.clone(),
         running.admin_stop.clone(),
     ));
+    tokio::spawn(telemetry::upkeep(
+        Arc::downgrade(&telemetry),
+        running.admin_stop.clone(),
+    ));
     shared.ready.store(true, Ordering::Release);
     tracing::info!(%proxy_addr, %admin_addr, routes = ?running.route_addrs, transparent = ?transparent_addr, "tether is ready");
     Ok(running)

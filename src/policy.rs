@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
 
 use http::uri::{Authority, Scheme, Uri};
@@ -57,15 +57,35 @@ impl Origin {
         if host.is_empty() {
             return Err("the host is empty".into());
         }
-        let port = match (authority.port_u16(), authority.port()) {
-            (Some(0), _) => return Err("port 0 is not valid".into()),
-            (Some(p), _) => p,
-            (None, Some(p)) => return Err(format!("port {:?} is not valid", p.as_str())),
-            (None, None) => default_port.ok_or("a port is required (host:port)")?,
-        };
-        if authority.as_str().ends_with(':') {
-            return Err("the port is empty".into());
+        // `Authority` accepts brackets anywhere and then reads the host up to the
+        // first ':' and the port after the last one, so `a:[::1]` would become `a`
+        // with the default port, and `e[::1]m` the host `e[`. Require exactly
+        // host [":" port], where only a whole IPv6 literal is bracketed and the port
+        // is digits (RFC 3986 §3.2.2, §3.2.3).
+        if host.starts_with('[') {
+            let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+            if literal.is_none_or(|ip| ip.parse::<Ipv6Addr>().is_err()) {
+                return Err(format!("{host:?} is not an IPv6 address"));
+            }
+        } else if host.contains(['[', ']']) {
+            return Err("brackets may only enclose an IPv6 address".into());
         }
+        let rest = authority
+            .as_str()
+            .strip_prefix(host)
+            .ok_or("not a host:port authority")?;
+        let port = match rest.strip_prefix(':') {
+            None if rest.is_empty() => default_port.ok_or("a port is required (host:port)")?,
+            None => return Err(format!("{rest:?} after the host is not a port")),
+            Some("") => return Err("the port is empty".into()),
+            Some(p) => p
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| p.parse::<u16>().ok())
+                .flatten()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("port {p:?} is not valid"))?,
+        };
         Ok(Origin {
             host: host.to_ascii_lowercase(),
             port,
@@ -226,6 +246,28 @@ mod tests {
         assert!(Origin::from_uri(&"https://example.com/".parse().unwrap()).is_err());
         assert!(Origin::from_uri(&"/relative".parse().unwrap()).is_err());
         assert!(Origin::from_uri(&"http://u:p@example.com/".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn authorities_http_accepts_but_rfc_3986_does_not_are_refused() {
+        // Found by the `request_target` fuzz target: `http::Authority` takes these,
+        // and its host()/port() would have read them as another origin.
+        for uri in [
+            "http://e[::ffff:127.0.0.1]m//",
+            "http://allowed.example:[::1]/",
+            "http://allowed.example:9999[::]/",
+            "http://allowed.example:+80/",
+            "http://[not-an-ip]/",
+            "http://[::1]x/",
+        ] {
+            let uri: Uri = uri.parse().expect("http::Uri accepts it");
+            assert!(Origin::from_uri(&uri).is_err(), "{uri}");
+        }
+        for authority in ["allowed.example:443[::]", "a:+443", "[zone%25eth0]:443"] {
+            assert!(Origin::parse_authority(authority).is_err(), "{authority}");
+        }
+        let o = Origin::parse_authority("[::ffff:127.0.0.1]:8080").unwrap();
+        assert_eq!(o.ip(), Some("::ffff:127.0.0.1".parse().unwrap()));
     }
 
     #[test]

@@ -91,6 +91,22 @@ fn durations_are_human_strings() {
 }
 
 #[test]
+fn durations_past_100_years_are_refused_rather_than_overflowing_deadlines() {
+    // tether adds durations to the clock; "300000000000y" parsed, validated, and then
+    // panicked on the request path ("overflow when adding duration to instant").
+    let err = Config::from_toml(
+        "[pool]\nrequest_timeout = \"300000000000y\"\n[proxy]\ndrain_timeout = \"101y\"\n\
+         [[upstream]]\nname = \"a\"\norigin = \"a:80\"\nreap_interval = \"200y\"\n",
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = err.0.iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"pool.request_timeout"), "{err}");
+    assert!(paths.contains(&"proxy.drain_timeout"), "{err}");
+    assert!(paths.contains(&"upstream[0].reap_interval"), "{err}");
+    assert!(Config::from_toml("[pool]\nmax_lifetime = \"100y\"\n").is_ok());
+}
+
+#[test]
 fn upstream_overrides_apply_to_its_pool_only() {
     let config = Config::from_toml(
         r#"
