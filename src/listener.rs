@@ -361,6 +361,37 @@ impl AsyncWrite for ClientIo {
     }
 }
 
+/// The next client connection on `listener` that admission lets in (limit and
+/// eviction, registration, leak diagnosis), with `TCP_NODELAY` set; `None` once
+/// `stop` fires. Shared by every listener.
+pub(crate) async fn accept_admitted(
+    listener: &TcpListener,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> Option<(TcpStream, Arc<ClientConn>)> {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => return None,
+        };
+        let (stream, peer) = match accepted {
+            Ok(ok) => ok,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                let addr = listener.local_addr().ok();
+                tracing::warn!(error = %e, listener = ?addr, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(conn) = shared.downstream.admit(peer, &shared.table().config) else {
+            continue; // refused: the socket drops here
+        };
+        let _ = stream.set_nodelay(true);
+        return Some((stream, conn));
+    }
+}
+
 /// Accepts client connections on `listener` until `stop` fires.
 pub async fn accept_loop(
     listener: TcpListener,
@@ -369,25 +400,7 @@ pub async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stop.cancelled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(ok) => ok,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(conn) = shared.downstream.admit(peer, &shared.table().config) else {
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, conn)) = accept_admitted(&listener, &shared, &stop).await {
         tracker.spawn(serve(stream, conn, shared.clone(), mode, stop.clone()));
     }
 }

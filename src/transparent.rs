@@ -39,24 +39,9 @@ pub async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stop.cancelled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(ok) => ok,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed on the transparent listener");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(conn) = shared.downstream.admit(peer, &shared.table().config) else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, conn)) =
+        crate::listener::accept_admitted(&listener, &shared, &stop).await
+    {
         let io = ClientIo::new(stream, conn.clone());
         tracker.spawn(serve(io, conn, shared.clone(), stop.clone()));
     }
