@@ -443,13 +443,15 @@ impl Running {
 /// socket is a descriptor. Warns when even the hard limit is below what the
 /// configuration may need.
 fn raise_fd_limit(config: &Config) {
-    let needed = config.proxy.max_client_connections
-        + config
-            .upstream
-            .iter()
-            .map(|u| u.pool(&config.pool).max_connections)
-            .sum::<usize>()
-        + 64;
+    // Saturating: absurd limits in a config must not overflow (and panic) here.
+    let needed = config
+        .upstream
+        .iter()
+        .map(|u| u.pool(&config.pool).max_connections)
+        .fold(
+            config.proxy.max_client_connections.saturating_add(64),
+            usize::saturating_add,
+        );
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if (limit as usize) < needed => tracing::warn!(
             limit,

@@ -406,7 +406,7 @@ impl Pool {
                     .values()
                     .filter(|e| e.state == ConnState::Connecting)
                     .count();
-                connecting * config.max_streams_per_connection
+                connecting.saturating_mul(config.max_streams_per_connection)
             } else {
                 0
             };
