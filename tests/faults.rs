@@ -180,23 +180,7 @@ async fn the_whole_exchange_is_bounded_by_request_timeout() {
     cfg.pool.request_timeout = Duration::from_millis(300);
     let tether = start(cfg).await;
     // Head within the limit, body never finishes: the response is cut, not completed.
-    let stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
-    let (mut send, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
-    let resp = send
-        .send_request(
-            Request::get("/gated/1000000")
-                .header("host", "x")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert!(
-        resp.into_body().collect().await.is_err(),
-        "a cut body must not look complete"
-    );
+    assert_body_is_cut(tether.route_addrs[0], "/gated/1000000").await;
     assert_sockets(&tether, &origin, "up", 0).await;
     // Head too slow for the whole-exchange limit.
     let reply = route_get(tether.route_addrs[0], "/delay/1000").await;
@@ -220,23 +204,7 @@ async fn a_reset_before_the_response_is_502_and_the_next_request_succeeds() {
 async fn a_reset_mid_body_aborts_the_client_response() {
     let origin = raw_origin(Fault::ResetMidBody).await;
     let tether = start(raw_config(&origin, |_| {})).await;
-    let stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
-    let (mut send, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-    tokio::spawn(conn);
-    let resp = send
-        .send_request(
-            Request::get("/")
-                .header("host", "x")
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert!(
-        resp.into_body().collect().await.is_err(),
-        "not a truncated 200 that looks complete"
-    );
+    assert_body_is_cut(tether.route_addrs[0], "/").await;
     pool_is_empty(&tether, &origin).await;
     assert_eq!(route_get(tether.route_addrs[0], "/").await.status, 200);
     let closed = metric(
@@ -353,5 +321,23 @@ async fn a_request_framed_two_ways_cannot_smuggle_a_second_request() {
         origin.requests(),
         1,
         "exactly one request reached the upstream"
+    );
+}
+
+/// `GET path` on `addr` answers `200`, and then its body fails: a cut response must
+/// never look like a complete (truncated) one.
+async fn assert_body_is_cut(addr: SocketAddr, path: &str) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "the body must fail, not end early"
     );
 }
