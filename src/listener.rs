@@ -7,6 +7,7 @@
 //! dropped — also when it was upgraded into a CONNECT tunnel.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -65,6 +66,8 @@ const CLOSE_REASONS: [&str; 8] = [
 pub struct Downstream {
     active: Gauge,
     idle: Gauge,
+    /// Idle connections held as bare sockets (a subset of `idle`).
+    parked: Gauge,
     opened: Counter,
     closed: [Counter; 8],
     rejected: Mutex<HashMap<&'static str, Counter>>,
@@ -75,11 +78,16 @@ pub struct Downstream {
     pub clients: crate::diagnosis::Clients,
 }
 
+/// Set in [`ClientConn::in_flight`] when the socket drops: the request guards still
+/// alive (hyper may drop a response body after the socket) then leave the gauges alone.
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
 /// One client connection's shared state.
 pub struct ClientConn {
     pub id: u64,
     pub peer: SocketAddr,
     base: Instant,
+    /// Requests in flight, plus [`CLOSED`] once the socket has dropped.
     in_flight: AtomicUsize,
     /// Milliseconds since `base` when the connection last went idle.
     idle_since: AtomicU64,
@@ -91,7 +99,7 @@ pub struct ClientConn {
     kill: Notify,
     downstream: Arc<Downstream>,
     /// A CONNECT answered `200`: the tunnel to run once hyper hands the socket back.
-    tunnel: Mutex<Option<TunnelJob>>,
+    tunnel: Mutex<Option<Box<TunnelJob>>>,
 }
 
 /// What a client socket becomes after `CONNECT`: the other end and the tunnel governor.
@@ -107,6 +115,7 @@ impl Downstream {
         Arc::new(Downstream {
             active: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "active")]),
             idle: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "idle")]),
+            parked: telemetry.gauge(t::DOWNSTREAM_PARKED, &[]),
             opened: telemetry.counter(t::DOWNSTREAM_OPENED, &[]),
             closed: CLOSE_REASONS
                 .map(|r| telemetry.counter(t::DOWNSTREAM_CLOSED, &[("reason", r)])),
@@ -181,7 +190,7 @@ impl Downstream {
         let conns = self.conns.lock();
         let victim = conns
             .values()
-            .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
+            .filter(|c| !c.busy())
             .max_by_key(|c| c.idle_for());
         match victim {
             Some(c) => {
@@ -207,6 +216,11 @@ impl ClientConn {
         self.base.elapsed().as_millis() as u64
     }
 
+    /// A request is in flight.
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) & !CLOSED > 0
+    }
+
     fn idle_for(&self) -> Duration {
         Duration::from_millis(
             self.now_ms()
@@ -220,7 +234,7 @@ impl ClientConn {
 
     /// Turns this connection into a tunnel once its `200` response is written.
     pub fn start_tunnel(&self, job: TunnelJob) {
-        *self.tunnel.lock() = Some(job);
+        *self.tunnel.lock() = Some(Box::new(job));
     }
 
     /// Marks a request in flight until the returned guard drops.
@@ -236,9 +250,7 @@ impl ClientConn {
     }
 
     fn bytes_read(&self) {
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && self.head_started.load(Ordering::Relaxed) == 0
-        {
+        if !self.busy() && self.head_started.load(Ordering::Relaxed) == 0 {
             self.head_started
                 .store(self.now_ms() + 1, Ordering::Relaxed);
             self.changed.notify_one();
@@ -255,6 +267,8 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         let conn = &self.conn;
         conn.idle_since.store(conn.now_ms(), Ordering::Relaxed);
+        // Only while the socket is open: once it has dropped (a client that left
+        // mid-request), its guard took the connection out of the gauges.
         if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             conn.downstream.active.decrement(1.0);
             conn.downstream.idle.increment(1.0);
@@ -275,7 +289,7 @@ impl Drop for ClientGuard {
         let d = &conn.downstream;
         d.conns.lock().remove(&conn.id);
         d.clients.closed(conn.peer.ip());
-        if conn.in_flight.load(Ordering::Acquire) > 0 {
+        if conn.in_flight.fetch_or(CLOSED, Ordering::AcqRel) & !CLOSED > 0 {
             d.active.decrement(1.0);
         } else {
             d.idle.decrement(1.0);
@@ -410,7 +424,7 @@ pub async fn accept_loop(
 /// buffers. Busy keep-alive connections never park.
 const PARK_AFTER: Duration = Duration::from_millis(500);
 
-/// How one hyper connection over a client socket ended.
+/// Why [`drive`] stopped.
 enum Ended {
     /// Closed (by the client, a timeout, eviction or shutdown): drop the socket.
     Closed,
@@ -420,29 +434,61 @@ enum Ended {
     Tunnel,
 }
 
-async fn serve(
+fn serve(
     stream: TcpStream,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
     mode: Mode,
     stop: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send {
     let io = ClientIo::new(stream, conn.clone());
-    serve_io(io, conn, shared, mode, stop).await
+    serve_io(io, conn, shared, mode, stop)
 }
 
 /// Serves HTTP/1.1 on a registered client socket until it closes, enforcing the
 /// head and idle timeouts.
-pub(crate) async fn serve_io(
-    io: ClientIo,
+///
+/// The task's own state is kept small on purpose (a leaky client parks thousands of
+/// sockets): hyper's connection, the service and their driver live in a box only
+/// while the socket is being served, so a parked socket costs its task (about 600
+/// bytes), its registration with the reactor and its [`ClientConn`]. Not an
+/// `async fn`, whose arguments would be stored twice in the task.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn serve_io(
+    mut io: ClientIo,
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
     mode: Mode,
     stop: CancellationToken,
-) {
-    let table = shared.table();
-    let proxy_config = table.config.proxy.clone();
-    drop(table);
+) -> impl Future<Output = ()> + Send {
+    async move {
+        loop {
+            io = match Box::pin(serve_http(io, &conn, &shared, mode, &stop)).await {
+                Some(idle) => idle,
+                None => return,
+            };
+            let idle_timeout = shared.table().config.proxy.client_idle_timeout;
+            let parked = ParkedGuard::new(&conn.downstream);
+            let resumed = park(&mut io, &conn, idle_timeout, &stop).await;
+            drop(parked);
+            if !resumed {
+                return;
+            }
+        }
+    }
+}
+
+/// One hyper connection over `io`, from its first request until it closes or parks
+/// (returning the idle socket, with any read-ahead in its prefix); a socket that
+/// answered CONNECT runs its tunnel here to the end.
+async fn serve_http(
+    io: ClientIo,
+    conn: &Arc<ClientConn>,
+    shared: &Arc<Shared>,
+    mode: Mode,
+    stop: &CancellationToken,
+) -> Option<ClientIo> {
+    let proxy_config = shared.table().config.proxy.clone();
     let service = {
         let shared = shared.clone();
         let conn = conn.clone();
@@ -458,42 +504,56 @@ pub(crate) async fn serve_io(
             })
         })
     };
-    let mut builder = http1::Builder::new();
-    builder
+    let mut connection = http1::Builder::new()
         .timer(TokioTimer::new())
         // tether enforces its own head and idle timeouts (below); hyper's single
         // timer cannot tell the two apart.
         .header_read_timeout(None)
         .max_buf_size(proxy_config.max_header_bytes.max(8192))
-        .keep_alive(true);
-    let mut io = io;
-    loop {
-        // Boxed: while the socket is parked, the task keeps nothing of hyper's.
-        let mut connection = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));
-        match drive(&mut connection, &conn, &proxy_config, &stop).await {
-            Ended::Closed => return,
-            Ended::Parked => {
-                let parts = (*connection).into_parts();
-                io = parts.io.into_inner();
-                // Copied: a slice of hyper's read buffer, even an empty one, would
-                // keep the whole buffer alive while the socket is parked.
-                io.prefix = Bytes::copy_from_slice(&parts.read_buf);
-                if !park(&mut io, &conn, &proxy_config, &stop).await {
-                    return;
-                }
-            }
-            Ended::Tunnel => {
-                let parts = (*connection).into_parts();
-                let mut io = parts.io.into_inner();
-                io.prefix = parts.read_buf;
-                let job = conn.tunnel.lock().take();
-                if let Some(job) = job {
-                    job.tunnels.run(io, job.upstream).await;
-                    drop(job.busy);
-                }
-                return;
-            }
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service);
+    let ended = drive(&mut connection, conn, &proxy_config, stop).await;
+    if let Ended::Closed = ended {
+        return None;
+    }
+    let hyper::server::conn::http1::Parts { io, read_buf, .. } = connection.into_parts();
+    let mut io = io.into_inner();
+    let job = conn.tunnel.lock().take();
+    match (ended, job) {
+        (Ended::Tunnel, Some(job)) => {
+            io.prefix = read_buf;
+            let TunnelJob {
+                tunnels,
+                upstream,
+                busy,
+            } = *job;
+            tunnels.run(io, upstream).await;
+            drop(busy);
+            None
         }
+        (Ended::Parked, _) => {
+            // Copied, and hyper's buffer dropped here: a slice of it, even an empty
+            // one, would keep the whole buffer alive while the socket is parked.
+            io.prefix = Bytes::copy_from_slice(&read_buf);
+            Some(io)
+        }
+        _ => None,
+    }
+}
+
+/// Counts a parked client socket in `tether_downstream_parked_connections`.
+struct ParkedGuard<'a>(&'a Downstream);
+
+impl<'a> ParkedGuard<'a> {
+    fn new(downstream: &'a Downstream) -> Self {
+        downstream.parked.increment(1.0);
+        ParkedGuard(downstream)
+    }
+}
+
+impl Drop for ParkedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.parked.decrement(1.0);
     }
 }
 
@@ -514,7 +574,7 @@ where
     loop {
         let now = conn.now_ms();
         let head = conn.head_started.load(Ordering::Relaxed);
-        let busy = conn.in_flight.load(Ordering::Acquire) > 0;
+        let busy = conn.busy();
         let wait = if busy || shutting_down {
             None
         } else if head != 0 {
@@ -587,11 +647,12 @@ where
 }
 
 /// Holds an idle socket with no HTTP state until its next request arrives (true),
-/// or until it should close (false): idle timeout, eviction, shutdown, an error.
+/// or until it should close (false): the client closed it, idle timeout, eviction,
+/// shutdown, an error.
 async fn park(
     io: &mut ClientIo,
     conn: &ClientConn,
-    config: &crate::config::ProxyConfig,
+    idle_timeout: Duration,
     stop: &CancellationToken,
 ) -> bool {
     if !io.prefix.is_empty() {
@@ -600,29 +661,33 @@ async fn park(
             .store(conn.now_ms() + 1, Ordering::Relaxed);
         return true;
     }
-    loop {
-        let left = config.client_idle_timeout.saturating_sub(conn.idle_for());
-        if left.is_zero() {
+    let left = idle_timeout.saturating_sub(conn.idle_for());
+    let mut probe = [0u8; 1];
+    // Wait for a byte (or EOF) without taking it: a stale readiness flag must not
+    // wake a parked socket. `poll_peek` keeps no state in this task between polls.
+    let peek = std::future::poll_fn(|cx| io.stream.poll_peek(cx, &mut ReadBuf::new(&mut probe)));
+    tokio::select! {
+        peeked = peek => match peeked {
+            Ok(0) => false, // the client closed its idle connection
+            Ok(_) => {
+                // A request head is arriving: its clock starts now.
+                conn.head_started.store(conn.now_ms() + 1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                // A reset while idle is the client going away, as EOF is.
+                tracing::debug!(client = %conn.peer, error = %e, "parked client connection failed");
+                false
+            }
+        },
+        _ = tokio::time::sleep(left) => {
             conn.set_reason(ClientClose::IdleTimeout);
-            return false;
+            false
         }
-        let mut probe = [0u8; 1];
-        tokio::select! {
-            // Wait for a byte (or EOF) without taking it: a stale readiness flag must
-            // not wake a parked socket.
-            peeked = io.stream.peek(&mut probe) => {
-                if matches!(peeked, Ok(n) if n > 0) {
-                    // A request head is arriving: its clock starts now.
-                    conn.head_started.store(conn.now_ms() + 1, Ordering::Relaxed);
-                }
-                return peeked.is_ok();
-            }
-            _ = tokio::time::sleep(left) => {}
-            _ = conn.kill.notified() => return false,
-            _ = stop.cancelled() => {
-                conn.set_reason(ClientClose::Shutdown);
-                return false;
-            }
+        _ = conn.kill.notified() => false,
+        _ = stop.cancelled() => {
+            conn.set_reason(ClientClose::Shutdown);
+            false
         }
     }
 }

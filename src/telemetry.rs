@@ -26,6 +26,7 @@ pub const UPSTREAM_STALE_RETRIES: &str = "tether_upstream_stale_retries_total";
 pub const TUNNELS: &str = "tether_tunnels";
 pub const TUNNEL_BYTES: &str = "tether_tunnel_bytes_total";
 pub const DOWNSTREAM_CONNECTIONS: &str = "tether_downstream_connections";
+pub const DOWNSTREAM_PARKED: &str = "tether_downstream_parked_connections";
 pub const DOWNSTREAM_OPENED: &str = "tether_downstream_connections_opened_total";
 pub const DOWNSTREAM_CLOSED: &str = "tether_downstream_connections_closed_total";
 pub const DOWNSTREAM_REJECTED: &str = "tether_downstream_requests_rejected_total";
@@ -87,6 +88,11 @@ const DESCRIPTIONS: &[(&str, &str, Option<Unit>)] = &[
     (
         DOWNSTREAM_CONNECTIONS,
         "Client connections open, by state (active, idle).",
+        None,
+    ),
+    (
+        DOWNSTREAM_PARKED,
+        "Idle client connections held as bare sockets, without HTTP state (a subset of state=idle).",
         None,
     ),
     (DOWNSTREAM_OPENED, "Client connections accepted.", None),

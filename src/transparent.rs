@@ -43,18 +43,33 @@ pub async fn accept_loop(
         crate::listener::accept_admitted(&listener, &shared, &stop).await
     {
         let io = ClientIo::new(stream, conn.clone());
-        tracker.spawn(serve(io, conn, shared.clone(), stop.clone()));
+        let serve = serve(io, conn, shared.clone(), stop.clone());
+        tracker.spawn(async move {
+            // Boxed: once the connection is known to be plain HTTP the task keeps
+            // only the HTTP server's state, as on any listener (parked sockets
+            // are the common case).
+            if let Some(http) = Box::pin(serve).await {
+                http.await
+            }
+        });
     }
 }
 
-async fn serve(io: ClientIo, conn: Arc<ClientConn>, shared: Arc<Shared>, stop: CancellationToken) {
+/// Classifies a redirected connection and runs it as a tunnel, or returns the
+/// HTTP server to run it with.
+async fn serve(
+    io: ClientIo,
+    conn: Arc<ClientConn>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Option<impl std::future::Future<Output = ()> + Send> {
     let client = conn.peer;
     let destination = match original_destination(io.stream()) {
         Ok(destination) => destination,
         Err(e) => {
             conn.set_reason(ClientClose::Denied);
             tracing::warn!(%client, error = %e, "closing a connection to the transparent listener that iptables did not redirect");
-            return;
+            return None;
         }
     };
     let table = shared.table();
@@ -63,7 +78,7 @@ async fn serve(io: ClientIo, conn: Arc<ClientConn>, shared: Arc<Shared>, stop: C
         Err(e) => {
             conn.set_reason(ClientClose::Denied);
             tracing::warn!(%client, %destination, error = %e, "redirected connection closed");
-            return;
+            return None;
         }
     };
     let peek_timeout = table.config.transparent.peek_timeout;
@@ -72,14 +87,20 @@ async fn serve(io: ClientIo, conn: Arc<ClientConn>, shared: Arc<Shared>, stop: C
         kind = first_bytes(io.stream(), peek_timeout) => kind,
         _ = stop.cancelled() => {
             conn.set_reason(ClientClose::Shutdown);
-            return;
+            return None;
         }
     };
     match kind {
         Ok(Kind::Http) => {
             tracing::debug!(%client, %destination, upstream = %upstream.name, "intercepted plain HTTP");
             drop(upstream); // matched again per request, so a reload applies
-            listener::serve_io(io, conn, shared, Mode::Intercept(destination), stop).await;
+            return Some(listener::serve_io(
+                io,
+                conn,
+                shared,
+                Mode::Intercept(destination),
+                stop,
+            ));
         }
         Ok(Kind::Opaque) => tunnel(io, conn, &shared, &upstream, destination, stop).await,
         Ok(Kind::Closed) => {}
@@ -88,6 +109,7 @@ async fn serve(io: ClientIo, conn: Arc<ClientConn>, shared: Arc<Shared>, stop: C
             tracing::debug!(%client, error = %e, "redirected connection failed before its first byte");
         }
     }
+    None
 }
 
 /// Relays an intercepted connection that is not plain HTTP through a governed tunnel

@@ -184,14 +184,14 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
     // Idle past the parking delay (half a second): tether hands the socket back from
     // hyper and holds it bare. The same connection must serve the next requests,
     // including two pipelined in one write.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(eventually(WAIT, || async { parked(&tether) == 1.0 }).await);
     stream.write_all(request).await.unwrap();
     let second = read_some(&mut stream).await;
     assert!(
         second.starts_with("HTTP/1.1 200") && !second.contains("connection: close"),
         "{second}"
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(eventually(WAIT, || async { parked(&tether) == 1.0 }).await);
     stream
         .write_all(&[request.as_slice(), request.as_slice()].concat())
         .await
@@ -209,6 +209,80 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
     assert_eq!(origin.requests(), 4);
 }
 
+fn parked(tether: &tether::Running) -> f64 {
+    metric(
+        &tether.metrics(),
+        "tether_downstream_parked_connections",
+        &[],
+    )
+    .unwrap_or(0.0)
+}
+
+fn downstream_open(tether: &tether::Running) -> f64 {
+    ["active", "idle"]
+        .iter()
+        .map(|state| {
+            metric(
+                &tether.metrics(),
+                "tether_downstream_connections",
+                &[("state", state)],
+            )
+            .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// One request on a fresh connection, then idle until tether has parked it.
+async fn parked_connection(tether: &tether::Running) -> TcpStream {
+    let mut stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_some(&mut stream).await.starts_with("HTTP/1.1 200"));
+    assert!(
+        eventually(WAIT, || async { parked(tether) == 1.0 }).await,
+        "the idle connection was parked"
+    );
+    stream
+}
+
+#[tokio::test]
+async fn a_parked_connection_the_client_closes_is_closed_and_counted_once() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    let tether = start(cfg).await;
+    let stream = parked_connection(&tether).await;
+    drop(stream);
+    assert!(
+        eventually(WAIT, || async { downstream_open(&tether) == 0.0 }).await,
+        "the client's close of a parked socket is noticed"
+    );
+    assert_eq!(parked(&tether), 0.0);
+    assert_eq!(downstream_closed(&tether, "client_closed"), 1.0);
+    let opened = metric(
+        &tether.metrics(),
+        "tether_downstream_connections_opened_total",
+        &[],
+    );
+    assert_eq!(opened, Some(1.0));
+}
+
+#[tokio::test]
+async fn a_parked_connection_is_closed_at_client_idle_timeout() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.proxy.client_idle_timeout = Duration::from_millis(1500);
+    let tether = start(cfg).await;
+    let mut stream = parked_connection(&tether).await;
+    assert!(closed_by_server(&mut stream, WAIT).await);
+    assert_eq!(downstream_closed(&tether, "idle_timeout"), 1.0);
+    assert_eq!(parked(&tether), 0.0);
+    assert_eq!(downstream_open(&tether), 0.0);
+}
+
 async fn read_some(stream: &mut TcpStream) -> String {
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
@@ -216,4 +290,48 @@ async fn read_some(stream: &mut TcpStream) -> String {
         .unwrap()
         .unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn clients_that_leave_mid_request_leave_the_gauges_at_zero() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    let tether = start(cfg).await;
+    let route = tether.route_addrs[0];
+    // One leaves while tether waits for the response head, one in the middle of a
+    // body, one after a complete response.
+    let mut waiting = TcpStream::connect(route).await.unwrap();
+    waiting
+        .write_all(b"GET /delay/300 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reading = TcpStream::connect(route).await.unwrap();
+    reading
+        .write_all(b"GET /gated/1000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_some(&mut reading).await.starts_with("HTTP/1.1 200"));
+    let mut done = TcpStream::connect(route).await.unwrap();
+    done.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_some(&mut done).await.starts_with("HTTP/1.1 200"));
+    assert!(eventually(WAIT, || async { origin.requests() == 3 }).await);
+    drop((waiting, reading, done));
+    origin.open_gate();
+    assert!(
+        eventually(WAIT, || async {
+            downstream_closed(&tether, "client_closed") + downstream_closed(&tether, "error") == 3.0
+        })
+        .await
+    );
+    for state in ["active", "idle"] {
+        let value = metric(
+            &tether.metrics(),
+            "tether_downstream_connections",
+            &[("state", state)],
+        );
+        assert_eq!(value, Some(0.0), "state={state}");
+    }
 }
