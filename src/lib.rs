@@ -69,6 +69,10 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
     pub downstream: Arc<Downstream>,
     pub ready: AtomicBool,
+    /// Client connection tasks (drained on shutdown), and the runtime a parked
+    /// client socket's wake-up spawns its next task on.
+    tasks: TaskTracker,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Shared {
@@ -180,6 +184,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         downstream: Downstream::new(telemetry.clone()),
         telemetry: telemetry.clone(),
         ready: AtomicBool::new(false),
+        tasks: TaskTracker::new(),
+        runtime: tokio::runtime::Handle::current(),
     });
     let running = Running {
         proxy_addr,
@@ -193,7 +199,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .map(|r| telemetry.counter(telemetry::CONFIG_RELOADS, &[("result", r)])),
         stop: CancellationToken::new(),
         admin_stop: CancellationToken::new(),
-        connections: TaskTracker::new(),
+        connections: shared.tasks.clone(),
     };
     let route_addrs = running.apply(config, listed).await?;
     let mut running = running;
@@ -217,6 +223,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tokio::spawn(admin::serve(
         admin_listener,
         shared.clone(),
+        running.admin_stop.clone(),
+    ));
+    tokio::spawn(listener::sweep_parked(
+        Arc::downgrade(&shared),
         running.admin_stop.clone(),
     ));
     tokio::spawn(telemetry::upkeep(

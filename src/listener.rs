@@ -100,6 +100,18 @@ pub struct ClientConn {
     downstream: Arc<Downstream>,
     /// A CONNECT answered `200`: the tunnel to run once hyper hands the socket back.
     tunnel: Mutex<Option<Box<TunnelJob>>>,
+    /// The socket while it is parked: no task and no HTTP state, only this slot and
+    /// the reactor's wake-up (see [`park`]).
+    parked: Mutex<Option<ParkedSocket>>,
+}
+
+/// An idle client socket held with no task: what it takes to serve it again.
+struct ParkedSocket {
+    io: ClientIo,
+    /// Weak: a parked socket must not keep a stopped instance alive.
+    shared: std::sync::Weak<Shared>,
+    mode: Mode,
+    stop: CancellationToken,
 }
 
 /// What a client socket becomes after `CONNECT`: the other end and the tunnel governor.
@@ -159,6 +171,7 @@ impl Downstream {
             kill: Notify::new(),
             downstream: self.clone(),
             tunnel: Mutex::new(None),
+            parked: Mutex::new(None),
         });
         self.conns.lock().insert(conn.id, conn.clone());
         self.opened.increment(1);
@@ -187,15 +200,16 @@ impl Downstream {
 
     /// Asks the client connection idle longest to close; false when none is idle.
     fn evict_idle(&self) -> bool {
-        let conns = self.conns.lock();
-        let victim = conns
+        let victim = self
+            .conns
+            .lock()
             .values()
             .filter(|c| !c.busy())
-            .max_by_key(|c| c.idle_for());
+            .max_by_key(|c| c.idle_for())
+            .cloned();
         match victim {
             Some(c) => {
-                c.set_reason(ClientClose::Evicted);
-                c.kill.notify_one();
+                c.close(ClientClose::Evicted);
                 true
             }
             None => false,
@@ -204,9 +218,53 @@ impl Downstream {
 
     /// Asks every idle client connection to close (shutdown).
     pub fn close_idle(&self) {
-        for c in self.conns.lock().values() {
-            c.set_reason(ClientClose::Shutdown);
-            c.kill.notify_one();
+        let all: Vec<_> = self.conns.lock().values().cloned().collect();
+        for c in all {
+            c.close(ClientClose::Shutdown);
+        }
+    }
+
+    /// Closes parked sockets idle for `idle_timeout`, and those whose listener has
+    /// stopped (a route removed by a reload). A parked socket has no task and so no
+    /// timer of its own: [`sweep_parked`] calls this on a short tick.
+    pub fn expire_parked(&self, idle_timeout: Duration) {
+        let expired: Vec<_> = self
+            .conns
+            .lock()
+            .values()
+            .filter_map(|c| {
+                let parked = c.parked.lock();
+                let socket = parked.as_ref()?;
+                if socket.stop.is_cancelled() {
+                    Some((c.clone(), ClientClose::Shutdown))
+                } else if c.idle_for() >= idle_timeout {
+                    Some((c.clone(), ClientClose::IdleTimeout))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (c, reason) in expired {
+            c.close(reason);
+        }
+    }
+}
+
+/// Expires parked client sockets (idle timeout, stopped listeners) until the
+/// instance is gone, ticking at a tenth of `client_idle_timeout` (10 ms to 1 s).
+pub(crate) async fn sweep_parked(shared: std::sync::Weak<Shared>, stop: CancellationToken) {
+    loop {
+        let tick = match shared.upgrade() {
+            Some(shared) => {
+                let idle_timeout = shared.table().config.proxy.client_idle_timeout;
+                shared.downstream.expire_parked(idle_timeout);
+                (idle_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
+            }
+            None => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = stop.cancelled() => return,
         }
     }
 }
@@ -230,6 +288,25 @@ impl ClientConn {
 
     pub(crate) fn set_reason(&self, reason: ClientClose) {
         self.reason.store(reason as u8, Ordering::Relaxed);
+    }
+
+    /// Closes the connection for `reason`: at once if it is parked, otherwise its
+    /// task closes it gracefully (an in-flight response is finished first).
+    fn close(&self, reason: ClientClose) {
+        self.set_reason(reason);
+        self.kill.notify_one();
+        // Dropped outside the slot's lock: the socket's guard deregisters it.
+        let parked = self.unpark();
+        drop(parked);
+    }
+
+    /// Takes the parked socket, if there is one, out of its slot.
+    fn unpark(&self) -> Option<ParkedSocket> {
+        let socket = self.parked.lock().take();
+        if socket.is_some() {
+            self.downstream.parked.decrement(1.0);
+        }
+        socket
     }
 
     /// Turns this connection into a tunnel once its `200` response is written.
@@ -422,7 +499,7 @@ pub async fn accept_loop(
 /// An idle client connection is taken back from hyper after this long and parked as
 /// a bare socket: a leaky client parks thousands, and a parked socket holds no
 /// buffers. Busy keep-alive connections never park.
-const PARK_AFTER: Duration = Duration::from_millis(500);
+const PARK_AFTER: Duration = Duration::from_millis(10);
 
 /// Why [`drive`] stopped.
 enum Ended {
@@ -445,15 +522,15 @@ fn serve(
     serve_io(io, conn, shared, mode, stop)
 }
 
-/// Serves HTTP/1.1 on a registered client socket until it closes, enforcing the
-/// head and idle timeouts.
+/// Serves HTTP/1.1 on a registered client socket until it closes or parks,
+/// enforcing the head and idle timeouts.
 ///
-/// The task's own state is kept small on purpose (a leaky client parks thousands of
-/// sockets): hyper's connection, the service and their driver live in a box only
-/// while the socket is being served, so a parked socket costs its task (about 600
-/// bytes), its registration with the reactor and its [`ClientConn`]. Not an
-/// `async fn`, whose arguments would be stored twice in the task.
-#[allow(clippy::manual_async_fn)]
+/// A socket idle past [`PARK_AFTER`] is taken back from hyper and parked: the task
+/// ends, and the socket waits in its [`ClientConn`] with no task, no timer and no
+/// buffers until the reactor reports it readable, when [`ClientConn::wake`] serves
+/// it on a new task. A leaky client parks thousands of sockets; each costs its
+/// `ClientConn` and its registration with the reactor.
+#[allow(clippy::manual_async_fn)] // an async fn would store its arguments twice
 pub(crate) fn serve_io(
     mut io: ClientIo,
     conn: Arc<ClientConn>,
@@ -467,14 +544,97 @@ pub(crate) fn serve_io(
                 Some(idle) => idle,
                 None => return,
             };
-            let idle_timeout = shared.table().config.proxy.client_idle_timeout;
-            let parked = ParkedGuard::new(&conn.downstream);
-            let resumed = park(&mut io, &conn, idle_timeout, &stop).await;
-            drop(parked);
-            if !resumed {
-                return;
+            if io.prefix.is_empty() {
+                let socket = ParkedSocket {
+                    io,
+                    shared: Arc::downgrade(&shared),
+                    mode,
+                    stop: stop.clone(),
+                };
+                io = match park(&conn, socket) {
+                    Some(ready) => ready.io,
+                    None => return, // parked: the reactor wakes it
+                };
+                if !request_arrives(&mut io, &conn).await {
+                    return;
+                }
+            } else {
+                // The next request's first bytes already came with the last one.
+                conn.head_started
+                    .store(conn.now_ms() + 1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// Parks `socket` in `conn` until it turns readable; gives it back if it already is.
+fn park(conn: &Arc<ClientConn>, socket: ParkedSocket) -> Option<ParkedSocket> {
+    let waker = std::task::Waker::from(conn.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut probe = [0u8; 1];
+    // Registered under the slot's lock, so a wake-up on another thread finds the
+    // socket in place.
+    let mut slot = conn.parked.lock();
+    let readiness = socket
+        .io
+        .stream
+        .poll_peek(&mut cx, &mut ReadBuf::new(&mut probe));
+    if readiness.is_ready() {
+        return Some(socket);
+    }
+    *slot = Some(socket);
+    conn.downstream.parked.increment(1.0);
+    None
+}
+
+/// A parked socket turned readable: true when a request head is arriving (its
+/// clock starts now), false on EOF or an error (the client went away).
+async fn request_arrives(io: &mut ClientIo, conn: &ClientConn) -> bool {
+    let mut probe = [0u8; 1];
+    // Peeked, not read: the byte belongs to hyper's parse of the head.
+    let peeked =
+        std::future::poll_fn(|cx| io.stream.poll_peek(cx, &mut ReadBuf::new(&mut probe))).await;
+    match peeked {
+        Ok(0) => false,
+        Ok(_) => {
+            conn.head_started
+                .store(conn.now_ms() + 1, Ordering::Relaxed);
+            true
+        }
+        Err(e) => {
+            // A reset while idle is the client going away, as EOF is.
+            tracing::debug!(client = %conn.peer, error = %e, "parked client connection failed");
+            false
+        }
+    }
+}
+
+/// The reactor's wake-up for a parked socket: serve it on a new task.
+impl std::task::Wake for ClientConn {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(socket) = self.unpark() else {
+            return; // already woken, or closed
+        };
+        let Some(shared) = socket.shared.upgrade() else {
+            return; // the instance is gone: the socket drops
+        };
+        let conn = self.clone();
+        let ParkedSocket {
+            mut io, mode, stop, ..
+        } = socket;
+        let resume = {
+            let shared = shared.clone();
+            async move {
+                if request_arrives(&mut io, &conn).await {
+                    serve_io(io, conn, shared, mode, stop).await
+                }
+            }
+        };
+        shared.tasks.spawn_on(resume, &shared.runtime);
     }
 }
 
@@ -538,22 +698,6 @@ async fn serve_http(
             Some(io)
         }
         _ => None,
-    }
-}
-
-/// Counts a parked client socket in `tether_downstream_parked_connections`.
-struct ParkedGuard<'a>(&'a Downstream);
-
-impl<'a> ParkedGuard<'a> {
-    fn new(downstream: &'a Downstream) -> Self {
-        downstream.parked.increment(1.0);
-        ParkedGuard(downstream)
-    }
-}
-
-impl Drop for ParkedGuard<'_> {
-    fn drop(&mut self) {
-        self.0.parked.decrement(1.0);
     }
 }
 
@@ -642,52 +786,6 @@ where
                 shutting_down = true;
                 Pin::new(&mut *connection).graceful_shutdown();
             }
-        }
-    }
-}
-
-/// Holds an idle socket with no HTTP state until its next request arrives (true),
-/// or until it should close (false): the client closed it, idle timeout, eviction,
-/// shutdown, an error.
-async fn park(
-    io: &mut ClientIo,
-    conn: &ClientConn,
-    idle_timeout: Duration,
-    stop: &CancellationToken,
-) -> bool {
-    if !io.prefix.is_empty() {
-        // The next request's first bytes already came with the last one.
-        conn.head_started
-            .store(conn.now_ms() + 1, Ordering::Relaxed);
-        return true;
-    }
-    let left = idle_timeout.saturating_sub(conn.idle_for());
-    let mut probe = [0u8; 1];
-    // Wait for a byte (or EOF) without taking it: a stale readiness flag must not
-    // wake a parked socket. `poll_peek` keeps no state in this task between polls.
-    let peek = std::future::poll_fn(|cx| io.stream.poll_peek(cx, &mut ReadBuf::new(&mut probe)));
-    tokio::select! {
-        peeked = peek => match peeked {
-            Ok(0) => false, // the client closed its idle connection
-            Ok(_) => {
-                // A request head is arriving: its clock starts now.
-                conn.head_started.store(conn.now_ms() + 1, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                // A reset while idle is the client going away, as EOF is.
-                tracing::debug!(client = %conn.peer, error = %e, "parked client connection failed");
-                false
-            }
-        },
-        _ = tokio::time::sleep(left) => {
-            conn.set_reason(ClientClose::IdleTimeout);
-            false
-        }
-        _ = conn.kill.notified() => false,
-        _ = stop.cancelled() => {
-            conn.set_reason(ClientClose::Shutdown);
-            false
         }
     }
 }
