@@ -56,7 +56,8 @@ CLIENT_IDLE_TIMEOUT=${CLIENT_IDLE_TIMEOUT:-10m}
 MAX_CLIENTS=${MAX_CLIENTS:-4096}
 export POOL_SIZE CLIENT_IDLE_TIMEOUT MAX_CLIENTS
 
-require_tools wrk haproxy nginx curl ss python3 envsubst
+require_tools wrk haproxy nginx curl ss python3 envsubst getconf
+CLK_TCK=$(getconf CLK_TCK)
 has_target tether && resolve_tether
 
 ulimit -n "$(ulimit -Hn)"
@@ -113,8 +114,12 @@ run_wrk() {
     local size=$1 target=$2 round=$3 dur=$4
     local tag="$size.$target.$round" url="http://127.0.0.1:${PORT[$target]}/$size"
     local out="$WORK/wrk.$tag.txt" peakf="$WORK/peak.$tag" opens="-" before="" after
-    local wpid spid rc=0 pids
+    local wpid spid rc=0 pids ticks0="" ticks1
     if [[ $target == tether ]]; then before=$(tether_opens "$P_TETHER_ADMIN"); fi
+    if [[ $target != direct ]]; then
+        # shellcheck disable=SC2046
+        ticks0=$(cpu_ticks $(proc_tree "${PID[$target]}"))
+    fi
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"${dur}s" --latency "$url" >"$out" 2>&1 &
     wpid=$!
     PIDS+=("$wpid")
@@ -131,6 +136,10 @@ run_wrk() {
     forget_pid "$wpid"
     stop_tree "$spid"
     ((rc == 0)) || { cat "$out" >&2; die "wrk failed against $target ($url)"; }
+    if [[ -n $ticks0 ]]; then
+        # shellcheck disable=SC2046
+        ticks1=$(cpu_ticks $(proc_tree "${PID[$target]}"))
+    fi
     if [[ $target == tether ]]; then
         after=$(tether_opens "$P_TETHER_ADMIN")
         if [[ $before =~ ^[0-9.e+]+$ && $after =~ ^[0-9.e+]+$ ]]; then
@@ -140,14 +149,18 @@ run_wrk() {
         fi
     fi
     [[ $round == warmup ]] && return 0
-    local parsed peak
+    local parsed peak cpu="-"
     parsed=$(python3 "$TEMPLATES/report.py" parse "$out")
     peak=$(cat "$peakf")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$size" "$target" "$round" "$parsed" "$peak" "$opens" >>"$WORK/results.tsv"
-    local rps p50 p99 mib
-    IFS=$'\t' read -r rps mib p50 p99 _ _ <<<"$parsed"
-    log "$(printf '%-3s round %s %-12s %10s req/s  p50 %8s ms  p99 %8s ms  %9s MiB/s  peak upstream %3s  opens %s' \
-        "$size" "$round" "$target" "$rps" "$p50" "$p99" "$mib" "$peak" "$opens")"
+    local rps p50 p99 mib requests
+    IFS=$'\t' read -r rps mib p50 p99 requests _ <<<"$parsed"
+    if [[ -n $ticks0 ]] && ((requests > 0)); then
+        # The proxy's own CPU (user + system) per request: what it costs the shared cores.
+        cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$size" "$target" "$round" "$parsed" "$peak" "$opens" "$cpu" >>"$WORK/results.tsv"
+    log "$(printf '%-3s round %s %-12s %10s req/s  p50 %8s ms  p99 %8s ms  %9s MiB/s  peak upstream %3s  opens %s  cpu %s us/req' \
+        "$size" "$round" "$target" "$rps" "$p50" "$p99" "$mib" "$peak" "$opens" "$cpu")"
 }
 
 # --- the runs ---------------------------------------------------------------
@@ -182,6 +195,7 @@ version() { "$@" 2>&1 | head -n 1 || true; }
     has_target tether && echo "- tether: $(version "$TETHER_BIN" --version)"
     echo "- peak upstream sockets: established sockets to the origin owned by the target's processes, sampled every ${SAMPLE_INTERVAL}s (for direct: wrk's own)"
     echo "- upstream opens/run: delta of tether_upstream_connections_opened_total per round (tether only)"
+    echo "- proxy CPU µs/req: CPU time (user + system) the proxy's processes used during the run, per request served"
     echo
     for size in $SIZES; do
         case $size in 1k) title="1 KiB (/1k)" ;; 1m) title="1 MiB (/1m)" ;; *) title=$size ;; esac

@@ -5,6 +5,12 @@
 //! Every accepted socket is registered here and carries a [`ClientGuard`] inside its
 //! IO, so the `tether_downstream_connections` gauge falls exactly when the socket is
 //! dropped — also when it was upgraded into a CONNECT tunnel.
+//!
+//! A connection's life: accepted and admitted ([`accept_admitted`]), served by hyper
+//! on a task ([`serve_io`]) until it has been idle for [`PARK_AFTER`], then parked:
+//! the task ends and the bare socket waits in its [`ClientConn`] until the reactor
+//! reports it readable, when a new task serves it ([`ClientConn`]'s `Wake`). Parked
+//! sockets are closed by [`sweep_parked`] (idle timeout), eviction or shutdown.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -498,7 +504,10 @@ pub async fn accept_loop(
 
 /// An idle client connection is taken back from hyper after this long and parked as
 /// a bare socket: a leaky client parks thousands, and a parked socket holds no
-/// buffers. Busy keep-alive connections never park.
+/// buffers and no task. A keep-alive client that sends its next request sooner never
+/// parks; one that waits longer pays for a fresh hyper connection (a few
+/// microseconds). Short, so that a burst of leaked connections does not leave
+/// hyper's buffers scattered through the allocator.
 const PARK_AFTER: Duration = Duration::from_millis(10);
 
 /// Why [`drive`] stopped.

@@ -180,6 +180,17 @@ mem_kb() {
     echo "$rss $pss"
 }
 
+# cpu_ticks PID... : CPU time (user + system, in clock ticks) the PIDs have used.
+cpu_ticks() {
+    local t=0 p v
+    for p in "$@"; do
+        # Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+        v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || true)
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
 # count_socks FILTER PID... : established TCP sockets matching the ss FILTER
 # (e.g. "dst 127.0.0.1:8080") owned by one of the PIDs, counted by distinct
 # (local address, peer address) pair, i.e. one per socket.

@@ -10,7 +10,7 @@
         tether/haproxy-best and tether/direct ratios.
 
 RESULTS_TSV columns: size target round rps mibps p50_ms p99_ms requests errors
-peak_upstream_sockets upstream_opens
+peak_upstream_sockets upstream_opens proxy_cpu_us_per_request
 """
 import re
 import statistics
@@ -71,12 +71,17 @@ def table(path, size, title):
 
     med = {}
     print(f"#### {title}\n")
-    print("| target | req/s | p50 ms | p99 ms | MiB/s | peak upstream sockets | upstream opens/run | errors | rounds |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| target | req/s | p50 ms | p99 ms | MiB/s | peak upstream sockets | upstream opens/run "
+        "| proxy CPU µs/req | errors | rounds |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for target in order:
         rs = rows[target]
         col = lambda i: statistics.median(float(r[i]) for r in rs)  # noqa: E731
         m = {"rps": col(3), "mibps": col(4), "p50": col(5), "p99": col(6)}
+        cpus = [float(r[11]) for r in rs if len(r) > 11 and r[11] not in ("", "-")]
+        m["cpu"] = statistics.median(cpus) if cpus else None
         med[target] = m
         errors = sum(int(r[8]) for r in rs)
         peak = max(int(r[9]) for r in rs)
@@ -88,11 +93,11 @@ def table(path, size, title):
             peak_txt = str(peak)
         print(
             f"| {target} | {fmt(m['rps'], 0)} | {fmt(m['p50'], 3)} | {fmt(m['p99'], 3)} "
-            f"| {fmt(m['mibps'], 1)} | {peak_txt} | {opens_txt} | {errors} | {len(rs)} |"
+            f"| {fmt(m['mibps'], 1)} | {peak_txt} | {opens_txt} | {fmt(m['cpu'], 1)} | {errors} | {len(rs)} |"
         )
 
     def ratio(a, b, key):
-        if a not in med or b not in med or med[b][key] == 0:
+        if a not in med or b not in med or not med[a][key] or not med[b][key]:
             return None
         return med[a][key] / med[b][key]
 
@@ -107,6 +112,7 @@ def table(path, size, title):
             f"- tether / {label}: req/s {fmt(ratio('tether', other, 'rps'))}×, "
             f"p50 {fmt(ratio('tether', other, 'p50'))}×, p99 {fmt(ratio('tether', other, 'p99'))}×, "
             f"MiB/s {fmt(ratio('tether', other, 'mibps'))}×"
+            + (f", CPU/req {fmt(ratio('tether', other, 'cpu'))}×" if ratio("tether", other, "cpu") else "")
         )
     print()
 
