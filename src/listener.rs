@@ -560,13 +560,10 @@ pub(crate) fn serve_io(
                     mode,
                     stop: stop.clone(),
                 };
-                io = match park(&conn, socket) {
-                    Some(ready) => ready.io,
-                    None => return, // parked: the reactor wakes it
+                io = match idle(&conn, socket).await {
+                    Some(io) => io,
+                    None => return, // parked (the reactor wakes it), or closed
                 };
-                if !request_arrives(&mut io, &conn).await {
-                    return;
-                }
             } else {
                 // The next request's first bytes already came with the last one.
                 conn.head_started
@@ -582,18 +579,28 @@ fn park(conn: &Arc<ClientConn>, socket: ParkedSocket) -> Option<ParkedSocket> {
     let mut cx = Context::from_waker(&waker);
     let mut probe = [0u8; 1];
     // Registered under the slot's lock, so a wake-up on another thread finds the
-    // socket in place.
+    // socket in place. Unconstrained: with the task's cooperative budget spent,
+    // tokio would wake this waker at once, and the wake-up would wait on this lock.
     let mut slot = conn.parked.lock();
-    let readiness = socket
-        .io
-        .stream
-        .poll_peek(&mut cx, &mut ReadBuf::new(&mut probe));
-    if readiness.is_ready() {
+    let peek = tokio::task::unconstrained(std::future::poll_fn(|cx| {
+        socket
+            .io
+            .stream
+            .poll_peek(cx, &mut ReadBuf::new(&mut probe))
+    }));
+    if std::pin::pin!(peek).poll(&mut cx).is_ready() {
         return Some(socket);
     }
     *slot = Some(socket);
     conn.downstream.parked.increment(1.0);
     None
+}
+
+/// Parks an idle socket; or, when its next request is already arriving, gives it
+/// back to be served (`None`: parked, or closed because the client went away).
+async fn idle(conn: &Arc<ClientConn>, socket: ParkedSocket) -> Option<ClientIo> {
+    let mut io = park(conn, socket)?.io;
+    request_arrives(&mut io, conn).await.then_some(io)
 }
 
 /// A parked socket turned readable: true when a request head is arriving (its
@@ -632,13 +639,13 @@ impl std::task::Wake for ClientConn {
             return; // the instance is gone: the socket drops
         };
         let conn = self.clone();
-        let ParkedSocket {
-            mut io, mode, stop, ..
-        } = socket;
+        let (mode, stop) = (socket.mode, socket.stop.clone());
         let resume = {
             let shared = shared.clone();
             async move {
-                if request_arrives(&mut io, &conn).await {
+                // Through `idle` again: a wake-up with nothing to read parks the
+                // socket anew instead of holding a task for it.
+                if let Some(io) = idle(&conn, socket).await {
                     serve_io(io, conn, shared, mode, stop).await
                 }
             }
@@ -796,5 +803,48 @@ where
                 Pin::new(&mut *connection).graceful_shutdown();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection task can park its socket after spending its whole cooperative
+    /// budget on a busy poll. tokio must not then schedule a wake-up of the parked
+    /// socket's waker: the socket would leave its slot with nothing to read.
+    #[tokio::test]
+    async fn parking_with_the_task_budget_spent_keeps_the_socket_parked() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
+        let conn = downstream.register(peer);
+        let socket = ParkedSocket {
+            io: ClientIo::new(server, conn.clone()),
+            shared: std::sync::Weak::new(),
+            mode: Mode::Forward,
+            stop: CancellationToken::new(),
+        };
+        let parker = conn.clone();
+        let parked = tokio::spawn(async move {
+            for _ in 0..128 {
+                tokio::task::consume_budget().await;
+            }
+            park(&parker, socket).is_none()
+        })
+        .await
+        .unwrap();
+        assert!(parked, "an idle socket with nothing to read is parked");
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(conn.parked.lock().is_some(), "still parked");
+        assert_eq!(downstream.open(), 1);
+        conn.close(ClientClose::Shutdown);
+        assert_eq!(downstream.open(), 0, "closing a parked socket drops it");
+        drop(client);
     }
 }
