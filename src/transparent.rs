@@ -45,9 +45,8 @@ pub async fn accept_loop(
         let io = ClientIo::new(stream, conn.clone());
         let serve = serve(io, conn, shared.clone(), stop.clone());
         tracker.spawn(async move {
-            // Boxed: once the connection is known to be plain HTTP the task keeps
-            // only the HTTP server's state, as on any listener (parked sockets
-            // are the common case).
+            // Boxed: the classification's state (and a tunnel's) is not carried
+            // by the task while it serves HTTP.
             if let Some(http) = Box::pin(serve).await {
                 http.await
             }
