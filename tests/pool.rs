@@ -346,3 +346,58 @@ async fn upstream_connection_close_is_counted_as_a_remote_close() {
         tether.metrics()
     );
 }
+
+/// A client that reads a response's head and leaves: returns the pool's socket count
+/// and how many the origin accepted once the next request has been served.
+async fn leave_mid_body(path: &str) -> (tether::Running, Origin) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    let tether = start(pool_config(&origin, |_| {})).await;
+    let route = tether.route_addrs[0];
+    let mut client = tokio::net::TcpStream::connect(route).await.unwrap();
+    client
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, client.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    drop(client);
+    assert!(
+        eventually(WAIT, || async {
+            upstream_gauge(&tether.metrics(), "up") == 0.0 || idle_sockets(&tether) == 1.0
+        })
+        .await
+    );
+    assert_eq!(route_get(route, "/").await.status, 200);
+    (tether, origin)
+}
+
+fn idle_sockets(tether: &tether::Running) -> f64 {
+    metric(
+        &tether.metrics(),
+        "tether_upstream_connections",
+        &[("upstream", "up"), ("state", "idle")],
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_body_does_not_cost_an_upstream_socket() {
+    // 512 KiB: more than the socket buffers hold, so most of it is still on its way
+    // when the client leaves; tether reads the rest and keeps the socket.
+    let (tether, origin) = leave_mid_body("/bytes/524288").await;
+    assert_eq!(origin.accepted(), 1, "the next request reused the socket");
+    assert_eq!(closed(&tether, "error"), 0.0);
+}
+
+#[tokio::test]
+async fn a_long_abandoned_remainder_closes_the_upstream_socket() {
+    // 64 MiB: more than tether drains (1 MiB), so the socket is closed instead.
+    let (tether, origin) = leave_mid_body("/bytes/67108864").await;
+    assert_eq!(origin.accepted(), 2);
+    assert_eq!(closed(&tether, "error"), 1.0);
+}

@@ -1,13 +1,18 @@
 //! The response body of a pooled exchange. It streams frames through untouched and
 //! returns the connection to the pool when the body ends, or closes it when the
-//! client goes away mid-body or the request deadline passes.
+//! request deadline passes. When the client goes away mid-body, a short HTTP/1.1
+//! remainder is read to its end in the background so the socket can be reused
+//! (a client that gives up on a response should not cost a new upstream socket);
+//! a long or unknown remainder closes the socket.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -15,13 +20,19 @@ use tokio::time::{Instant, Sleep};
 use super::pool::{CloseReason, Pooled};
 use crate::error::BoxError;
 
+/// The most of an abandoned response tether reads to keep its socket.
+const DRAIN_MAX_BYTES: u64 = 1024 * 1024;
+/// How long it may take; never past the request's own deadline.
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(1);
+
 pin_project! {
     pub struct UpstreamBody {
-        #[pin]
-        inner: Incoming,
+        // Taken only by a drain, in drop.
+        inner: Option<Incoming>,
         pooled: Option<Pooled>,
         // Keep the connection after the body ends (no `Connection: close`).
         reusable: bool,
+        deadline_at: Instant,
         #[pin]
         deadline: Sleep,
     }
@@ -29,16 +40,50 @@ pin_project! {
     impl PinnedDrop for UpstreamBody {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(pooled) = this.pooled.take() {
-                if *this.reusable && this.inner.is_end_stream() {
-                    pooled.check_in();
-                } else if this.inner.is_end_stream() {
-                    pooled.discard(CloseReason::RemoteClosed);
-                } else {
-                    pooled.discard(CloseReason::Error);
+            let (Some(pooled), Some(inner)) = (this.pooled.take(), this.inner.take()) else {
+                return;
+            };
+            if *this.reusable && inner.is_end_stream() {
+                pooled.check_in();
+            } else if inner.is_end_stream() {
+                pooled.discard(CloseReason::RemoteClosed);
+            } else if *this.reusable && drainable(&inner, &pooled) {
+                let until = (Instant::now() + DRAIN_MAX_TIME).min(*this.deadline_at);
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        runtime.spawn(drain(inner, pooled, until));
+                    }
+                    Err(_) => pooled.discard(CloseReason::Error),
                 }
+            } else {
+                pooled.discard(CloseReason::Error);
             }
         }
+    }
+}
+
+/// An HTTP/1.1 remainder of known, small length. (HTTP/2 bodies are not drained:
+/// dropping one resets its stream, not the connection.)
+fn drainable(body: &Incoming, pooled: &Pooled) -> bool {
+    !pooled.is_h2()
+        && body
+            .size_hint()
+            .upper()
+            .is_some_and(|left| left <= DRAIN_MAX_BYTES)
+}
+
+/// Reads the rest of an abandoned response, then returns the socket to the pool;
+/// closes it if the rest does not come by `until` or the read fails.
+async fn drain(mut rest: Incoming, pooled: Pooled, until: Instant) {
+    let read = tokio::time::timeout_at(until, async {
+        while let Some(frame) = rest.frame().await {
+            frame?;
+        }
+        Ok::<_, hyper::Error>(())
+    });
+    match read.await {
+        Ok(Ok(())) => pooled.check_in(),
+        _ => pooled.discard(CloseReason::Error),
     }
 }
 
@@ -50,9 +95,10 @@ pub struct BodyTimeout;
 impl UpstreamBody {
     pub fn new(inner: Incoming, pooled: Pooled, reusable: bool, deadline: Instant) -> UpstreamBody {
         UpstreamBody {
-            inner,
+            inner: Some(inner),
             pooled: Some(pooled),
             reusable,
+            deadline_at: deadline,
             deadline: tokio::time::sleep_until(deadline),
         }
     }
@@ -66,8 +112,11 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        match this.inner.as_mut().poll_frame(cx) {
+        let this = self.project();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 if let Some(pooled) = this.pooled.take() {
                     if *this.reusable {
@@ -96,10 +145,12 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
