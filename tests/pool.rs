@@ -401,3 +401,23 @@ async fn a_long_abandoned_remainder_closes_the_upstream_socket() {
     assert_eq!(origin.accepted(), 2);
     assert_eq!(closed(&tether, "error"), 1.0);
 }
+
+#[tokio::test]
+async fn a_client_leaving_before_the_response_head_does_not_cost_an_upstream_socket() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::start().await;
+    let tether = start(pool_config(&origin, |_| {})).await;
+    let route = tether.route_addrs[0];
+    let mut client = tokio::net::TcpStream::connect(route).await.unwrap();
+    client
+        .write_all(b"GET /delay/200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(eventually(WAIT, || async { origin.requests() == 1 }).await);
+    drop(client);
+    // The origin answers 200 ms later; tether reads that answer and keeps the socket.
+    assert!(eventually(WAIT, || async { idle_sockets(&tether) == 1.0 }).await);
+    assert_eq!(route_get(route, "/").await.status, 200);
+    assert_eq!(origin.accepted(), 1, "the next request reused the socket");
+    assert_eq!(closed(&tether, "error"), 0.0);
+}

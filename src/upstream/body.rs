@@ -1,9 +1,11 @@
 //! The response body of a pooled exchange. It streams frames through untouched and
 //! returns the connection to the pool when the body ends, or closes it when the
-//! request deadline passes. When the client goes away mid-body, a short HTTP/1.1
-//! remainder is read to its end in the background so the socket can be reused
-//! (a client that gives up on a response should not cost a new upstream socket);
-//! a long or unknown remainder closes the socket.
+//! request deadline passes.
+//!
+//! A client that gives up on a response should not cost a new upstream socket: when
+//! it goes away before the head ([`InFlight`]) or mid-body, the HTTP/1.1 exchange is
+//! finished in the background if that is quick (a known remainder of at most 1 MiB,
+//! within a second) and the socket is reused; otherwise it is closed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -70,6 +72,78 @@ fn drainable(body: &Incoming, pooled: &Pooled) -> bool {
             .size_hint()
             .upper()
             .is_some_and(|left| left <= DRAIN_MAX_BYTES)
+}
+
+/// An exchange awaiting its response head, owning its socket. If it is dropped
+/// (the client left), the exchange is finished in the background — the head and a
+/// short body within [`DRAIN_MAX_TIME`], as in [`UpstreamBody`]'s drop — and the
+/// socket goes back to the pool; otherwise it is closed.
+pub(super) struct InFlight {
+    exchange: Pin<Box<dyn Future<Output = Exchange> + Send>>,
+    pooled: Option<Pooled>,
+    /// The request's own deadline, which the background finish never passes.
+    deadline: Instant,
+}
+
+type Exchange =
+    Result<http::Response<Incoming>, hyper::client::conn::TrySendError<http::Request<Incoming>>>;
+
+impl InFlight {
+    pub(super) fn new(
+        exchange: impl Future<Output = Exchange> + Send + 'static,
+        pooled: Pooled,
+        deadline: Instant,
+    ) -> InFlight {
+        InFlight {
+            exchange: Box::pin(exchange),
+            pooled: Some(pooled),
+            deadline,
+        }
+    }
+
+    /// The socket, once the exchange is over (or given up on).
+    pub(super) fn pooled(&mut self) -> Pooled {
+        self.pooled.take().expect("taken once")
+    }
+}
+
+impl Future for InFlight {
+    type Output = Exchange;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Exchange> {
+        self.exchange.as_mut().poll(cx)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(pooled) = self.pooled.take() else {
+            return;
+        };
+        if pooled.is_h2() {
+            return; // dropping the exchange resets its stream only
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return pooled.discard(CloseReason::Error);
+        };
+        let exchange = std::mem::replace(&mut self.exchange, Box::pin(std::future::pending()));
+        let until = (Instant::now() + DRAIN_MAX_TIME).min(self.deadline);
+        runtime.spawn(async move {
+            match tokio::time::timeout_at(until, exchange).await {
+                Ok(Ok(resp)) if !super::wants_close(resp.headers()) => {
+                    let body = resp.into_body();
+                    if body.is_end_stream() {
+                        pooled.check_in();
+                    } else if drainable(&body, &pooled) {
+                        drain(body, pooled, until).await;
+                    } else {
+                        pooled.discard(CloseReason::Error);
+                    }
+                }
+                _ => pooled.discard(CloseReason::Error),
+            }
+        });
+    }
 }
 
 /// Reads the rest of an abandoned response, then returns the socket to the pool;

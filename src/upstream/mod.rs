@@ -172,7 +172,13 @@ impl Upstream {
                 .response_header_timeout
                 .min(deadline.saturating_duration_since(sent_at));
             let exchange = pooled.send().try_send_request(req);
-            let result = match tokio::time::timeout(wait, exchange).await {
+            // Owns the socket while the head is awaited: if this request is dropped
+            // (its client left), the exchange finishes in the background and the
+            // socket is kept.
+            let mut in_flight = body::InFlight::new(exchange, pooled, deadline);
+            let result = tokio::time::timeout(wait, &mut in_flight).await;
+            let pooled = in_flight.pooled();
+            let result = match result {
                 Ok(result) => result,
                 Err(_) => {
                     pooled.discard(CloseReason::Error);
