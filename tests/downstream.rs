@@ -8,6 +8,14 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// tether with one route listener in front of `origin`, configured by `f`.
+async fn routed(origin: &Origin, f: impl FnOnce(&mut tether::config::Config)) -> tether::Running {
+    let mut cfg = config(&[("up", origin)]);
+    route(&mut cfg, "up");
+    f(&mut cfg);
+    start(cfg).await
+}
+
 fn downstream_closed(tether: &tether::Running, reason: &str) -> f64 {
     metric(
         &tether.metrics(),
@@ -33,10 +41,10 @@ async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
 #[tokio::test]
 async fn idle_client_connections_are_closed_after_client_idle_timeout() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    cfg.proxy.client_idle_timeout = Duration::from_millis(300);
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |cfg| {
+        cfg.proxy.client_idle_timeout = Duration::from_millis(300)
+    })
+    .await;
     let mut client = LeakyClient::new();
     for _ in 0..3 {
         assert_eq!(
@@ -59,10 +67,10 @@ async fn idle_client_connections_are_closed_after_client_idle_timeout() {
 #[tokio::test]
 async fn a_busy_client_connection_is_not_cut_by_the_idle_timeout() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    cfg.proxy.client_idle_timeout = Duration::from_millis(200);
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |cfg| {
+        cfg.proxy.client_idle_timeout = Duration::from_millis(200)
+    })
+    .await;
     let reply = route_get(tether.route_addrs[0], "/delay/700").await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body, "ok");
@@ -71,11 +79,11 @@ async fn a_busy_client_connection_is_not_cut_by_the_idle_timeout() {
 #[tokio::test]
 async fn slowloris_heads_are_cut_at_header_read_timeout() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    cfg.proxy.header_read_timeout = Duration::from_millis(300);
-    cfg.proxy.client_idle_timeout = Duration::from_secs(30);
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |cfg| {
+        cfg.proxy.header_read_timeout = Duration::from_millis(300);
+        cfg.proxy.client_idle_timeout = Duration::from_secs(30);
+    })
+    .await;
     let mut stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
@@ -110,10 +118,7 @@ async fn a_connection_that_never_sends_is_closed_at_header_read_timeout() {
 #[tokio::test]
 async fn oversized_request_heads_get_431() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    cfg.proxy.max_header_bytes = 8192;
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |cfg| cfg.proxy.max_header_bytes = 8192).await;
     let mut stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
     let big = "a".repeat(20_000);
     stream
@@ -130,10 +135,7 @@ async fn oversized_request_heads_get_431() {
 #[tokio::test]
 async fn at_max_client_connections_the_longest_idle_client_is_closed_first() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    cfg.proxy.max_client_connections = 5;
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |cfg| cfg.proxy.max_client_connections = 5).await;
     let route = tether.route_addrs[0];
     let mut client = LeakyClient::new();
     for _ in 0..5 {
@@ -150,10 +152,7 @@ async fn at_max_client_connections_the_longest_idle_client_is_closed_first() {
 #[tokio::test]
 async fn at_max_client_connections_with_none_idle_new_clients_are_refused() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    cfg.proxy.max_client_connections = 2;
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |cfg| cfg.proxy.max_client_connections = 2).await;
     let route = tether.route_addrs[0];
     let busy: Vec<_> = (0..2)
         .map(|_| tokio::spawn(async move { route_get(route, "/delay/1000").await.status }))
@@ -170,9 +169,7 @@ async fn at_max_client_connections_with_none_idle_new_clients_are_refused() {
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |_| {}).await;
     let mut stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
     let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
     stream.write_all(request).await.unwrap();
@@ -181,7 +178,7 @@ async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
         first.starts_with("HTTP/1.1 200") && !first.contains("connection: close"),
         "{first}"
     );
-    // Idle past the parking delay (half a second): tether hands the socket back from
+    // Idle past the parking delay (10 ms): tether hands the socket back from
     // hyper and holds it bare. The same connection must serve the next requests,
     // including two pipelined in one write.
     assert!(eventually(WAIT, || async { parked(&tether) == 1.0 }).await);
@@ -250,9 +247,7 @@ async fn parked_connection(tether: &tether::Running) -> TcpStream {
 #[tokio::test]
 async fn a_parked_connection_the_client_closes_is_closed_and_counted_once() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |_| {}).await;
     let stream = parked_connection(&tether).await;
     drop(stream);
     assert!(
@@ -272,10 +267,10 @@ async fn a_parked_connection_the_client_closes_is_closed_and_counted_once() {
 #[tokio::test]
 async fn a_parked_connection_is_closed_at_client_idle_timeout() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    cfg.proxy.client_idle_timeout = Duration::from_millis(1500);
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |cfg| {
+        cfg.proxy.client_idle_timeout = Duration::from_millis(1500)
+    })
+    .await;
     let mut stream = parked_connection(&tether).await;
     assert!(closed_by_server(&mut stream, WAIT).await);
     assert_eq!(downstream_closed(&tether, "idle_timeout"), 1.0);
@@ -295,9 +290,7 @@ async fn read_some(stream: &mut TcpStream) -> String {
 #[tokio::test]
 async fn clients_that_leave_mid_request_leave_the_gauges_at_zero() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    let tether = start(cfg).await;
+    let tether = routed(&origin, |_| {}).await;
     let route = tether.route_addrs[0];
     // One leaves while tether waits for the response head, one in the middle of a
     // body, one after a complete response.
