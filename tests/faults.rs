@@ -123,9 +123,7 @@ async fn pool_is_empty(tether: &tether::Running, origin: &RawOrigin) {
 
 #[tokio::test]
 async fn connection_refused_is_502_upstream_connect() {
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = closed.local_addr().unwrap();
-    drop(closed);
+    let (addr, _reserved) = tether::testkit::refusing_addr();
     let mut cfg = config(&[]);
     cfg.upstream
         .push(tether::config::UpstreamConfig::new("up", addr.to_string()));

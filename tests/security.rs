@@ -90,6 +90,8 @@ struct Peers {
     h2: Origin,
     tls: Origin,
     _ca_file: tempfile::TempPath,
+    /// Keeps the refused upstream's port bound (and refusing) for the test.
+    _refusing: tokio::net::TcpSocket,
     config: Config,
 }
 
@@ -108,10 +110,7 @@ impl Peers {
             ..OriginOptions::default()
         })
         .await;
-        let refused = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let (refused, refusing) = tether::testkit::refusing_addr();
         let mut config = support::config(&[("h1", &h1)]);
         config.proxy.max_header_bytes = 8192;
         let mut up = UpstreamConfig::new("h2", h2.authority());
@@ -132,6 +131,7 @@ impl Peers {
             h2,
             tls,
             _ca_file: ca_file,
+            _refusing: refusing,
             config,
         }
     }

@@ -17,6 +17,19 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// A loopback address where connections are refused, reserved for as long as the
+/// returned socket lives: it is bound but never listens, so no other test can take
+/// the port meanwhile (binding `127.0.0.1:0` and dropping the listener would free
+/// it for any test running beside).
+pub fn refusing_addr() -> (std::net::SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .bind(([127, 0, 0, 1], 0).into())
+        .expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("bound socket has an address");
+    (addr, socket)
+}
+
 /// Polls `check` until it returns true or `within` passes; returns the last result.
 /// Tests wait on conditions, never on sleeps.
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
