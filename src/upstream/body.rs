@@ -42,25 +42,33 @@ pin_project! {
     impl PinnedDrop for UpstreamBody {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            let (Some(pooled), Some(inner)) = (this.pooled.take(), this.inner.take()) else {
-                return;
-            };
-            if *this.reusable && inner.is_end_stream() {
-                pooled.check_in();
-            } else if inner.is_end_stream() {
-                pooled.discard(CloseReason::RemoteClosed);
-            } else if *this.reusable && drainable(&inner, &pooled) {
-                let until = (Instant::now() + DRAIN_MAX_TIME).min(*this.deadline_at);
-                match tokio::runtime::Handle::try_current() {
-                    Ok(runtime) => {
-                        runtime.spawn(drain(inner, pooled, until));
-                    }
-                    Err(_) => pooled.discard(CloseReason::Error),
-                }
-            } else {
-                pooled.discard(CloseReason::Error);
+            if let (Some(pooled), Some(inner)) = (this.pooled.take(), this.inner.take()) {
+                settle(inner, pooled, *this.reusable, *this.deadline_at);
             }
         }
+    }
+}
+
+/// Settles the socket of a response nobody reads any more: back to the pool when the
+/// body is complete and the connection reusable, or after reading a short remainder
+/// in the background (within [`DRAIN_MAX_TIME`], never past `deadline`); otherwise
+/// closed.
+fn settle(body: Incoming, pooled: Pooled, reusable: bool, deadline: Instant) {
+    if body.is_end_stream() {
+        return match reusable {
+            true => pooled.check_in(),
+            false => pooled.discard(CloseReason::RemoteClosed),
+        };
+    }
+    if !(reusable && drainable(&body, &pooled)) {
+        return pooled.discard(CloseReason::Error);
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            let until = (Instant::now() + DRAIN_MAX_TIME).min(deadline);
+            runtime.spawn(drain(body, pooled, until));
+        }
+        Err(_) => pooled.discard(CloseReason::Error),
     }
 }
 
@@ -130,15 +138,9 @@ impl Drop for InFlight {
         let until = (Instant::now() + DRAIN_MAX_TIME).min(self.deadline);
         runtime.spawn(async move {
             match tokio::time::timeout_at(until, exchange).await {
-                Ok(Ok(resp)) if !super::wants_close(resp.headers()) => {
-                    let body = resp.into_body();
-                    if body.is_end_stream() {
-                        pooled.check_in();
-                    } else if drainable(&body, &pooled) {
-                        drain(body, pooled, until).await;
-                    } else {
-                        pooled.discard(CloseReason::Error);
-                    }
+                Ok(Ok(resp)) => {
+                    let reusable = !super::wants_close(resp.headers());
+                    settle(resp.into_body(), pooled, reusable, until);
                 }
                 _ => pooled.discard(CloseReason::Error),
             }
