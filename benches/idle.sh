@@ -113,8 +113,8 @@ for t in "${TARGET_LIST[@]}"; do
     failed=$(sed -n 's/.*failed=\([0-9]*\).*/\1/p' <<<"$ready")
     closed=$(sed -n 's/.*closed_by_peer=\([0-9]*\).*/\1/p' <<<"$status")
     ROWS+=("$(awk -v l="$label" -v h="$held" -v f="$failed" -v c="${closed:-?}" -v r0="$rss0" -v r1="$rss1" -v p0="$pss0" -v p1="$pss1" 'BEGIN {
-        per = h > 0 ? sprintf("%.1f", (r1 - r0) / h) : "n/a"
-        pper = h > 0 ? sprintf("%.1f", (p1 - p0) / h) : "n/a"
+        per = h > 0 ? sprintf("%.2f", (r1 - r0) / h) : "n/a"
+        pper = h > 0 ? sprintf("%.2f", (p1 - p0) / h) : "n/a"
         printf "| %s | %d | %d | %s | %.1f | %.1f | %s | %s |", l, h, f, c, r0 / 1024, r1 / 1024, per, pper
     }')")
 done
