@@ -229,8 +229,10 @@ fn downstream_open(tether: &tether::Running) -> f64 {
         .sum()
 }
 
-/// One request on a fresh connection, then idle until tether has parked it.
+/// One request on a fresh connection, then idle until tether has parked it (one more
+/// parked connection than before).
 async fn parked_connection(tether: &tether::Running) -> TcpStream {
+    let before = parked(tether);
     let mut stream = TcpStream::connect(tether.route_addrs[0]).await.unwrap();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -238,7 +240,7 @@ async fn parked_connection(tether: &tether::Running) -> TcpStream {
         .unwrap();
     assert!(read_some(&mut stream).await.starts_with("HTTP/1.1 200"));
     assert!(
-        eventually(WAIT, || async { parked(tether) == 1.0 }).await,
+        eventually(WAIT, || async { parked(tether) == before + 1.0 }).await,
         "the idle connection was parked"
     );
     stream
@@ -327,4 +329,35 @@ async fn clients_that_leave_mid_request_leave_the_gauges_at_zero() {
         );
         assert_eq!(value, Some(0.0), "state={state}");
     }
+}
+
+#[tokio::test]
+async fn a_parked_connection_on_a_route_a_reload_removed_is_closed() {
+    let origin = Origin::start().await;
+    let tether = routed(&origin, |_| {}).await;
+    let mut stream = parked_connection(&tether).await;
+    // The same upstream, no route: the route listener stops, and its parked client
+    // connections (which have no task watching the listener) are closed too.
+    tether.reload(config(&[("up", &origin)])).await.unwrap();
+    assert!(closed_by_server(&mut stream, WAIT).await);
+    assert_eq!(downstream_closed(&tether, "shutdown"), 1.0);
+    assert_eq!(parked(&tether), 0.0);
+    assert_eq!(downstream_open(&tether), 0.0);
+}
+
+#[tokio::test]
+async fn shutdown_closes_parked_connections_at_once() {
+    let origin = Origin::start().await;
+    let tether = routed(&origin, |_| {}).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(parked_connection(&tether).await);
+    }
+    assert_eq!(parked(&tether), 3.0);
+    let shared = tether.shared.clone();
+    assert_eq!(tether.shutdown().await, 0, "nothing had to be cut");
+    for stream in &mut streams {
+        assert!(closed_by_server(stream, WAIT).await);
+    }
+    assert_eq!(shared.downstream.open(), 0);
 }
