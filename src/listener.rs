@@ -815,11 +815,7 @@ mod tests {
     /// socket's waker: the socket would leave its slot with nothing to read.
     #[tokio::test]
     async fn parking_with_the_task_budget_spent_keeps_the_socket_parked() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, peer) = listener.accept().await.unwrap();
+        let (client, server, peer) = crate::testkit::tcp_pair().await;
         let downstream = Downstream::new(crate::telemetry::Telemetry::new());
         let conn = downstream.register(peer);
         let socket = ParkedSocket {

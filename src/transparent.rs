@@ -318,11 +318,7 @@ mod tests {
     #[tokio::test]
     async fn silence_is_opaque_after_the_peek_timeout_and_bytes_are_left_unread() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
+        let (mut client, mut server, _) = crate::testkit::tcp_pair().await;
         let silent = first_bytes(&server, Duration::from_millis(50)).await;
         assert_eq!(silent.unwrap(), Kind::Opaque);
         client.write_all(b"GE").await.unwrap();
@@ -366,11 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_that_was_not_redirected_has_no_original_destination() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
+        let (_client, server, _) = crate::testkit::tcp_pair().await;
         assert!(original_destination(&server).is_err());
     }
 }

@@ -30,6 +30,23 @@ pub fn refusing_addr() -> (std::net::SocketAddr, tokio::net::TcpSocket) {
     (addr, socket)
 }
 
+/// A connected TCP pair on loopback: `(client, server, the client's address as the
+/// server sees it)`.
+pub async fn tcp_pair() -> (
+    tokio::net::TcpStream,
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let client = tokio::net::TcpStream::connect(listener.local_addr().expect("bound"))
+        .await
+        .expect("connect to our own listener");
+    let (server, peer) = listener.accept().await.expect("accept");
+    (client, server, peer)
+}
+
 /// Polls `check` until it returns true or `within` passes; returns the last result.
 /// Tests wait on conditions, never on sleeps.
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
