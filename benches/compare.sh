@@ -6,7 +6,11 @@
 #   haproxy-1t   nbthread 1, http-reuse always, server maxconn 16
 #   haproxy-2t   the same with nbthread 2
 #   nginx-proxy  upstream keepalive 16, proxy_http_version 1.1, 2 workers
-# and `direct` (wrk straight at the origin) as the ceiling. For each file size,
+# and `direct` (wrk straight at the origin) as the ceiling. Two reference proxies
+# (benches/floor.rs) show what the stack costs without tether's work on top:
+#   floor-hyper  hyper 1.x server + client, capped pool of 16, nothing else
+#   floor-raw    tokio sockets + httparse, bytes forwarded unchanged
+# For each file size,
 # `wrk -t2 -c64 -d${DURATION}s --latency` runs against every target in turn,
 # alternating targets over ${ROUNDS} rounds so drift hits all of them alike.
 # While a target runs, its established sockets to the origin are sampled with
@@ -15,7 +19,9 @@
 #
 # Usage:  benches/compare.sh [--skip-tether] [--targets "direct haproxy-1t ..."]
 # Env:    TETHER_BIN      use this binary instead of `cargo build --release`
-#         TARGETS         default "direct tether haproxy-1t haproxy-2t nginx-proxy"
+#         FLOOR_BIN       use this benches/floor.rs binary instead of building it
+#         TARGETS         default "direct tether floor-hyper floor-raw haproxy-1t
+#                         haproxy-2t nginx-proxy"
 #         DURATION=10 ROUNDS=3 WARMUP=2 (seconds; 0 = no warm-up run)
 #         THREADS=2 CONNECTIONS=64 POOL_SIZE=16 SIZES="1k 1m"
 #         NGINX_PROXY_WORKERS=2 UPSTREAM_WORKERS=1 SAMPLE_INTERVAL=0.25
@@ -27,7 +33,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=compare/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/compare/lib.sh"
 
-TARGETS=${TARGETS:-"direct tether haproxy-1t haproxy-2t nginx-proxy"}
+TARGETS=${TARGETS:-"direct tether floor-hyper floor-raw haproxy-1t haproxy-2t nginx-proxy"}
 while (($#)); do
     case $1 in
     --skip-tether) TARGETS=$(tr ' ' '\n' <<<"$TARGETS" | grep -vx tether | tr '\n' ' ' || true) ;;
@@ -40,7 +46,7 @@ done
 read -r -a TARGET_LIST <<<"$TARGETS"
 ((${#TARGET_LIST[@]})) || die "no targets"
 for t in "${TARGET_LIST[@]}"; do
-    case $t in direct | tether | haproxy-1t | haproxy-2t | nginx-proxy) ;; *) die "unknown target $t" ;; esac
+    case $t in direct | tether | floor-hyper | floor-raw | haproxy-1t | haproxy-2t | nginx-proxy) ;; *) die "unknown target $t" ;; esac
 done
 has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
 
@@ -59,19 +65,28 @@ export POOL_SIZE CLIENT_IDLE_TIMEOUT MAX_CLIENTS
 require_tools wrk haproxy nginx curl ss python3 envsubst getconf
 CLK_TCK=$(getconf CLK_TCK)
 has_target tether && resolve_tether
+if has_target floor-hyper || has_target floor-raw; then resolve_floor; fi
 
 ulimit -n "$(ulimit -Hn)"
 bench_init
 log "work directory $WORK"
 
 # --- start everything -----------------------------------------------------
-read -r P_UP P_TETHER P_TETHER_FWD P_TETHER_ADMIN P_H1 P_H2 P_NGX <<<"$(free_ports 7)"
+read -r P_UP P_TETHER P_TETHER_FWD P_TETHER_ADMIN P_H1 P_H2 P_NGX P_FH P_FR <<<"$(free_ports 9)"
 declare -A PORT PID
 start_upstream "$P_UP"
 PORT[direct]=$P_UP
 if has_target tether; then
     start_tether tether "$P_TETHER" "$P_TETHER_FWD" "$P_TETHER_ADMIN"
     PORT[tether]=$P_TETHER PID[tether]=$PROXY_PID
+fi
+if has_target floor-hyper; then
+    start_floor floor-hyper "$P_FH" hyper
+    PORT[floor-hyper]=$P_FH PID[floor-hyper]=$PROXY_PID
+fi
+if has_target floor-raw; then
+    start_floor floor-raw "$P_FR" raw
+    PORT[floor-raw]=$P_FR PID[floor-raw]=$PROXY_PID
 fi
 if has_target haproxy-1t; then
     start_haproxy haproxy-1t "$P_H1" 1
@@ -193,6 +208,7 @@ version() { "$@" 2>&1 | head -n 1 || true; }
     has_target haproxy-1t || has_target haproxy-2t && echo "- haproxy: $(version haproxy -v | sed 's/ - https.*//')"
     has_target nginx-proxy && echo "- nginx-proxy: ${NGINX_PROXY_WORKERS:-2} worker(s)"
     has_target tether && echo "- tether: $(version "$TETHER_BIN" --version)"
+    has_target floor-hyper || has_target floor-raw && echo "- floor-hyper / floor-raw: the reference proxies of benches/floor.rs (the stack's cost, without tether's work)"
     echo "- peak upstream sockets: established sockets to the origin owned by the target's processes, sampled every ${SAMPLE_INTERVAL}s (for direct: wrk's own)"
     echo "- upstream opens/run: delta of tether_upstream_connections_opened_total per round (tether only)"
     echo "- proxy CPU µs/req: CPU time (user + system) the proxy's processes used during the run, per request served"

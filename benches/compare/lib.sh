@@ -273,6 +273,14 @@ start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT
     wait_port "$4" "$PROXY_PID" "$dir/tether.log"
 }
 
+start_floor() { # NAME PORT MODE  (benches/floor.rs: MODE hyper or raw)
+    local port=$2 dir="$WORK/$1"
+    mkdir -p "$dir"
+    start_bg "$dir/floor.log" "$FLOOR_BIN" "$3" "127.0.0.1:$port" "127.0.0.1:$UPSTREAM_PORT" "$POOL_SIZE"
+    PROXY_PID=$BG_PID
+    wait_port "$port" "$PROXY_PID" "$dir/floor.log"
+}
+
 # tether_opens ADMIN_PORT : tether_upstream_connections_opened_total{upstream="bench"}
 tether_opens() {
     curl -sS --max-time 5 "http://127.0.0.1:$1/metrics" 2>/dev/null |
@@ -287,5 +295,16 @@ resolve_tether() {
         log "building tether (cargo build --release)"
         (cd "$REPO_DIR" && cargo build --release) >&2
         TETHER_BIN="$REPO_DIR/target/release/tether"
+    fi
+}
+
+# resolve_floor : sets FLOOR_BIN (the reference proxies), building it when not given.
+resolve_floor() {
+    if [[ -n ${FLOOR_BIN:-} ]]; then
+        [[ -x $FLOOR_BIN ]] || die "FLOOR_BIN=$FLOOR_BIN is not executable"
+    else
+        log "building the reference proxies (cargo build --release --example floor)"
+        (cd "$REPO_DIR" && cargo build --release --example floor) >&2
+        FLOOR_BIN="$REPO_DIR/target/release/examples/floor"
     fi
 }

@@ -7,7 +7,8 @@
 
     report.py table RESULTS_TSV SIZE TITLE
         markdown table of the medians over rounds for one file size, plus the
-        tether/haproxy-best and tether/direct ratios.
+        tether/haproxy-best and tether/direct ratios (and, when measured, the
+        reference proxies against haproxy-best and tether against floor-hyper).
 
 RESULTS_TSV columns: size target round rps mibps p50_ms p99_ms requests errors
 peak_upstream_sockets upstream_opens proxy_cpu_us_per_request
@@ -104,15 +105,20 @@ def table(path, size, title):
     hp = [t for t in order if t.startswith("haproxy")]
     best = max(hp, key=lambda t: med[t]["rps"]) if hp else None
     print()
-    for other, label in ((best, f"haproxy-best ({best})" if best else "haproxy-best"), ("direct", "direct")):
-        if "tether" not in med or other is None or other not in med:
-            print(f"- tether / {label}: n/a (not measured)")
+    best_label = f"haproxy-best ({best})" if best else "haproxy-best"
+    pairs = [("tether", best, best_label), ("tether", "direct", "direct")]
+    # The reference proxies: where the stack alone stands, and what tether adds to it.
+    pairs += [(f, best, best_label) for f in ("floor-hyper", "floor-raw") if f in med]
+    pairs += [("tether", f, f) for f in ("floor-hyper",) if f in med]
+    for this, other, label in pairs:
+        if this not in med or other is None or other not in med:
+            print(f"- {this} / {label}: n/a (not measured)")
             continue
         print(
-            f"- tether / {label}: req/s {fmt(ratio('tether', other, 'rps'))}×, "
-            f"p50 {fmt(ratio('tether', other, 'p50'))}×, p99 {fmt(ratio('tether', other, 'p99'))}×, "
-            f"MiB/s {fmt(ratio('tether', other, 'mibps'))}×"
-            + (f", CPU/req {fmt(ratio('tether', other, 'cpu'))}×" if ratio("tether", other, "cpu") else "")
+            f"- {this} / {label}: req/s {fmt(ratio(this, other, 'rps'))}×, "
+            f"p50 {fmt(ratio(this, other, 'p50'))}×, p99 {fmt(ratio(this, other, 'p99'))}×, "
+            f"MiB/s {fmt(ratio(this, other, 'mibps'))}×"
+            + (f", CPU/req {fmt(ratio(this, other, 'cpu'))}×" if ratio(this, other, "cpu") else "")
         )
     print()
 
