@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -58,8 +58,10 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let method = req.method().clone();
-    // Only the path is logged: query strings carry tokens.
-    let path = req.uri().path().to_owned();
+    // Only the path is logged: query strings carry tokens. (A clone of the URI
+    // shares its bytes; copying the path would cost an allocation per request.)
+    let uri = req.uri().clone();
+    let path = uri.path();
     let result = if method == Method::CONNECT {
         connect(req, &shared, mode, client.clone()).await
     } else {
@@ -113,7 +115,7 @@ async fn forward(
     };
     let client_host = req.headers().get(header::HOST).cloned();
     let keep_host = matches!(mode, Mode::Intercept(_));
-    prepare_request(&mut req, &upstream.origin, keep_host)?;
+    prepare_request(&mut req, &upstream, keep_host)?;
     let mut response = upstream.send(req).await?;
     strip_hop_by_hop(response.headers_mut());
     response.headers_mut().append(header::VIA, VIA);
@@ -137,38 +139,21 @@ fn lookup(shared: &Shared, table: &Table, origin: &Origin) -> Result<Arc<Upstrea
     }
 }
 
-/// Turns the client's request head into the one the upstream gets: origin-form
-/// target, `Host` naming the upstream (or the client's own, with `keep_host`, when
-/// it has one), no hop-by-hop headers, `Via` added.
+/// Turns the client's request headers into the ones the upstream gets: `Host`
+/// naming the upstream (or the client's own, with `keep_host`, when it has one), no
+/// hop-by-hop headers, `Via` added. The target's form is the upstream's to choose,
+/// per connection (see [`Upstream::send`]).
 fn prepare_request(
     req: &mut Request<Incoming>,
-    origin: &Origin,
+    upstream: &Upstream,
     keep_host: bool,
 ) -> Result<(), ProxyError> {
     reject_smuggling(req.headers())?;
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let target = if path.is_empty() { "/" } else { path };
-    *req.uri_mut() = Uri::try_from(target).map_err(|e| ProxyError::BadTarget(e.to_string()))?;
-    *req.version_mut() = http::Version::HTTP_11;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
-    if keep_host && headers.contains_key(header::HOST) {
-        headers.append(header::VIA, VIA);
-        return Ok(());
+    if !(keep_host && headers.contains_key(header::HOST)) {
+        headers.insert(header::HOST, upstream.host_header()?);
     }
-    let host = if origin.port == 80 {
-        origin.host.clone()
-    } else {
-        origin.to_string()
-    };
-    headers.insert(
-        header::HOST,
-        HeaderValue::from_str(&host).map_err(|e| ProxyError::BadTarget(e.to_string()))?,
-    );
     headers.append(header::VIA, VIA);
     Ok(())
 }

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{header, Request, Response};
+use http::header::HeaderValue;
+use http::uri::PathAndQuery;
+use http::{header, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
@@ -51,6 +53,8 @@ pub struct Upstream {
     /// What the origin's host last resolved to, and when: a redirected connection
     /// to one of these addresses belongs to this upstream.
     addresses: Mutex<Option<(Instant, Arc<[IpAddr]>)>>,
+    /// The `Host` requests to this origin carry (the port left out when it is 80).
+    host: Result<HeaderValue, http::header::InvalidHeaderValue>,
 }
 
 /// How long a resolution of an upstream's host is trusted when matching redirected
@@ -76,6 +80,10 @@ impl Upstream {
     ) -> Upstream {
         let origin = connector.origin().clone();
         let origin_string = origin.to_string();
+        let host = match origin.port {
+            80 => HeaderValue::from_str(&origin.host),
+            _ => HeaderValue::from_str(&origin_string),
+        };
         let pool = Pool::with_budget(name, connector, config, telemetry, budget);
         Upstream {
             name: name.into(),
@@ -86,7 +94,16 @@ impl Upstream {
             tls: false,
             settings: UpstreamConfig::new(name, origin_string),
             addresses: Mutex::new(None),
+            host,
         }
+    }
+
+    /// The `Host` header naming this origin.
+    pub fn host_header(&self) -> Result<HeaderValue, ProxyError> {
+        self.host
+            .as_ref()
+            .map(HeaderValue::clone)
+            .map_err(|e| ProxyError::BadTarget(format!("{}: {e}", self.origin)))
     }
 
     /// The origin's host is `ip` or resolves to it (cached for a few seconds; a
@@ -281,27 +298,41 @@ impl Upstream {
 
 impl Upstream {
     /// HTTP/1.1 takes an origin-form target and `Host`; HTTP/2 an absolute URI, from
-    /// which hyper writes `:scheme` and `:authority`.
+    /// which hyper writes `:scheme` and `:authority`. A client's origin-form target
+    /// (a route listener's usual case) goes to HTTP/1.1 as it is.
     fn request_form(&self, req: &mut Request<Incoming>, h2: bool) -> Result<(), ProxyError> {
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let uri = if h2 {
-            format!(
+        let uri = req.uri();
+        let origin_form = uri.scheme().is_none()
+            && uri.authority().is_none()
+            && uri
+                .path_and_query()
+                .is_some_and(|p| p.as_str().starts_with('/'));
+        if h2 {
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            let path = if path.is_empty() { "/" } else { path };
+            let absolute = format!(
                 "{}://{}{}",
                 self.pool.connector().scheme(),
                 self.origin,
                 path
-            )
-        } else {
-            path.to_string()
-        };
-        *req.uri_mut() = uri
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| ProxyError::BadTarget(e.to_string()))?;
-        *req.version_mut() = if h2 {
-            http::Version::HTTP_2
-        } else {
-            http::Version::HTTP_11
-        };
+            );
+            *req.uri_mut() = absolute
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| ProxyError::BadTarget(e.to_string()))?;
+            *req.version_mut() = http::Version::HTTP_2;
+            return Ok(());
+        }
+        if !origin_form {
+            let path = match uri.path_and_query() {
+                Some(p) if !p.as_str().is_empty() => p.clone(),
+                _ => PathAndQuery::from_static("/"),
+            };
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(path);
+            *req.uri_mut() =
+                Uri::from_parts(parts).map_err(|e| ProxyError::BadTarget(e.to_string()))?;
+        }
+        *req.version_mut() = http::Version::HTTP_11;
         Ok(())
     }
 }
