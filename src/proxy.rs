@@ -175,15 +175,20 @@ fn reject_smuggling(headers: &HeaderMap) -> Result<(), ProxyError> {
 }
 
 /// Removes hop-by-hop headers, including those the Connection header names.
+///
+/// Runs on every request and response, so it allocates nothing in the usual case:
+/// the Connection values are cloned (a reference count) to read them while other
+/// headers are removed, and names are looked up as `&str`, never built.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    let mut connection = headers.get_all(header::CONNECTION).iter();
+    let first = connection.next().cloned();
+    let more: Vec<HeaderValue> = connection.cloned().collect(); // empty: no allocation
+    for value in first.iter().chain(&more) {
+        for name in value.to_str().unwrap_or("").split(',') {
+            headers.remove(name.trim());
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -233,4 +238,47 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Trace-Hop"),
+            ("connection", " ,x-second ,, not a name;,"),
+            ("keep-alive", "timeout=5"),
+            ("x-trace-hop", "1"),
+            ("x-second", "2"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic c2VjcmV0"),
+            ("content-type", "text/plain"),
+            ("x-kept", "3"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn a_connection_value_that_is_not_text_removes_only_itself() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-kept\xff").unwrap(),
+        );
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
 }
