@@ -101,6 +101,8 @@ pub struct ClientConn {
     /// head arrived on an idle connection.
     head_started: AtomicU64,
     reason: AtomicU8,
+    /// Woken when the last request in flight ends: the parking countdown starts.
+    request_ended: Notify,
     kill: Notify,
     downstream: Arc<Downstream>,
     /// A CONNECT answered `200`: the tunnel to run once hyper hands the socket back.
@@ -172,6 +174,7 @@ impl Downstream {
             // that connects and sends nothing is closed after header_read_timeout.
             head_started: AtomicU64::new(1),
             reason: AtomicU8::new(ClientClose::ClientClosed as u8),
+            request_ended: Notify::new(),
             kill: Notify::new(),
             downstream: self.clone(),
             tunnel: Mutex::new(None),
@@ -351,6 +354,7 @@ impl Drop for RequestGuard {
         if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             conn.downstream.active.decrement(1.0);
             conn.downstream.idle.increment(1.0);
+            conn.request_ended.notify_one();
         }
     }
 }
@@ -505,12 +509,12 @@ pub async fn accept_loop(
 /// hyper's buffers scattered through the allocator.
 const PARK_AFTER: Duration = Duration::from_millis(10);
 
-/// The longest [`drive`] sleeps before it looks at a connection again. State changes
-/// (a head starting, a request beginning or ending) wake nobody, which saves three
-/// wake-ups and timer re-arms per request: the watcher reads the connection's clocks
-/// when its one timer fires, at the next deadline it knows of or after this, whichever
-/// comes first. So a request that ends is noticed within this, and parking starts at
-/// most this much later than [`PARK_AFTER`].
+/// The longest [`drive`] sleeps before it looks at a connection again. Only the end of
+/// a request wakes it (parking must follow [`PARK_AFTER`] closely, or a burst of
+/// leaked connections holds hyper's buffers long enough to fragment the heap); a head
+/// starting or a request beginning wake nobody, which saves two wake-ups and timer
+/// re-arms per request. The watcher reads the connection's clocks when its one timer
+/// fires, at the next deadline it knows of or after this, whichever comes first.
 const RECHECK: Duration = Duration::from_millis(100);
 
 /// Why [`drive`] stopped.
@@ -796,6 +800,7 @@ where
                 };
             }
             _ = &mut timer, if wait.is_some() => {}
+            _ = conn.request_ended.notified() => {}
             _ = conn.kill.notified(), if !shutting_down => {
                 shutting_down = true;
                 Pin::new(&mut *connection).graceful_shutdown();
