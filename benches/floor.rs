@@ -261,19 +261,26 @@ async fn relay_response(
 }
 
 fn request_len(buf: &[u8]) -> Option<usize> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf).ok()? {
-        httparse::Status::Complete(head) => Some(head + content_length(req.headers)?),
-        httparse::Status::Partial => None,
-    }
+    message_len(buf, true)
 }
 
 fn response_len(buf: &[u8]) -> Option<usize> {
+    message_len(buf, false)
+}
+
+/// The length of the whole message at the start of `buf` (head and body), once its
+/// head has arrived.
+fn message_len(buf: &[u8], request: bool) -> Option<usize> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf).ok()? {
-        httparse::Status::Complete(head) => Some(head + content_length(resp.headers)?),
+    let (parsed, headers) = if request {
+        let mut req = httparse::Request::new(&mut headers);
+        (req.parse(buf), req.headers)
+    } else {
+        let mut resp = httparse::Response::new(&mut headers);
+        (resp.parse(buf), resp.headers)
+    };
+    match parsed.ok()? {
+        httparse::Status::Complete(head) => Some(head + content_length(headers)?),
         httparse::Status::Partial => None,
     }
 }
