@@ -302,11 +302,6 @@ impl Upstream {
     /// (a route listener's usual case) goes to HTTP/1.1 as it is.
     fn request_form(&self, req: &mut Request<Incoming>, h2: bool) -> Result<(), ProxyError> {
         let uri = req.uri();
-        let origin_form = uri.scheme().is_none()
-            && uri.authority().is_none()
-            && uri
-                .path_and_query()
-                .is_some_and(|p| p.as_str().starts_with('/'));
         if h2 {
             let path = uri.path_and_query().map_or("/", |p| p.as_str());
             let path = if path.is_empty() { "/" } else { path };
@@ -322,6 +317,11 @@ impl Upstream {
             *req.version_mut() = http::Version::HTTP_2;
             return Ok(());
         }
+        let origin_form = uri.scheme().is_none()
+            && uri.authority().is_none()
+            && uri
+                .path_and_query()
+                .is_some_and(|p| p.as_str().starts_with('/'));
         if !origin_form {
             let path = match uri.path_and_query() {
                 Some(p) if !p.as_str().is_empty() => p.clone(),
