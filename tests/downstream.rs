@@ -16,6 +16,14 @@ async fn routed(origin: &Origin, f: impl FnOnce(&mut tether::config::Config)) ->
     start(cfg).await
 }
 
+/// A route to `origin` whose idle client connections close after `ms` milliseconds.
+async fn with_client_idle_timeout(origin: &Origin, ms: u64) -> tether::Running {
+    routed(origin, |cfg| {
+        cfg.proxy.client_idle_timeout = Duration::from_millis(ms)
+    })
+    .await
+}
+
 fn downstream_closed(tether: &tether::Running, reason: &str) -> f64 {
     metric(
         &tether.metrics(),
@@ -41,10 +49,7 @@ async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
 #[tokio::test]
 async fn idle_client_connections_are_closed_after_client_idle_timeout() {
     let origin = Origin::start().await;
-    let tether = routed(&origin, |cfg| {
-        cfg.proxy.client_idle_timeout = Duration::from_millis(300)
-    })
-    .await;
+    let tether = with_client_idle_timeout(&origin, 300).await;
     let mut client = LeakyClient::new();
     for _ in 0..3 {
         assert_eq!(
@@ -67,10 +72,7 @@ async fn idle_client_connections_are_closed_after_client_idle_timeout() {
 #[tokio::test]
 async fn a_busy_client_connection_is_not_cut_by_the_idle_timeout() {
     let origin = Origin::start().await;
-    let tether = routed(&origin, |cfg| {
-        cfg.proxy.client_idle_timeout = Duration::from_millis(200)
-    })
-    .await;
+    let tether = with_client_idle_timeout(&origin, 200).await;
     let reply = route_get(tether.route_addrs[0], "/delay/700").await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body, "ok");
@@ -265,10 +267,7 @@ async fn a_parked_connection_the_client_closes_is_closed_and_counted_once() {
 #[tokio::test]
 async fn a_parked_connection_is_closed_at_client_idle_timeout() {
     let origin = Origin::start().await;
-    let tether = routed(&origin, |cfg| {
-        cfg.proxy.client_idle_timeout = Duration::from_millis(1500)
-    })
-    .await;
+    let tether = with_client_idle_timeout(&origin, 1500).await;
     let mut stream = parked_connection(&tether).await;
     assert!(closed_by_server(&mut stream, WAIT).await);
     assert_eq!(downstream_closed(&tether, "idle_timeout"), 1.0);
