@@ -17,7 +17,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -79,6 +79,8 @@ pub struct Downstream {
     rejected: Mutex<HashMap<&'static str, Counter>>,
     telemetry: Arc<Telemetry>,
     conns: Mutex<HashMap<u64, Arc<ClientConn>>>,
+    /// Woken whenever a client socket drops: admission waits on it for its victim.
+    freed: Notify,
     ids: AtomicU64,
     /// Per-client-address counters for leak diagnosis.
     pub clients: crate::diagnosis::Clients,
@@ -101,6 +103,8 @@ pub struct ClientConn {
     /// head arrived on an idle connection.
     head_started: AtomicU64,
     reason: AtomicU8,
+    /// Chosen as an eviction victim: never chosen again.
+    evicting: AtomicBool,
     /// Woken when the last request in flight ends: the parking countdown starts.
     request_ended: Notify,
     kill: Notify,
@@ -141,6 +145,7 @@ impl Downstream {
             rejected: Mutex::default(),
             telemetry,
             conns: Mutex::default(),
+            freed: Notify::new(),
             ids: AtomicU64::new(1),
             clients: Default::default(),
         })
@@ -162,7 +167,9 @@ impl Downstream {
         self.conns.lock().len()
     }
 
-    fn register(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
+    /// A new connection's state, counted as opened and idle; the caller inserts it
+    /// into `conns`.
+    fn new_conn(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
         let base = Instant::now();
         let conn = Arc::new(ClientConn {
             id: self.ids.fetch_add(1, Ordering::Relaxed),
@@ -174,53 +181,89 @@ impl Downstream {
             // that connects and sends nothing is closed after header_read_timeout.
             head_started: AtomicU64::new(1),
             reason: AtomicU8::new(ClientClose::ClientClosed as u8),
+            evicting: AtomicBool::new(false),
             request_ended: Notify::new(),
             kill: Notify::new(),
             downstream: self.clone(),
             tunnel: Mutex::new(None),
             parked: Mutex::new(None),
         });
-        self.conns.lock().insert(conn.id, conn.clone());
         self.opened.increment(1);
         self.idle.increment(1.0);
         conn
     }
 
-    /// Registers a just-accepted client connection, making room under
-    /// `max_client_connections` by closing the longest-idle one; `None` (counted,
-    /// logged) when at the limit with none idle. The caller must wrap the socket in
-    /// a [`ClientIo`] at once, so the registration ends when the socket drops.
-    pub(crate) fn admit(
+    /// Registers a connection with no limit (unit tests).
+    #[cfg(test)]
+    fn register(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
+        let conn = self.new_conn(peer);
+        self.conns.lock().insert(conn.id, conn.clone());
+        conn
+    }
+
+    /// Registers a just-accepted client connection under `max_client_connections`.
+    ///
+    /// The check and the registration happen under one lock, so the registered count
+    /// never exceeds the limit, whichever listeners accept at once. At the limit, one
+    /// connection with no request in flight is evicted (see [`Downstream::victim`])
+    /// and the newcomer waits, at most [`EVICTION_WAIT`], for a place to free: it is
+    /// admitted only once its victim's socket is gone. `None` (counted, logged) when
+    /// no connection can be evicted. The caller must wrap the socket in a
+    /// [`ClientIo`] at once, so the registration ends when the socket drops.
+    pub(crate) async fn admit(
         self: &Arc<Self>,
         peer: SocketAddr,
         config: &crate::config::Config,
     ) -> Option<Arc<ClientConn>> {
         let limit = config.proxy.max_client_connections;
-        if self.open() >= limit && !self.evict_idle() {
-            self.closed[ClientClose::Limit as usize].increment(1);
-            tracing::warn!(client = %peer, limit, "max_client_connections reached and no idle client to close: refusing");
-            return None;
+        let deadline = Instant::now() + EVICTION_WAIT;
+        loop {
+            // Armed before the count is read, so a place freed in between is seen.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let (victim, pending) = {
+                let mut conns = self.conns.lock();
+                if conns.len() < limit {
+                    let conn = self.new_conn(peer);
+                    conns.insert(conn.id, conn.clone());
+                    drop(conns);
+                    self.clients.opened(peer.ip(), &config.diagnosis);
+                    return Some(conn);
+                }
+                let victim = Self::victim(&conns);
+                let pending = conns.values().any(|c| c.evicting.load(Ordering::Relaxed));
+                (victim, pending)
+            };
+            match victim {
+                // Closed outside the lock: a parked victim's socket drops right here,
+                // and its guard takes the lock to deregister.
+                Some(victim) => victim.close(ClientClose::Evicted),
+                None if pending => {} // an earlier victim is still closing: wait for it
+                None => return self.refuse(peer, limit),
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return self.refuse(peer, limit);
+            }
         }
-        self.clients.opened(peer.ip(), &config.diagnosis);
-        Some(self.register(peer))
     }
 
-    /// Asks the client connection idle longest to close; false when none is idle.
-    fn evict_idle(&self) -> bool {
-        let victim = self
-            .conns
-            .lock()
+    fn refuse(&self, peer: SocketAddr, limit: usize) -> Option<Arc<ClientConn>> {
+        self.closed[ClientClose::Limit as usize].increment(1);
+        tracing::warn!(client = %peer, limit, "max_client_connections reached and no idle client to close: refusing");
+        None
+    }
+
+    /// The connection to evict to make room, marked so that it is never chosen
+    /// twice: one with no request in flight, idle longest (a half-sent head counts
+    /// as idle since its last request; it holds nothing a client is waiting for).
+    fn victim(conns: &HashMap<u64, Arc<ClientConn>>) -> Option<Arc<ClientConn>> {
+        let victim = conns
             .values()
-            .filter(|c| !c.busy())
-            .max_by_key(|c| c.idle_for())
-            .cloned();
-        match victim {
-            Some(c) => {
-                c.close(ClientClose::Evicted);
-                true
-            }
-            None => false,
-        }
+            .filter(|c| !c.busy() && !c.evicting.load(Ordering::Relaxed))
+            .max_by_key(|c| c.idle_for())?;
+        victim.evicting.store(true, Ordering::Relaxed);
+        Some(victim.clone())
     }
 
     /// Asks every idle client connection to close (shutdown).
@@ -377,6 +420,7 @@ impl Drop for ClientGuard {
             d.idle.decrement(1.0);
         }
         d.closed[conn.reason.load(Ordering::Relaxed) as usize].increment(1);
+        d.freed.notify_waiters();
     }
 }
 
@@ -480,7 +524,8 @@ pub(crate) async fn accept_admitted(
                 continue;
             }
         };
-        let Some(conn) = shared.downstream.admit(peer, &shared.table().config) else {
+        let config = shared.table().config.clone();
+        let Some(conn) = shared.downstream.admit(peer, &config).await else {
             continue; // refused: the socket drops here
         };
         let _ = stream.set_nodelay(true);
@@ -516,6 +561,16 @@ const PARK_AFTER: Duration = Duration::from_millis(10);
 /// re-arms per request. The watcher reads the connection's clocks when its one timer
 /// fires, at the next deadline it knows of or after this, whichever comes first.
 const RECHECK: Duration = Duration::from_millis(100);
+
+/// How long an idle connection that was asked to close (evicted, shutting down,
+/// timed out) may take to go: hyper flushes what it has written, then drops it.
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
+
+/// How long a connection admitted at `max_client_connections` waits for its
+/// eviction victim to close before it is refused instead. A victim with no request
+/// in flight closes within [`CLOSE_GRACE`]; one whose request began after it was
+/// chosen finishes that request first.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 /// Why [`drive`] stopped.
 enum Ended {
@@ -726,6 +781,15 @@ async fn serve_http(
 
 /// Runs hyper over the socket until it closes, parks, or turns into a tunnel,
 /// enforcing the head and idle timeouts.
+///
+/// The clocks hold in every state, also once the connection has been asked to close
+/// (`closing`: evicted, shutting down, idle-timed-out, or parking): a graceful
+/// shutdown lets hyper finish a response in flight, but hyper waits for a head it
+/// has begun to read, so a connection with no request in flight is never left to
+/// hyper alone. Such a connection closes at once if a head has begun (nothing is
+/// owed to it), and within [`CLOSE_GRACE`] otherwise (hyper flushes what it wrote).
+/// Parking is the one graceful shutdown that may meet a new head: hyper either
+/// hands the bytes back or serves the request, and the head clock still runs.
 async fn drive<S>(
     connection: &mut http1::Connection<TokioIo<ClientIo>, S>,
     conn: &Arc<ClientConn>,
@@ -736,50 +800,57 @@ where
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::ProxyBody> + Unpin,
     S::Future: Send + Unpin + 'static,
 {
-    let mut shutting_down = false;
+    let mut closing = false;
     let mut parking = false;
+    let mut killed = false;
+    let mut stopping = false;
+    // Milliseconds (as `now_ms`) by which an idle connection that was asked to close
+    // must be gone.
+    let mut close_by: Option<u64> = None;
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     loop {
         let now = conn.now_ms();
         let head = conn.head_started.load(Ordering::Relaxed);
-        let wait = if shutting_down {
-            None
-        } else if conn.busy() {
-            Some(RECHECK)
+        let wait = if conn.busy() {
+            RECHECK
         } else if head != 0 {
             let elapsed = Duration::from_millis(now.saturating_sub(head - 1));
+            if closing && !parking {
+                return Ended::Closed; // asked to close with a half-sent head: nothing is owed
+            }
             if elapsed >= config.header_read_timeout {
                 conn.set_reason(ClientClose::HeaderTimeout);
                 return Ended::Closed; // slowloris: drop the socket, no graceful close
             }
-            Some(config.header_read_timeout - elapsed)
+            config.header_read_timeout - elapsed
         } else {
             let elapsed = conn.idle_for();
-            if elapsed >= config.client_idle_timeout {
+            if !closing && elapsed >= config.client_idle_timeout {
                 conn.set_reason(ClientClose::IdleTimeout);
-                shutting_down = true;
+                closing = true;
                 Pin::new(&mut *connection).graceful_shutdown();
-                None
-            } else if elapsed >= PARK_AFTER {
+            } else if !closing && elapsed >= PARK_AFTER {
                 // Hand the idle socket back: hyper stops reading and returns it.
                 parking = true;
-                shutting_down = true;
+                closing = true;
                 Pin::new(&mut *connection).graceful_shutdown();
-                None
+            }
+            if closing {
+                let by = *close_by.get_or_insert(now + CLOSE_GRACE.as_millis() as u64);
+                if now >= by {
+                    return Ended::Closed;
+                }
+                Duration::from_millis(by - now)
             } else {
-                Some(
-                    PARK_AFTER
-                        .min(config.client_idle_timeout)
-                        .saturating_sub(elapsed),
-                )
+                PARK_AFTER
+                    .min(config.client_idle_timeout)
+                    .saturating_sub(elapsed)
             }
         };
-        if let Some(d) = wait {
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + d.min(RECHECK));
-        }
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + wait.min(RECHECK));
         tokio::select! {
             result = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
                 if let Err(e) = result {
@@ -793,23 +864,30 @@ where
                     return Ended::Tunnel;
                 }
                 // A parked socket comes back only if nothing else asked it to close.
-                return if parking && conn.reason.load(Ordering::Relaxed) == ClientClose::ClientClosed as u8 {
+                return if parking && !killed && !stopping {
                     Ended::Parked
                 } else {
                     Ended::Closed
                 };
             }
-            _ = &mut timer, if wait.is_some() => {}
+            _ = &mut timer => {}
             _ = conn.request_ended.notified() => {}
-            _ = conn.kill.notified(), if !shutting_down => {
-                shutting_down = true;
-                Pin::new(&mut *connection).graceful_shutdown();
+            _ = conn.kill.notified(), if !killed => {
+                killed = true;
+                parking = false;
+                if !closing {
+                    closing = true;
+                    Pin::new(&mut *connection).graceful_shutdown();
+                }
             }
-            _ = stop.cancelled(), if !shutting_down || parking => {
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
                 conn.set_reason(ClientClose::Shutdown);
                 parking = false;
-                shutting_down = true;
-                Pin::new(&mut *connection).graceful_shutdown();
+                if !closing {
+                    closing = true;
+                    Pin::new(&mut *connection).graceful_shutdown();
+                }
             }
         }
     }
@@ -851,5 +929,25 @@ mod tests {
         conn.close(ClientClose::Shutdown);
         assert_eq!(downstream.open(), 0, "closing a parked socket drops it");
         drop(client);
+    }
+
+    #[tokio::test]
+    async fn an_eviction_victim_is_never_chosen_twice() {
+        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (a, b) = (downstream.register(peer), downstream.register(peer));
+        let busy = downstream.register(peer);
+        let _request = busy.begin_request();
+        let chosen: Vec<u64> = std::iter::from_fn(|| Downstream::victim(&downstream.conns.lock()))
+            .map(|c| c.id)
+            .collect();
+        let mut expected = vec![a.id, b.id];
+        let mut got = chosen.clone();
+        got.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(
+            got, expected,
+            "each idle connection once, never the busy one"
+        );
     }
 }

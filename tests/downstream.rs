@@ -356,3 +356,158 @@ async fn shutdown_closes_parked_connections_at_once() {
     }
     assert_eq!(shared.downstream.open(), 0);
 }
+
+/// Client sockets in ESTABLISHED state on tether's side of `port` (`ss`); `None`
+/// where `ss` is not installed.
+fn ss_established_from(port: u16) -> Option<usize> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
+/// The attack from the hardening report: fill `max_client_connections` with half-sent
+/// request heads, then keep opening connections that trickle one byte at a time. Each
+/// newcomer may take an evicted connection's place, but at no sample does tether hold
+/// more than the limit: its registry and gauges never exceed it, and the kernel shows
+/// at most one socket more (the one the accept loop is deciding on).
+#[tokio::test]
+async fn half_sent_heads_and_trickling_clients_never_lift_max_client_connections() {
+    const LIMIT: usize = 8;
+    let origin = Origin::start().await;
+    let tether = routed(&origin, |cfg| {
+        cfg.proxy.max_client_connections = LIMIT;
+        cfg.proxy.header_read_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let route = tether.route_addrs[0];
+    let mut held = Vec::new();
+    for _ in 0..LIMIT {
+        let mut s = TcpStream::connect(route).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    assert!(eventually(WAIT, || async { tether.shared.downstream.open() == LIMIT }).await);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let shared = tether.shared.clone();
+        let metrics = tether.shared.telemetry.clone();
+        let stop = stop.clone();
+        let port = route.port();
+        tokio::spawn(async move {
+            let (mut registered, mut gauge, mut kernel) = (0, 0.0f64, 0);
+            while !stop.is_cancelled() {
+                registered = registered.max(shared.downstream.open());
+                let text = metrics.render();
+                let open: f64 = ["active", "idle"]
+                    .iter()
+                    .map(|s| {
+                        metric(&text, "tether_downstream_connections", &[("state", s)])
+                            .unwrap_or(0.0)
+                    })
+                    .sum();
+                gauge = gauge.max(open);
+                kernel = kernel.max(ss_established_from(port).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (registered, gauge, kernel)
+        })
+    };
+    const NEWCOMERS: usize = 24;
+    let mut tricklers = Vec::new();
+    for _ in 0..NEWCOMERS {
+        let mut s = TcpStream::connect(route).await.unwrap();
+        let stop = stop.clone();
+        tricklers.push(tokio::spawn(async move {
+            for byte in b"GET / HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
+                if stop.is_cancelled() || s.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    stop.cancel();
+    let (registered, gauge, kernel) = sampler.await.unwrap();
+    for t in tricklers {
+        t.await.unwrap();
+    }
+    assert!(
+        registered <= LIMIT,
+        "tether registered {registered} clients"
+    );
+    assert!(gauge <= LIMIT as f64, "the gauges showed {gauge} clients");
+    if ss_established_from(route.port()).is_some() {
+        assert!(
+            kernel <= LIMIT + 1,
+            "ss showed {kernel} established sockets"
+        );
+    }
+    let evicted = downstream_closed(&tether, "evicted");
+    let refused = downstream_closed(&tether, "limit");
+    assert!(evicted >= 1.0, "newcomers were admitted by evicting");
+    // Every newcomer either took an evicted connection's place or was refused.
+    assert!(
+        evicted + refused >= NEWCOMERS as f64,
+        "{NEWCOMERS} newcomers: {evicted} evicted, {refused} refused"
+    );
+    // The first half-sent heads were the longest idle: they went first, at once.
+    for mut s in held.drain(..4) {
+        assert!(closed_by_server(&mut s, Duration::from_millis(500)).await);
+    }
+    // Once the attack stops, what is left closes at header_read_timeout.
+    assert!(eventually(WAIT, || async { tether.shared.downstream.open() == 0 }).await);
+}
+
+/// An evicted connection holding a half-sent head is closed at once, not left to
+/// finish its head: the newcomer that evicted it is served meanwhile.
+#[tokio::test]
+async fn an_evicted_half_sent_head_closes_at_once() {
+    let origin = Origin::start().await;
+    let tether = routed(&origin, |cfg| {
+        cfg.proxy.max_client_connections = 1;
+        cfg.proxy.header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let route = tether.route_addrs[0];
+    let mut victim = TcpStream::connect(route).await.unwrap();
+    victim.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    assert!(eventually(WAIT, || async { tether.shared.downstream.open() == 1 }).await);
+    assert_eq!(route_get(route, "/").await.status, 200);
+    assert!(closed_by_server(&mut victim, Duration::from_secs(1)).await);
+    assert_eq!(downstream_closed(&tether, "evicted"), 1.0);
+}
+
+/// A half-sent head does not hold up shutdown until `drain_timeout`: asked to close,
+/// a connection with no request in flight goes at once.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_half_sent_head() {
+    let origin = Origin::start().await;
+    let tether = routed(&origin, |cfg| {
+        cfg.proxy.header_read_timeout = Duration::from_secs(60);
+        cfg.proxy.drain_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let route = tether.route_addrs[0];
+    let mut client = TcpStream::connect(route).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(eventually(WAIT, || async { tether.shared.downstream.open() == 1 }).await);
+    let cut = tokio::time::timeout(WAIT, tether.shutdown())
+        .await
+        .expect("shutdown does not wait for the head");
+    assert_eq!(cut, 0, "the connection closed by itself, it was not cut");
+    assert!(closed_by_server(&mut client, Duration::from_secs(1)).await);
+}
