@@ -155,7 +155,7 @@ fn run(args: RunArgs) -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let running = match tether::start(config).await {
             Ok(r) => r,
             Err(tether::StartError::Config(e)) => {
@@ -167,14 +167,29 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        serve_until_stopped(&running, args.config.as_deref()).await;
-        tracing::info!("shutting down");
-        let cut = running.shutdown().await;
-        if cut > 0 {
-            tracing::warn!(cut, "client connections were cut at drain_timeout");
+        let mut signals = Signals::new();
+        signals
+            .serve_until_stopped(&running, args.config.as_deref())
+            .await;
+        tracing::info!("shutting down (a second SIGTERM or SIGINT exits at once)");
+        tokio::select! {
+            cut = running.shutdown() => {
+                if cut > 0 {
+                    tracing::warn!(cut, "client connections were cut at drain_timeout");
+                }
+                ExitCode::SUCCESS
+            }
+            (signal, number) = signals.stop() => {
+                tracing::warn!(signal, "second stop signal during the drain: exiting at once");
+                // 128 + the signal's number, as a shell reports a process it killed.
+                ExitCode::from(128 + number)
+            }
         }
-        ExitCode::SUCCESS
-    })
+    });
+    // Not waiting for blocking tasks (DNS lookups) on the way out: after a forced
+    // exit nothing is owed to them, and after a drain nothing is left.
+    runtime.shutdown_background();
+    code
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
@@ -277,20 +292,56 @@ fn iptables(args: IptablesArgs) -> ExitCode {
     }
 }
 
-/// Runs until SIGTERM or SIGINT; SIGHUP reloads the configuration file.
-async fn serve_until_stopped(running: &tether::Running, config: Option<&std::path::Path>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    loop {
+/// The signals `tether run` obeys: SIGTERM and SIGINT stop it (a second one during
+/// the drain exits at once), SIGHUP reloads the configuration file.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            hup: signal(SignalKind::hangup()).expect("SIGHUP handler"),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT: its name and number.
+    async fn stop(&mut self) -> (&'static str, u8) {
+        Self::either(&mut self.term, &mut self.int).await
+    }
+
+    async fn either(
+        term: &mut tokio::signal::unix::Signal,
+        int: &mut tokio::signal::unix::Signal,
+    ) -> (&'static str, u8) {
         tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the configuration");
-                // Errors are logged by reload; the running configuration stays.
-                let _ = running.reload_from(config).await;
+            _ = term.recv() => ("SIGTERM", 15),
+            _ = int.recv() => ("SIGINT", 2),
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT, reloading the configuration on SIGHUP.
+    async fn serve_until_stopped(
+        &mut self,
+        running: &tether::Running,
+        config: Option<&std::path::Path>,
+    ) {
+        loop {
+            tokio::select! {
+                (signal, _) = Self::either(&mut self.term, &mut self.int) => {
+                    tracing::info!(signal, "stop signal received");
+                    return;
+                }
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // Errors are logged by reload; the running configuration stays.
+                    let _ = running.reload_from(config).await;
+                }
             }
         }
     }

@@ -338,3 +338,35 @@ async fn sighup_reloads_the_config_file_and_a_bad_file_keeps_the_old_one() {
     let reply = proxy_get(tether.proxy, &format!("http://{}/", origin.authority())).await;
     assert_eq!(reply.status, 200);
 }
+
+#[tokio::test]
+async fn a_second_sigterm_during_the_drain_exits_at_once() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    cfg.proxy.drain_timeout = Duration::from_secs(60);
+    let mut tether = Binary::start(&cfg);
+    let url = format!("http://{}/delay/60000", origin.authority());
+    let proxy = tether.proxy;
+    // A request that would hold the drain for its whole timeout.
+    let _in_flight = tokio::spawn(async move { proxy_get(proxy, &url).await });
+    assert!(eventually(WAIT, || async { origin.requests() == 1 }).await);
+    tether.signal("TERM");
+    assert!(
+        eventually(WAIT, || async {
+            route_get(tether.admin, "/readyz").await.status == 503
+        })
+        .await,
+        "draining"
+    );
+    assert_eq!(
+        tether.wait_exit(Duration::from_millis(300)),
+        None,
+        "still draining"
+    );
+    tether.signal("TERM");
+    assert_eq!(
+        tether.wait_exit(WAIT),
+        Some(128 + 15),
+        "the second SIGTERM ends the drain at once"
+    );
+}
