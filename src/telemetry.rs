@@ -230,3 +230,62 @@ mod tests {
         assert!(task.is_finished(), "a dropped telemetry ends its upkeep");
     }
 }
+
+/// A log line that anyone who can open a connection can trigger: written at most once
+/// per `interval`, the next one saying how many were left out meanwhile, so a flood
+/// of such connections cannot flood the log.
+pub struct Throttle {
+    interval: Duration,
+    /// When the last line was written, and how many were left out since.
+    state: parking_lot::Mutex<(Option<tokio::time::Instant>, u64)>,
+}
+
+impl Throttle {
+    pub const fn new(interval: Duration) -> Throttle {
+        Throttle {
+            interval,
+            state: parking_lot::const_mutex((None, 0)),
+        }
+    }
+
+    /// `Some(left out since the last line)` when a line may be written now; `None`
+    /// (counted) when it is left out.
+    pub fn admit(&self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut state = self.state.lock();
+        match state.0 {
+            Some(last) if now.saturating_duration_since(last) < self.interval => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let left_out = std::mem::take(&mut state.1);
+                state.0 = Some(now);
+                Some(left_out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_line_is_written_once_per_interval_with_the_count_left_out() {
+        let throttle = Throttle::new(Duration::from_secs(10));
+        assert_eq!(throttle.admit(), Some(0), "the first line is written");
+        for _ in 0..99 {
+            assert_eq!(throttle.admit(), None);
+        }
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(throttle.admit(), None, "still within the interval");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            throttle.admit(),
+            Some(100),
+            "the next line counts what was left out"
+        );
+        assert_eq!(throttle.admit(), None);
+    }
+}

@@ -29,6 +29,7 @@ use crate::error::ProxyError;
 use crate::listener::{self, ClientClose, ClientConn, ClientIo};
 use crate::policy::{Decision, Origin};
 use crate::proxy::Mode;
+use crate::telemetry::Throttle;
 use crate::upstream::{CloseReason, Upstream};
 use crate::{Shared, Table};
 
@@ -39,11 +40,12 @@ pub async fn accept_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let refusals = Arc::new(Refusals::default());
     while let Some((stream, conn)) =
         crate::listener::accept_admitted(&listener, &shared, &stop).await
     {
         let io = ClientIo::new(stream, conn.clone());
-        let serve = serve(io, conn, shared.clone(), stop.clone());
+        let serve = serve(io, conn, shared.clone(), stop.clone(), refusals.clone());
         tracker.spawn(async move {
             // Boxed: the classification's state (and a tunnel's) is not carried
             // by the task while it serves HTTP.
@@ -54,6 +56,26 @@ pub async fn accept_loop(
     }
 }
 
+/// Any local process can open connections that end up refused here (the listener's
+/// port is reachable without iptables, and iptables redirects whatever a pod dials),
+/// so those warnings are throttled per listener: one line per interval, with the
+/// count left out. Every such connection is still counted (`reason="denied"`).
+struct Refusals {
+    not_redirected: Throttle,
+    denied: Throttle,
+}
+
+impl Default for Refusals {
+    fn default() -> Refusals {
+        Refusals {
+            not_redirected: Throttle::new(REFUSAL_LOG_INTERVAL),
+            denied: Throttle::new(REFUSAL_LOG_INTERVAL),
+        }
+    }
+}
+
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Classifies a redirected connection and runs it as a tunnel, or returns the
 /// HTTP server to run it with.
 async fn serve(
@@ -61,13 +83,16 @@ async fn serve(
     conn: Arc<ClientConn>,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    refusals: Arc<Refusals>,
 ) -> Option<impl std::future::Future<Output = ()> + Send> {
     let client = conn.peer;
     let destination = match original_destination(io.stream()) {
         Ok(destination) => destination,
         Err(e) => {
             conn.set_reason(ClientClose::Denied);
-            tracing::warn!(%client, error = %e, "closing a connection to the transparent listener that iptables did not redirect");
+            if let Some(left_out) = refusals.not_redirected.admit() {
+                tracing::warn!(%client, error = %e, left_out, "closing a connection to the transparent listener that iptables did not redirect (left_out: how many more since the last such line)");
+            }
             return None;
         }
     };
@@ -76,7 +101,9 @@ async fn serve(
         Ok(upstream) => upstream,
         Err(e) => {
             conn.set_reason(ClientClose::Denied);
-            tracing::warn!(%client, %destination, error = %e, "redirected connection closed");
+            if let Some(left_out) = refusals.denied.admit() {
+                tracing::warn!(%client, %destination, error = %e, left_out, "redirected connection closed (left_out: how many more since the last such line)");
+            }
             return None;
         }
     };

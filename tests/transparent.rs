@@ -96,3 +96,61 @@ fn iptables_print_takes_the_ports_from_the_config_and_needs_a_uid() {
     assert_eq!(no_uid.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&no_uid.stderr).contains("--uid"));
 }
+
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+/// Any local process can reach the transparent listener without being redirected:
+/// a flood of such connections is counted in full, but logged once per interval.
+#[tokio::test(flavor = "current_thread")]
+async fn a_flood_of_connections_that_were_not_redirected_logs_one_warning() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    cfg.transparent.enabled = true;
+    cfg.transparent.listen = "127.0.0.1:0".parse().unwrap();
+    let tether = start(cfg).await;
+    let listen = tether.transparent_addr.unwrap();
+    const FLOOD: usize = 50;
+    for _ in 0..FLOOD {
+        let mut client = TcpStream::connect(listen).await.unwrap();
+        let mut reply = Vec::new();
+        let _ = client.read_to_end(&mut reply).await;
+    }
+    let denied = || {
+        metric(
+            &tether.metrics(),
+            "tether_downstream_connections_closed_total",
+            &[("reason", "denied")],
+        )
+    };
+    assert!(eventually(WAIT, || async { denied() == Some(FLOOD as f64) }).await);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warnings = text
+        .lines()
+        .filter(|l| l.contains(" WARN tether::transparent"))
+        .count();
+    assert_eq!(warnings, 1, "one warning for {FLOOD} connections:\n{text}");
+}
