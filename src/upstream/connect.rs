@@ -1,6 +1,8 @@
 //! Opening upstream sockets: DNS, TCP with `TCP_NODELAY`, and TLS origination with
-//! rustls (SNI, ALPN, system/webpki roots plus an optional CA file). The connect
-//! timeout covers all of it.
+//! rustls (SNI, ALPN, system/webpki roots plus an optional CA file whose certificates
+//! are also pinned, see [`verify`]). The connect timeout covers all of it.
+
+mod verify;
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,6 +22,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::{Protocol, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::policy::{is_private, Origin};
+use verify::PinningVerifier;
 
 /// How to reach one origin.
 #[derive(Clone)]
@@ -244,23 +247,29 @@ fn client_config(config: &UpstreamConfig) -> Result<ClientConfig, String> {
             // A malformed system certificate must not stop tether from starting.
             let _ = roots.add(cert);
         }
-        if let Some(path) = &config.ca_file {
-            let pem =
-                std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            let mut added = 0;
-            for cert in rustls_pemfile_certs(&pem)
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?
-            {
-                roots
-                    .add(cert)
+        match &config.ca_file {
+            // Without ca_file, exactly rustls' WebPKI verification.
+            None => builder.with_root_certificates(roots).with_no_client_auth(),
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                let pinned = rustls_pemfile_certs(&pem)
                     .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-                added += 1;
-            }
-            if added == 0 {
-                return Err(format!("ca_file {} holds no certificate", path.display()));
+                if pinned.is_empty() {
+                    return Err(format!("ca_file {} holds no certificate", path.display()));
+                }
+                for cert in &pinned {
+                    roots
+                        .add(cert.clone())
+                        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                }
+                let verifier = PinningVerifier::new(pinned, roots, provider.clone())?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(verifier))
+                    .with_no_client_auth()
             }
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
     };
     tls.alpn_protocols = match config.protocol {
         Protocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
