@@ -179,7 +179,9 @@ async fn an_untrusted_certificate_is_a_502_upstream_tls_and_nothing_leaks() {
         &tether,
         &origin,
         "upstream_tls",
-        "invalid certificate: UnknownIssuer",
+        "invalid certificate: UnknownIssuer: the certificate is not signed by a CA in \
+         the system roots (no ca_file is set): set ca_file to the CA that signed it, or \
+         to the server's own certificate if it is self-signed",
     )
     .await;
     assert_eq!(origin.listening().tls_failures(), origin.accepted());
@@ -191,7 +193,15 @@ async fn a_certificate_for_another_name_is_a_502_upstream_tls() {
     let origin = pki.origin(&["registry.test"], ALPN_HTTP1).await;
     // Verified against the origin's address, which the certificate does not name.
     let tether = start(tls_config(&origin, Some(&pki.ca_file), |_, _| {})).await;
-    assert_refused(&tether, &origin, "upstream_tls", "NotValidForName").await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "NotValidForName: the certificate names DNS:registry.test, not 127.0.0.1 (the \
+         host of origin): origin's host must be one of the names it has, or set sni to one \
+         of them",
+    )
+    .await;
     tether.shutdown().await;
 
     // An `sni` override naming something else fails the same way.
@@ -199,7 +209,14 @@ async fn a_certificate_for_another_name_is_a_502_upstream_tls() {
         up.sni = Some("other.test".into());
     }))
     .await;
-    assert_refused(&tether, &origin, "upstream_tls", "NotValidForName").await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "NotValidForName: the certificate names DNS:registry.test, not other.test (sni): \
+         set sni to one of the names it has",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -249,11 +266,19 @@ async fn a_pinned_certificate_is_still_checked_against_the_name() {
     let origin = origin_presenting(&id).await;
     // Verified against the origin's address, which the certificate does not name.
     let tether = start(tls_config(&origin, Some(&ca_file), |_, _| {})).await;
-    assert_refused(&tether, &origin, "upstream_tls", "NotValidForName").await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "NotValidForName: the certificate names DNS:registry.test, not 127.0.0.1 (the \
+         host of origin): origin's host must be one of the names it has, or set sni to one \
+         of them",
+    )
+    .await;
 }
 
 #[tokio::test]
-async fn an_expired_pinned_certificate_is_refused() {
+async fn an_expired_pinned_certificate_is_refused_with_its_dates() {
     let id = Identity::self_signed_ca_valid(&["127.0.0.1"], (2000, 1, 1), (2020, 1, 1));
     // 2010-01-01, while it was valid.
     assert_stock_webpki_refuses_as_ca(
@@ -263,18 +288,33 @@ async fn an_expired_pinned_certificate_is_refused() {
     let ca_file = id.cert_pem_file().expect("write the certificate PEM");
     let origin = origin_presenting(&id).await;
     let tether = start(tls_config(&origin, Some(&ca_file), |_, _| {})).await;
-    assert_refused(&tether, &origin, "upstream_tls", "ExpiredContext").await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "invalid certificate: Expired: the certificate expired at 2020-01-01T00:00:00Z",
+    )
+    .await;
 }
 
 #[tokio::test]
-async fn a_self_signed_ca_certificate_not_in_ca_file_is_refused() {
+async fn a_self_signed_ca_certificate_not_in_ca_file_is_refused_with_what_to_set() {
     let pinned = Identity::self_signed_ca(&["127.0.0.1"]);
     let presented = Identity::self_signed_ca(&["127.0.0.1"]);
     assert_stock_webpki_refuses_as_ca(&presented, UnixTime::now());
     let ca_file = pinned.cert_pem_file().expect("write the certificate PEM");
     let origin = origin_presenting(&presented).await;
     let tether = start(tls_config(&origin, Some(&ca_file), |_, _| {})).await;
-    assert_refused(&tether, &origin, "upstream_tls", "CaUsedAsEndEntity").await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "invalid certificate: CaUsedAsEndEntity: the server presents a CA certificate \
+         (basicConstraints CA:TRUE, as `openssl req -x509` makes by default) as its own, \
+         and ca_file does not hold that exact certificate: if it is the server's \
+         self-signed certificate, set ca_file to it",
+    )
+    .await;
 }
 
 #[tokio::test]

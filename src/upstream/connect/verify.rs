@@ -1,4 +1,5 @@
-//! Verifying an upstream's certificate when `ca_file` is set.
+//! Verifying an upstream's certificate when `ca_file` is set, and saying what to do
+//! when a certificate is refused.
 //!
 //! WebPKI, as rustls implements it, refuses a certificate with basicConstraints
 //! `CA:TRUE` as a server's own (`CaUsedAsEndEntity`), even when that certificate is
@@ -11,7 +12,7 @@
 //! and without `ca_file` nothing here is used at all.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{verify_server_name, WebPkiServerVerifier};
@@ -66,7 +67,7 @@ impl ServerCertVerifier for PinningVerifier {
                 now,
             );
         }
-        // The same errors WebPKI gives for the same faults.
+        // The same errors WebPKI gives, so the guidance below reads the same.
         let cert = ParsedCertificate::try_from(end_entity)?;
         verify_server_name(&cert, server_name)?;
         check_validity(end_entity, now)?;
@@ -231,6 +232,132 @@ fn days_since_epoch(year: u64, month: u64, day: u64) -> u64 {
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
     // 719_468 days from 0000-03-01 to 1970-01-01.
     era * 146_097 + day_of_era - 719_468
+}
+
+/// What the guidance for a refused certificate needs to know of the configuration.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Trust {
+    /// `ca_file` is set.
+    pub ca_file: bool,
+    /// The name verified is `sni`, not the origin's host.
+    pub sni: bool,
+}
+
+/// A refused certificate, said in a line that tells the operator what to change.
+/// Starts `invalid certificate: <rustls' name for the cause>` so the cause stays
+/// greppable.
+pub(super) fn refusal(error: &CertificateError, trust: Trust) -> String {
+    let why = match error {
+        CertificateError::UnknownIssuer => {
+            let searched = if trust.ca_file {
+                "ca_file or the system roots"
+            } else {
+                "the system roots (no ca_file is set)"
+            };
+            format!(
+                "UnknownIssuer: the certificate is not signed by a CA in {searched}: set \
+                 ca_file to the CA that signed it, or to the server's own certificate if it \
+                 is self-signed"
+            )
+        }
+        // WebPKI's own error, passed through by rustls as `Other`; webpki is not a
+        // direct dependency, and its Display is the variant's name.
+        CertificateError::Other(other) if other.0.to_string() == "CaUsedAsEndEntity" => {
+            let not_pinned = if trust.ca_file {
+                "ca_file does not hold that exact certificate"
+            } else {
+                "no ca_file is set"
+            };
+            format!(
+                "CaUsedAsEndEntity: the server presents a CA certificate (basicConstraints \
+                 CA:TRUE, as `openssl req -x509` makes by default) as its own, and \
+                 {not_pinned}: if it is the server's self-signed certificate, set ca_file to it"
+            )
+        }
+        CertificateError::NotValidForNameContext {
+            expected,
+            presented,
+        } => {
+            let names = if presented.is_empty() {
+                "no host (no DNS or IP subjectAltName; its CN is not used)".to_string()
+            } else {
+                presented
+                    .iter()
+                    .map(|n| san(n))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let expected = expected.to_str();
+            if trust.sni {
+                format!(
+                    "NotValidForName: the certificate names {names}, not {expected} (sni): \
+                     set sni to one of the names it has"
+                )
+            } else {
+                format!(
+                    "NotValidForName: the certificate names {names}, not {expected} (the host \
+                     of origin): origin's host must be one of the names it has, or set sni to \
+                     one of them"
+                )
+            }
+        }
+        CertificateError::ExpiredContext { time, not_after } => format!(
+            "Expired: the certificate expired at {} (it is now {}): renew the server's \
+             certificate, and replace it in ca_file if that is where it is trusted",
+            date(*not_after),
+            date(*time)
+        ),
+        CertificateError::NotValidYetContext { time, not_before } => format!(
+            "NotValidYet: the certificate is valid only from {} (it is now {}): check the \
+             clock of this host and of whoever issued the certificate",
+            date(*not_before),
+            date(*time)
+        ),
+        other => format!("{other:?}"),
+    };
+    format!("invalid certificate: {why}")
+}
+
+/// webpki's `DnsName("a")` / `IpAddress(1.2.3.4)` in the `DNS:a` / `IP:1.2.3.4` form
+/// operators wrote in `subjectAltName`. The server chose these bytes and they end up
+/// in a log line, so control characters are escaped.
+fn san(presented: &str) -> String {
+    let mut clean = String::with_capacity(presented.len());
+    for c in presented.chars() {
+        if c.is_control() {
+            clean.extend(c.escape_default());
+        } else {
+            clean.push(c);
+        }
+    }
+    let presented = clean.as_str();
+    if let Some(dns) = presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|s| s.strip_suffix("\")"))
+    {
+        format!("DNS:{dns}")
+    } else if let Some(ip) = presented
+        .strip_prefix("IpAddress(")
+        .and_then(|s| s.strip_suffix(')'))
+    {
+        format!("IP:{ip}")
+    } else {
+        presented.to_string()
+    }
+}
+
+/// RFC 3339 to the second. humantime refuses anything after 9999 with a formatting
+/// error, which `format!` turns into a panic; no certificate date gets there, but
+/// the clock is not ours.
+fn date(t: UnixTime) -> String {
+    const YEAR_10000: u64 = 253_402_300_800;
+    let secs = t.as_secs();
+    if secs < YEAR_10000 {
+        let at: SystemTime = UNIX_EPOCH + Duration::from_secs(secs);
+        humantime::format_rfc3339_seconds(at).to_string()
+    } else {
+        format!("{secs} s after 1970")
+    }
 }
 
 #[cfg(test)]
@@ -405,6 +532,80 @@ mod tests {
         assert_eq!(
             cert_error(verify(&verifier, &other, "127.0.0.1", UnixTime::now())),
             CertificateError::UnknownIssuer
+        );
+    }
+
+    const NO_CA_FILE: Trust = Trust {
+        ca_file: false,
+        sni: false,
+    };
+
+    #[test]
+    fn a_name_mismatch_lists_the_names_and_says_which_key_chose_the_name() {
+        let error = CertificateError::NotValidForNameContext {
+            expected: name("other.test"),
+            presented: vec![
+                "DnsName(\"registry.test\")".into(),
+                "IpAddress(10.0.0.1)".into(),
+            ],
+        };
+        assert_eq!(
+            refusal(
+                &error,
+                Trust {
+                    ca_file: true,
+                    sni: true
+                }
+            ),
+            "invalid certificate: NotValidForName: the certificate names DNS:registry.test, \
+             IP:10.0.0.1, not other.test (sni): set sni to one of the names it has"
+        );
+        let hostile = CertificateError::NotValidForNameContext {
+            expected: name("a.test"),
+            presented: vec!["DnsName(\"b.test\nINFO forged\")".into()],
+        };
+        assert!(
+            refusal(&hostile, NO_CA_FILE).contains("names DNS:b.test\\nINFO forged, not"),
+            "{}",
+            refusal(&hostile, NO_CA_FILE)
+        );
+        let nameless = CertificateError::NotValidForNameContext {
+            expected: name("10.0.0.2"),
+            presented: vec![],
+        };
+        assert_eq!(
+            refusal(&nameless, NO_CA_FILE),
+            "invalid certificate: NotValidForName: the certificate names no host (no DNS or \
+             IP subjectAltName; its CN is not used), not 10.0.0.2 (the host of origin): \
+             origin's host must be one of the names it has, or set sni to one of them"
+        );
+    }
+
+    #[test]
+    fn a_certificate_not_valid_yet_says_from_when() {
+        let error = CertificateError::NotValidYetContext {
+            time: at(JAN_2000),
+            not_before: at(JAN_2020),
+        };
+        assert_eq!(
+            refusal(&error, NO_CA_FILE),
+            "invalid certificate: NotValidYet: the certificate is valid only from \
+             2020-01-01T00:00:00Z (it is now 2000-01-01T00:00:00Z): check the clock of this \
+             host and of whoever issued the certificate"
+        );
+    }
+
+    #[test]
+    fn dates_past_year_9999_are_written_without_panicking() {
+        assert_eq!(date(at(253_402_214_400)), "9999-12-31T00:00:00Z");
+        assert_eq!(date(at(u64::MAX)), format!("{} s after 1970", u64::MAX));
+    }
+
+    #[test]
+    fn other_refusals_keep_rustls_name_for_the_cause() {
+        assert_eq!(
+            refusal(&CertificateError::BadSignature, NO_CA_FILE),
+            "invalid certificate: BadSignature"
         );
     }
 }
