@@ -9,9 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{ServerName, UnixTime};
+use rustls::RootCertStore;
 use support::*;
 use tether::config::{Config, Protocol, UpstreamConfig};
-use tether::testkit::tls::{TestCa, ALPN_H2_HTTP1, ALPN_HTTP1};
+use tether::testkit::tls::{Identity, TestCa, ALPN_H2_HTTP1, ALPN_HTTP1};
 use tokio::net::TcpListener;
 
 /// A CA for one test, its PEM on disk for `ca_file`.
@@ -40,6 +44,38 @@ impl Pki {
         })
         .await
     }
+}
+
+/// A TLS origin presenting `id`, HTTP/1.1 only.
+async fn origin_presenting(id: &Identity) -> Origin {
+    Origin::start_with(OriginOptions {
+        tls: Some(id.server_config(ALPN_HTTP1)),
+        ..Default::default()
+    })
+    .await
+}
+
+/// Stock WebPKI, even with `id`'s certificate as a trust anchor, refuses it as
+/// `CaUsedAsEndEntity`: the certificate really carries `CA:TRUE`, so a test using it
+/// exercises pinning and would fail if the generator stopped making CA certificates.
+/// `at` is a time within the certificate's validity (WebPKI checks dates first).
+fn assert_stock_webpki_refuses_as_ca(id: &Identity, at: UnixTime) {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(id.chain[0].clone())
+        .expect("a usable trust anchor");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .expect("a verifier");
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let refused = webpki
+        .verify_server_cert(&id.chain[0], &[], &name, &[], at)
+        .expect_err("WebPKI refuses a CA certificate as an end entity");
+    assert!(
+        format!("{refused:?}").contains("CaUsedAsEndEntity"),
+        "{refused:?}"
+    );
 }
 
 /// One TLS upstream `up` behind a route, fast reaping; `f` adjusts the upstream.
@@ -143,7 +179,9 @@ async fn an_untrusted_certificate_is_a_502_upstream_tls_and_nothing_leaks() {
         &tether,
         &origin,
         "upstream_tls",
-        "invalid certificate: UnknownIssuer",
+        "invalid certificate: UnknownIssuer: the certificate is not signed by a CA in \
+         the system roots (no ca_file is set): set ca_file to the CA that signed it, or \
+         to the server's own certificate if it is self-signed",
     )
     .await;
     assert_eq!(origin.listening().tls_failures(), origin.accepted());
@@ -155,7 +193,15 @@ async fn a_certificate_for_another_name_is_a_502_upstream_tls() {
     let origin = pki.origin(&["registry.test"], ALPN_HTTP1).await;
     // Verified against the origin's address, which the certificate does not name.
     let tether = start(tls_config(&origin, Some(&pki.ca_file), |_, _| {})).await;
-    assert_refused(&tether, &origin, "upstream_tls", "NotValidForName").await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "NotValidForName: the certificate names DNS:registry.test, not 127.0.0.1 (the \
+         host of origin): origin's host must be one of the names it has, or set sni to one \
+         of them",
+    )
+    .await;
     tether.shutdown().await;
 
     // An `sni` override naming something else fails the same way.
@@ -163,7 +209,14 @@ async fn a_certificate_for_another_name_is_a_502_upstream_tls() {
         up.sni = Some("other.test".into());
     }))
     .await;
-    assert_refused(&tether, &origin, "upstream_tls", "NotValidForName").await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "NotValidForName: the certificate names DNS:registry.test, not other.test (sni): \
+         set sni to one of the names it has",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -179,6 +232,89 @@ async fn sni_names_the_certificate_to_verify() {
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
     assert_eq!(origin.accepted(), 1, "one TLS socket, reused");
+}
+
+#[tokio::test]
+async fn a_self_signed_ca_certificate_in_ca_file_is_trusted_as_the_servers_own() {
+    // What `openssl req -x509 ... -addext subjectAltName=DNS:registry.test` makes.
+    let id = Identity::self_signed_ca(&["registry.test", "127.0.0.1"]);
+    assert_stock_webpki_refuses_as_ca(&id, UnixTime::now());
+    let ca_file = id.cert_pem_file().expect("write the certificate PEM");
+    let origin = origin_presenting(&id).await;
+    // Reached by its DNS name (the registry case) and by its IP SAN.
+    for sni in [Some("registry.test"), None] {
+        let tether = start(tls_config(&origin, Some(&ca_file), |_, up| {
+            up.sni = sni.map(String::from);
+        }))
+        .await;
+        for _ in 0..3 {
+            let reply = route_get(tether.route_addrs[0], "/").await;
+            assert_eq!(reply.status, 200, "sni {sni:?}: {}", reply.text());
+        }
+        tether.shutdown().await;
+    }
+    assert_eq!(origin.accepted(), 2, "one TLS socket per run, reused");
+    assert_eq!(origin.requests(), 6);
+    assert_eq!(origin.listening().tls_failures(), 0);
+}
+
+#[tokio::test]
+async fn a_pinned_certificate_is_still_checked_against_the_name() {
+    let id = Identity::self_signed_ca(&["registry.test"]);
+    assert_stock_webpki_refuses_as_ca(&id, UnixTime::now());
+    let ca_file = id.cert_pem_file().expect("write the certificate PEM");
+    let origin = origin_presenting(&id).await;
+    // Verified against the origin's address, which the certificate does not name.
+    let tether = start(tls_config(&origin, Some(&ca_file), |_, _| {})).await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "NotValidForName: the certificate names DNS:registry.test, not 127.0.0.1 (the \
+         host of origin): origin's host must be one of the names it has, or set sni to one \
+         of them",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_expired_pinned_certificate_is_refused_with_its_dates() {
+    let id = Identity::self_signed_ca_valid(&["127.0.0.1"], (2000, 1, 1), (2020, 1, 1));
+    // 2010-01-01, while it was valid.
+    assert_stock_webpki_refuses_as_ca(
+        &id,
+        UnixTime::since_unix_epoch(Duration::from_secs(1_262_304_000)),
+    );
+    let ca_file = id.cert_pem_file().expect("write the certificate PEM");
+    let origin = origin_presenting(&id).await;
+    let tether = start(tls_config(&origin, Some(&ca_file), |_, _| {})).await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "invalid certificate: Expired: the certificate expired at 2020-01-01T00:00:00Z",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_self_signed_ca_certificate_not_in_ca_file_is_refused_with_what_to_set() {
+    let pinned = Identity::self_signed_ca(&["127.0.0.1"]);
+    let presented = Identity::self_signed_ca(&["127.0.0.1"]);
+    assert_stock_webpki_refuses_as_ca(&presented, UnixTime::now());
+    let ca_file = pinned.cert_pem_file().expect("write the certificate PEM");
+    let origin = origin_presenting(&presented).await;
+    let tether = start(tls_config(&origin, Some(&ca_file), |_, _| {})).await;
+    assert_refused(
+        &tether,
+        &origin,
+        "upstream_tls",
+        "invalid certificate: CaUsedAsEndEntity: the server presents a CA certificate \
+         (basicConstraints CA:TRUE, as `openssl req -x509` makes by default) as its own, \
+         and ca_file does not hold that exact certificate: if it is the server's \
+         self-signed certificate, set ca_file to it",
+    )
+    .await;
 }
 
 #[tokio::test]

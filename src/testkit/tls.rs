@@ -110,6 +110,47 @@ impl TestCa {
 }
 
 impl Identity {
+    /// A self-signed server certificate for `names` made the way
+    /// `openssl req -x509 -newkey ... -nodes -subj /CN=x -addext subjectAltName=...`
+    /// makes one: its own issuer, basicConstraints `CA:TRUE` (critical), no key usage
+    /// or extended key usage. Stock WebPKI refuses such a certificate as an end entity
+    /// (`CaUsedAsEndEntity`) even when it is a trust anchor; private registries are
+    /// commonly set up with exactly this. Valid from 1975 to 4096.
+    pub fn self_signed_ca(names: &[&str]) -> Identity {
+        Identity::self_signed_ca_valid(names, (1975, 1, 1), (4096, 1, 1))
+    }
+
+    /// [`Identity::self_signed_ca`] valid from `not_before` to `not_after`, both
+    /// `(year, month, day)` at midnight UTC (rcgen writes UTCTime before 2050 and
+    /// GeneralizedTime from then on, as RFC 5280 requires).
+    pub fn self_signed_ca_valid(
+        names: &[&str],
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> Identity {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).expect("valid subject names");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().map_or("tether self-signed", String::as_str),
+        );
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = KeyPair::generate().expect("generate a P-256 key");
+        let cert = params.self_signed(&key).expect("self-sign the certificate");
+        Identity {
+            chain: vec![cert.der().clone()],
+            key_pkcs8: key.serialize_der(),
+        }
+    }
+
+    /// Writes the chain to a temporary PEM file (for `ca_file`, to pin a self-signed
+    /// certificate); the file is removed when the returned path drops.
+    pub fn cert_pem_file(&self) -> std::io::Result<TempPath> {
+        write_temp(self.cert_pem().as_bytes(), ".pem")
+    }
+
     /// The private key, PKCS#8 DER.
     pub fn key_pkcs8_der(&self) -> &[u8] {
         &self.key_pkcs8

@@ -1,6 +1,8 @@
 //! Opening upstream sockets: DNS, TCP with `TCP_NODELAY`, and TLS origination with
-//! rustls (SNI, ALPN, system/webpki roots plus an optional CA file). The connect
-//! timeout covers all of it.
+//! rustls (SNI, ALPN, system/webpki roots plus an optional CA file whose certificates
+//! are also pinned, see [`verify`]). The connect timeout covers all of it.
+
+mod verify;
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,15 +22,25 @@ use tokio_rustls::TlsConnector;
 use crate::config::{Protocol, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::policy::{is_private, Origin};
+use verify::{PinningVerifier, Trust};
 
 /// How to reach one origin.
 #[derive(Clone)]
 pub struct Connector {
     origin: Origin,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    tls: Option<TlsOrigin>,
     protocol: Protocol,
     /// Refuse loopback/link-local destinations (origins reached by allow pattern).
     deny_private: bool,
+}
+
+/// What TLS origination needs: the client config, the name to verify, and what the
+/// advice for a refused certificate depends on.
+#[derive(Clone)]
+struct TlsOrigin {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    trust: Trust,
 }
 
 /// A connected upstream socket, plain or TLS.
@@ -56,7 +68,14 @@ impl Connector {
                 .unwrap_or_else(|| origin.bare_host().to_string());
             let server_name = ServerName::try_from(name.clone())
                 .map_err(|e| format!("server name {name:?}: {e}"))?;
-            Some((TlsConnector::from(Arc::new(tls_config)), server_name))
+            Some(TlsOrigin {
+                connector: TlsConnector::from(Arc::new(tls_config)),
+                server_name,
+                trust: Trust {
+                    ca_file: config.ca_file.is_some(),
+                    sni: config.sni.is_some(),
+                },
+            })
         } else {
             None
         };
@@ -108,7 +127,7 @@ impl Connector {
     async fn connect_inner(&self) -> Result<Connected, ProxyError> {
         let tcp = self.connect_tcp().await?;
         let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
-        let Some((connector, server_name)) = &self.tls else {
+        let Some(setup) = &self.tls else {
             return Ok(Connected {
                 io: Io::Plain(tcp),
                 local_port,
@@ -116,8 +135,9 @@ impl Connector {
                 h2: self.protocol == Protocol::Http2,
             });
         };
-        let tls = connector
-            .connect(server_name.clone(), tcp)
+        let tls = setup
+            .connector
+            .connect(setup.server_name.clone(), tcp)
             .await
             .map_err(|e| {
                 let origin = self.origin.to_string();
@@ -138,7 +158,7 @@ impl Connector {
                 } else {
                     ProxyError::Tls {
                         origin,
-                        reason: tls_reason(&e),
+                        reason: tls_reason(&e, setup.trust),
                     }
                 }
             })?;
@@ -214,13 +234,14 @@ fn refused_alpn(e: &io::Error) -> bool {
     )
 }
 
-/// A one-line cause for a failed handshake, unwrapping rustls' error from io::Error.
-fn tls_reason(e: &io::Error) -> String {
+/// A one-line cause for a failed handshake, unwrapping rustls' error from io::Error;
+/// for a refused certificate, also what to change.
+fn tls_reason(e: &io::Error, trust: Trust) -> String {
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
-        Some(rustls::Error::InvalidCertificate(cert)) => format!("invalid certificate: {cert:?}"),
+        Some(rustls::Error::InvalidCertificate(cert)) => verify::refusal(cert, trust),
         Some(other) => other.to_string(),
         None => e.to_string(),
     }
@@ -244,23 +265,29 @@ fn client_config(config: &UpstreamConfig) -> Result<ClientConfig, String> {
             // A malformed system certificate must not stop tether from starting.
             let _ = roots.add(cert);
         }
-        if let Some(path) = &config.ca_file {
-            let pem =
-                std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            let mut added = 0;
-            for cert in rustls_pemfile_certs(&pem)
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?
-            {
-                roots
-                    .add(cert)
+        match &config.ca_file {
+            // Without ca_file, exactly rustls' WebPKI verification.
+            None => builder.with_root_certificates(roots).with_no_client_auth(),
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                let pinned = rustls_pemfile_certs(&pem)
                     .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-                added += 1;
-            }
-            if added == 0 {
-                return Err(format!("ca_file {} holds no certificate", path.display()));
+                if pinned.is_empty() {
+                    return Err(format!("ca_file {} holds no certificate", path.display()));
+                }
+                for cert in &pinned {
+                    roots
+                        .add(cert.clone())
+                        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                }
+                let verifier = PinningVerifier::new(pinned, roots, provider.clone())?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(verifier))
+                    .with_no_client_auth()
             }
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
     };
     tls.alpn_protocols = match config.protocol {
         Protocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
