@@ -291,7 +291,8 @@ impl Default for AdminConfig {
 pub struct EgressConfig {
     /// `host:port`, `*.suffix:port`, `host:*` patterns.
     pub allow: Vec<String>,
-    /// Let allow patterns reach loopback, link-local and unspecified addresses.
+    /// Let allow patterns reach private and other special-purpose addresses
+    /// (`policy::refusal` lists them).
     pub allow_private: bool,
 }
 

@@ -120,6 +120,28 @@ async fn connect_to_a_denied_host_or_port_gets_403_without_an_upstream_socket() 
 }
 
 #[tokio::test]
+async fn a_tunnel_through_an_allow_pattern_to_a_private_address_needs_allow_private() {
+    // Loopback stands in for every special-purpose range: the check is the one
+    // forwarded requests meet, on the addresses the name resolves to.
+    let origin = Origin::start().await;
+    let mut cfg = config(&[]);
+    cfg.egress.allow = vec!["localhost:*".into()];
+    let target = format!("localhost:{}", origin.addr.port());
+    let tether = start(cfg.clone()).await;
+    let refused = tunnel(tether.proxy_addr, &target).await.unwrap_err();
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("x-tether-error: denied"), "{refused}");
+    assert_eq!(origin.accepted(), 0, "a refused address is never dialled");
+
+    cfg.egress.allow_private = true;
+    let tether = start(cfg).await;
+    let stream = tunnel(tether.proxy_addr, &target).await.unwrap();
+    let (status, _keep) = get_over(stream, &target, "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(origin.accepted(), 1);
+}
+
+#[tokio::test]
 async fn fifty_leaky_tunnel_clients_are_held_at_the_cap_by_idle_first_eviction() {
     let origin = Origin::start().await;
     let tether = start(tunnel_config(&origin, |c| {

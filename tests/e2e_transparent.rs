@@ -41,7 +41,9 @@ const CAP: usize = 4;
 const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9901);
 
 /// tether's config. With `ipv6` the transparent listener is dual-stack and a
-/// third upstream, `plain6`, is the plain origin's IPv6 address.
+/// third upstream, `plain6`, is the plain origin's IPv6 address. `allow_unlisted`
+/// comes with `allow_private`: B's addresses are private-use and unique-local, which
+/// only listed upstreams reach without it.
 fn tether_config(allow_unlisted: bool, ipv6: bool) -> String {
     let listen = if ipv6 {
         "[::]:15001"
@@ -60,6 +62,8 @@ enabled = true
 listen = "{listen}"
 ports = [{PLAIN}, {SECURE}, {OTHER}]
 allow_unlisted = {allow_unlisted}
+[egress]
+allow_private = {allow_unlisted}
 [pool]
 max_connections = {CAP}
 idle_timeout = "2s"

@@ -92,32 +92,61 @@ async fn denied_origin_gets_403_and_no_upstream_connection() {
 
 #[tokio::test]
 async fn allow_pattern_admits_an_unlisted_origin_but_not_private_addresses_by_default() {
-    let origin = Origin::start().await;
-    let mut cfg = config(&[]);
-    cfg.egress.allow = vec!["127.0.0.1:*".into()];
+    // Loopback stands in for every special-purpose range (the classifier's unit
+    // tests cover the rest on values alone): nothing here leaves 127.0.0.1.
+    let listed = Origin::start().await;
+    let unlisted = Origin::start().await;
+    let mut cfg = config(&[("listed", &listed)]);
+    // Both patterns admit both origins; only the listed one is trusted as written.
+    cfg.egress.allow = vec!["127.0.0.1:*".into(), "localhost:*".into()];
+    let by_address = format!("http://{}/", unlisted.authority());
+    // A name is judged by the addresses it resolves to.
+    let by_name = format!("http://localhost:{}/", unlisted.addr.port());
     let tether = start(cfg.clone()).await;
+    for url in [&by_address, &by_name] {
+        let reply = proxy_get(tether.proxy_addr, url).await;
+        assert_eq!(reply.status, 403, "{url}: loopback needs allow_private");
+        assert_eq!(reply.tether_error(), Some("denied"), "{url}");
+        assert!(
+            reply.text().contains("(loopback, RFC "),
+            "{url}: the refusal names the range: {}",
+            reply.text()
+        );
+    }
+    let reply = proxy_get(tether.proxy_addr, &by_address).await;
+    assert!(
+        reply
+            .text()
+            .contains("127.0.0.1 is in 127.0.0.0/8 (loopback, RFC 1122)"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(unlisted.accepted(), 0, "a refused address is never dialled");
     let reply = proxy_get(
         tether.proxy_addr,
-        &format!("http://{}/", origin.authority()),
+        &format!("http://{}/", listed.authority()),
     )
     .await;
-    assert_eq!(reply.status, 403, "loopback needs allow_private");
-    assert_eq!(origin.accepted(), 0);
+    assert_eq!(
+        reply.status, 200,
+        "a listed upstream on loopback stays reachable"
+    );
+    assert_eq!(listed.accepted(), 1);
 
     cfg.egress.allow_private = true;
     let tether = start(cfg).await;
-    let reply = proxy_get(
-        tether.proxy_addr,
-        &format!("http://{}/", origin.authority()),
-    )
-    .await;
-    assert_eq!(reply.status, 200);
-    assert!(
+    for url in [&by_address, &by_name] {
+        let reply = proxy_get(tether.proxy_addr, url).await;
+        assert_eq!(reply.status, 200, "{url}");
+    }
+    assert_eq!(unlisted.accepted(), 2, "one socket per unlisted origin");
+    assert_eq!(
         metric(
             &tether.metrics(),
             "tether_upstream_connections_opened_total",
             &[("upstream", "unlisted")]
-        ) == Some(1.0)
+        ),
+        Some(2.0)
     );
 }
 

@@ -21,7 +21,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{Protocol, UpstreamConfig};
 use crate::error::ProxyError;
-use crate::policy::{is_private, Origin};
+use crate::policy::{first_refused, Origin};
 use verify::{PinningVerifier, Trust};
 
 /// How to reach one origin.
@@ -30,7 +30,8 @@ pub struct Connector {
     origin: Origin,
     tls: Option<TlsOrigin>,
     protocol: Protocol,
-    /// Refuse loopback/link-local destinations (origins reached by allow pattern).
+    /// Refuse special-purpose destinations (see [`crate::policy::refusal`]): set for
+    /// origins reached by an allow pattern unless `allow_private`.
     deny_private: bool,
 }
 
@@ -95,6 +96,11 @@ impl Connector {
             protocol: Protocol::Http1,
             deny_private,
         }
+    }
+
+    /// Whether special-purpose destinations are refused (see [`Connector::plain`]).
+    pub fn denies_private(&self) -> bool {
+        self.deny_private
     }
 
     pub fn origin(&self) -> &Origin {
@@ -200,11 +206,16 @@ impl Connector {
                 .map_err(connect_err)?
                 .collect(),
         };
+        // Checked on the addresses about to be dialled, after resolution, so a name
+        // an allow pattern admits cannot lead anywhere private; the same sockets
+        // serve HTTP, CONNECT tunnels and intercepted connections.
         if self.deny_private {
-            if let Some(addr) = addrs.iter().find(|a| is_private(a.ip())) {
+            if let Some(refused) = first_refused(addrs.iter().map(SocketAddr::ip)) {
                 return Err(ProxyError::DeniedPrivate {
-                    origin: origin.clone(),
-                    addr: addr.ip(),
+                    // The error has no field for the reason; riding with the origin,
+                    // it reaches the client's body and the log line alike.
+                    origin: format!("{origin} ({refused})"),
+                    addr: refused.addr,
                 });
             }
         }
