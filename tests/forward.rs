@@ -150,6 +150,28 @@ async fn allow_pattern_admits_an_unlisted_origin_but_not_private_addresses_by_de
     );
 }
 
+/// A pool for an origin reached by an allow pattern is built under the rule in force;
+/// a reload that turns `allow_private` off must not leave it dialling private
+/// addresses.
+#[tokio::test]
+async fn a_reload_turning_allow_private_off_applies_to_origins_already_used() {
+    let unlisted = Origin::start().await;
+    let mut cfg = config(&[]);
+    cfg.egress.allow = vec!["127.0.0.1:*".into()];
+    cfg.egress.allow_private = true;
+    let url = format!("http://{}/", unlisted.authority());
+    let tether = start(cfg.clone()).await;
+    assert_eq!(proxy_get(tether.proxy_addr, &url).await.status, 200);
+    cfg.egress.allow_private = false;
+    tether.reload(cfg).await.unwrap();
+    let reply = proxy_get(tether.proxy_addr, &url).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert_eq!(reply.tether_error(), Some("denied"));
+    // The pool built under the old rule drains: its idle socket closes.
+    assert!(eventually(WAIT, || async { unlisted.open() == 0 }).await);
+    assert_eq!(unlisted.accepted(), 1);
+}
+
 #[tokio::test]
 async fn origin_form_request_on_the_forward_port_gets_400() {
     let origin = Origin::start().await;

@@ -531,17 +531,25 @@ impl Upstreams {
         if map.len() > 64 {
             map.retain(|_, u| u.pool.counts().open() > 0);
         }
-        map.entry(origin.clone())
-            .or_insert_with(|| {
-                let connector = Connector::plain(origin.clone(), deny_private);
-                Arc::new(Upstream::new(
-                    UNLISTED,
-                    connector,
-                    self.defaults.lock().clone(),
-                    &self.telemetry,
-                ))
-            })
-            .clone()
+        if let Some(existing) = map.get(origin) {
+            if existing.pool.connector().denies_private() == deny_private {
+                return existing.clone();
+            }
+            // A reload changed `allow_private`: the pool was built under the old
+            // rule, so it drains and a new one dials under the new rule.
+            let stale = map.remove(origin).expect("just found");
+            stale.pool.drain();
+            self.retired.lock().push(stale);
+        }
+        let connector = Connector::plain(origin.clone(), deny_private);
+        let upstream = Arc::new(Upstream::new(
+            UNLISTED,
+            connector,
+            self.defaults.lock().clone(),
+            &self.telemetry,
+        ));
+        map.insert(origin.clone(), upstream.clone());
+        upstream
     }
 
     /// Unlisted and retired upstreams that still exist.
