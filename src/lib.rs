@@ -12,14 +12,18 @@ pub mod demo;
 pub mod diagnosis;
 pub mod error;
 pub mod iptables;
-pub mod listener;
 pub mod policy;
 pub mod proxy;
 pub mod rewrite;
+pub mod route;
+pub mod server;
 pub mod telemetry;
 pub mod testkit;
 pub mod transparent;
 pub mod upstream;
+
+/// The client side's former name, kept while the request path moves to `server`.
+pub use server as listener;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

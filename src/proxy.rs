@@ -3,7 +3,6 @@
 //! upstream (origin-form, Host, hop-by-hop headers, Via), send it through the
 //! upstream's governed pool, and rewrite the response head for the client.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,19 +19,7 @@ use crate::rewrite;
 use crate::upstream::Upstream;
 use crate::{Shared, Table};
 
-/// How a client reached tether.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// The forward-proxy listener: absolute-form requests and CONNECT.
-    Forward,
-    /// Route listener number `n`; its upstream is looked up per request, so a
-    /// reload can re-point it.
-    Route(usize),
-    /// A plain-HTTP connection iptables redirected to the transparent listener, with
-    /// its original destination. The upstream is matched per request, like a route's;
-    /// the client addressed the origin itself, so its `Host` is kept.
-    Intercept(SocketAddr),
-}
+pub use crate::route::Mode;
 
 const VIA: HeaderValue = HeaderValue::from_static("1.1 tether");
 
