@@ -17,6 +17,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyError {
     #[error("malformed request target: {0}")]
     BadTarget(String),
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
     #[error("method {0} is not supported here")]
     MethodNotAllowed(http::Method),
     #[error("{origin} is not allowed by the egress policy")]
@@ -63,6 +65,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Denied { .. } | DeniedPrivate { .. } => (StatusCode::FORBIDDEN, "denied"),
             QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),

@@ -635,6 +635,14 @@ async fn a_query_right_after_the_authority_is_forwarded_after_slash() {
 }
 
 #[tokio::test]
+async fn an_asterisk_target_on_anything_but_options_gets_400() {
+    Case::answered("GET * HTTP/1.1\r\nHost: {host}\r\n\r\n", 400)
+        .error("bad_target")
+        .check()
+        .await;
+}
+
+#[tokio::test]
 async fn options_asterisk_on_a_route_listener_is_forwarded_as_asterisk() {
     // RFC 9112 §3.2.4: the asterisk-form is for a server-wide OPTIONS; the route's
     // upstream is that server. (The forward listener is no origin: 400 there.)
@@ -651,12 +659,53 @@ async fn options_asterisk_on_a_route_listener_is_forwarded_as_asterisk() {
 }
 
 #[tokio::test]
+async fn an_authority_form_target_on_anything_but_connect_gets_400() {
+    Case::answered("GET {origin} HTTP/1.1\r\nHost: {origin}\r\n\r\n", 400)
+        .error("bad_target")
+        .check()
+        .await;
+}
+
+#[tokio::test]
 async fn connect_on_a_route_listener_gets_405() {
     Case::answered("CONNECT {origin} HTTP/1.1\r\nHost: {origin}\r\n\r\n", 405)
         .error("method_not_allowed")
         .check_on(Listener::Route)
         .await;
 }
+
+// ---------------------------------------------------------------------------------
+// Host (RFC 9112 §3.2).
+
+#[tokio::test]
+async fn an_http_1_1_request_without_host_gets_400() {
+    Case::answered("GET {abs}/x HTTP/1.1\r\n\r\n", 400)
+        .error("bad_request")
+        .check()
+        .await;
+}
+
+#[tokio::test]
+async fn a_request_with_two_host_headers_gets_400() {
+    Case::answered(
+        "GET {abs}/x HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n",
+        400,
+    )
+    .error("bad_request")
+    .check()
+    .await;
+}
+
+#[tokio::test]
+async fn a_host_that_is_not_a_host_and_port_gets_400() {
+    Case::answered("GET {abs}/x HTTP/1.1\r\nHost: user@{host}\r\n\r\n", 400)
+        .error("bad_request")
+        .check()
+        .await;
+}
+
+// ---------------------------------------------------------------------------------
+// Message framing (RFC 9112 §6).
 
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_forwarded_chunked_and_the_client_closed() {
@@ -706,6 +755,9 @@ async fn chunked_followed_by_identity_gets_400() {
     .check()
     .await;
 }
+
+// ---------------------------------------------------------------------------------
+// Field syntax (RFC 9112 §5, RFC 9110 §5.5).
 
 #[tokio::test]
 async fn an_obs_fold_gets_400() {
