@@ -19,6 +19,8 @@ pub enum ProxyError {
     BadTarget(String),
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("only the chunked transfer coding is supported on requests")]
+    UnsupportedCoding,
     #[error("method {0} is not supported here")]
     MethodNotAllowed(http::Method),
     #[error("{origin} is not allowed by the egress policy")]
@@ -66,6 +68,7 @@ impl ProxyError {
         match self {
             BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            UnsupportedCoding => (StatusCode::NOT_IMPLEMENTED, "unsupported_transfer_coding"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Denied { .. } | DeniedPrivate { .. } => (StatusCode::FORBIDDEN, "denied"),
             QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),

@@ -202,7 +202,7 @@ fn prepare_request(
     upstream: &Upstream,
     keep_host: bool,
 ) -> Result<(), ProxyError> {
-    reject_smuggling(req.headers())?;
+    check_framing(req.headers())?;
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if !(keep_host && headers.contains_key(header::HOST)) {
@@ -212,18 +212,44 @@ fn prepare_request(
     Ok(())
 }
 
-/// Differing duplicate `Content-Length` values are refused. (A request framed by
-/// both `Content-Length` and `Transfer-Encoding` never gets here in that shape:
-/// hyper lets `Transfer-Encoding` win, drops the length and closes the client
-/// connection after the response, and tether re-frames the body upstream.)
-fn reject_smuggling(headers: &HeaderMap) -> Result<(), ProxyError> {
+/// Refuses framing tether cannot forward faithfully. hyper has already refused what
+/// leaves a body's length unknown (RFC 9112 §6.3: differing lengths, a final coding
+/// other than chunked) and, for a request framed by both `Content-Length` and
+/// `Transfer-Encoding`, let the coding win, dropped the length and marked the client
+/// connection to close after the response; tether re-frames the body upstream.
+///
+/// Left to tether is what re-framing would lose. hyper decodes one chunked layer and
+/// reads only the last `Transfer-Encoding` line, and tether drops the header (it is
+/// hop-by-hop): a coding before chunked (`gzip, chunked`, or `gzip` on a line of its
+/// own) would reach the upstream undeclared, and HTTP/2 upstreams have no transfer
+/// codings at all. RFC 9112 §6.1: a coding the server does not understand SHOULD get
+/// 501. Chunked twice is a malformed message (a sender MUST NOT, §7): 400.
+fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next() {
         if lengths.any(|other| other != first) {
-            return Err(ProxyError::BadTarget(
-                "conflicting Content-Length headers".into(),
-            ));
+            return Err(ProxyError::BadRequest("conflicting Content-Length headers"));
         }
+    }
+    let mut chunked = 0;
+    let mut other = false;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        // Not text: no coding tether knows (hyper refuses it before this anyway).
+        let list = value.to_str().unwrap_or("?");
+        // Empty list elements are ignored (RFC 9110 §5.6.1).
+        for coding in list.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if coding.eq_ignore_ascii_case("chunked") {
+                chunked += 1;
+            } else {
+                other = true;
+            }
+        }
+    }
+    if chunked > 1 {
+        return Err(ProxyError::BadRequest("chunked is applied more than once"));
+    }
+    if other {
+        return Err(ProxyError::UnsupportedCoding);
     }
     Ok(())
 }

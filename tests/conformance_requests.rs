@@ -744,6 +744,59 @@ async fn a_content_length_list_gets_400() {
 }
 
 #[tokio::test]
+async fn a_transfer_coding_before_chunked_gets_501() {
+    // RFC 9112 §6.1: a coding the server does not understand SHOULD get 501. tether
+    // re-frames bodies and cannot carry gzip to every upstream (HTTP/2 has no
+    // transfer codings): refusing beats silently dropping it.
+    Case::answered(
+        "POST {abs}/x HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        501,
+    )
+    .error("unsupported_transfer_coding")
+    .check()
+    .await;
+}
+
+#[tokio::test]
+async fn a_transfer_coding_on_its_own_header_line_before_chunked_gets_501() {
+    // The same list split over two lines (RFC 9110 §5.3): hyper reads only the last.
+    Case::answered(
+        "POST {abs}/x HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        501,
+    )
+    .error("unsupported_transfer_coding")
+    .check()
+    .await;
+}
+
+#[tokio::test]
+async fn chunked_applied_twice_gets_400() {
+    // RFC 9112 §7: a sender MUST NOT apply chunked more than once; the body's
+    // length cannot be told.
+    Case::answered(
+        "POST {abs}/x HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400,
+    )
+    .error("bad_request")
+    .check()
+    .await;
+}
+
+#[tokio::test]
+async fn transfer_encoding_on_an_http_1_0_request_gets_400() {
+    // HTTP/1.0 has no transfer codings (RFC 9112 §6.1: a server MUST NOT assume
+    // an HTTP/1.0 client can parse them, and the length is unknowable): hyper
+    // refuses it.
+    Case::answered(
+        "POST {abs}/x HTTP/1.0\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400,
+    )
+    .closing()
+    .check()
+    .await;
+}
+
+#[tokio::test]
 async fn chunked_followed_by_identity_gets_400() {
     // RFC 9112 §6.3: chunked is not the final coding, so the length cannot be
     // determined: 400 and close (hyper answers before tether sees the request).
