@@ -4,10 +4,11 @@
 //! the forward listener (absolute-form, `{abs}` expands to `http://origin`) and to a
 //! route listener (origin-form, `{abs}` expands to nothing), in front of an origin
 //! that records the exact bytes each of its sockets received. A case states the
-//! status the client gets and exactly what reaches the origin: nothing, or the
-//! request as tether normalises it. After every case a plain request must be served
-//! on the same pooled upstream socket (the origin accepted no new one), its bytes
-//! clean.
+//! status the client gets and exactly what reaches the origin: nothing, the request
+//! as tether normalises it, or (a body that fails half-way) a cut-off request on a
+//! socket tether then closes. After every case a plain request must be served clean:
+//! on the same pooled upstream socket (the origin accepted no new one), or, after a
+//! cut-off request, on exactly one new socket.
 //!
 //! HTTP framing is hyper's: many answers below are hyper's own (the 400s for
 //! conflicting lengths, obs-fold, bare CR, NUL; 431; the CRLF it writes whatever
@@ -229,6 +230,10 @@ enum Upstream {
     Nothing,
     /// Exactly these bytes (with `{origin}` expanded), on the pooled socket.
     Exactly(&'static str),
+    /// A request cut off on the pooled socket: at most this head (whether hyper had
+    /// flushed it before the body failed is a race) and part of its body, never a
+    /// complete request. tether closes that socket; the next request opens a new one.
+    CutOff(&'static str),
 }
 
 /// How tether treats the client connection after answering.
@@ -255,6 +260,9 @@ struct Case {
 }
 
 const FORWARDED_GET: &str = "GET /x HTTP/1.1\r\nhost: {origin}\r\nvia: 1.1 tether\r\n\r\n";
+/// The head tether sends upstream for a chunked `POST /x`.
+const CHUNKED_HEAD: &str =
+    "POST /x HTTP/1.1\r\nhost: {origin}\r\nvia: 1.1 tether\r\ntransfer-encoding: chunked\r\n\r\n";
 
 impl Case {
     fn answered(request: impl Into<String>, status: u16) -> Case {
@@ -351,6 +359,29 @@ impl Harness {
             .replace("{abs}", &abs)
             .replace("{origin}", &origin)
             .replace("{host}", &self.addr(listener).to_string())
+    }
+
+    /// `requests` bad request bodies were counted as the client's: rejected with
+    /// `bad_request_body`, their upstream sockets closed as `request_aborted`, and no
+    /// upstream socket closed as an `error`.
+    fn assert_client_blamed(&self, requests: usize) {
+        let metrics = self.tether.metrics();
+        let rejected = metric(
+            &metrics,
+            "tether_downstream_requests_rejected_total",
+            &[("reason", "bad_request_body")],
+        );
+        assert_eq!(rejected, Some(requests as f64), "{metrics}");
+        assert_eq!(
+            closed_total(&self.tether, UPSTREAM, "request_aborted"),
+            requests as f64,
+            "{metrics}"
+        );
+        assert_eq!(
+            closed_total(&self.tether, UPSTREAM, "error"),
+            0.0,
+            "{metrics}"
+        );
     }
 
     /// Waits until no upstream socket is connecting or in use: a finished exchange
@@ -483,6 +514,35 @@ impl Harness {
                     received,
                     vec![(pooled, expected.into_bytes(), false)],
                     "the normalised request, then the follow-up, on the pooled socket\n{context}"
+                );
+            }
+            Upstream::CutOff(head) => {
+                let head = self.expand(head, listener);
+                let cut = &after[pooled];
+                let sent = &cut.bytes[before[pooled].bytes.len()..];
+                assert!(
+                    head.as_bytes().starts_with(sent) || sent.starts_with(head.as_bytes()),
+                    "at most the request's head and a part of its body\n{context}"
+                );
+                assert_eq!(
+                    request_len(sent),
+                    None,
+                    "the request never completed\n{context}"
+                );
+                assert!(
+                    cut.closed,
+                    "tether closed the socket of the cut-off request\n{context}"
+                );
+                assert_eq!(
+                    after.len(),
+                    before.len() + 1,
+                    "the follow-up needed a new socket\n{context}"
+                );
+                let fresh = &after[pooled + 1];
+                assert_eq!(
+                    (fresh.bytes.as_slice(), fresh.closed),
+                    (follow_up.as_bytes(), false),
+                    "the follow-up, clean, on the new socket\n{context}"
                 );
             }
         }
@@ -807,6 +867,41 @@ async fn chunked_followed_by_identity_gets_400() {
     .closing()
     .check()
     .await;
+}
+
+#[tokio::test]
+async fn a_chunk_size_line_ending_in_a_bare_lf_gets_400_and_the_upstream_is_not_blamed() {
+    // RFC 9112 §7.1: a chunk-size line ends in CRLF. hyper finds the error while
+    // tether streams the body upstream; the client gets 400 (no response head has
+    // been forwarded yet), the half-sent upstream socket is closed.
+    let harness = Case {
+        upstream: Upstream::CutOff(CHUNKED_HEAD),
+        ..Case::answered(
+            "POST {abs}/x HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+            400,
+        )
+    }
+    .error("bad_request_body")
+    .closing()
+    .check()
+    .await;
+    harness.assert_client_blamed(2);
+}
+
+#[tokio::test]
+async fn an_overflowing_chunk_size_gets_400_and_the_upstream_is_not_blamed() {
+    let harness = Case {
+        upstream: Upstream::CutOff(CHUNKED_HEAD),
+        ..Case::answered(
+            "POST {abs}/x HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000000\r\nhello\r\n0\r\n\r\n",
+            400,
+        )
+    }
+    .error("bad_request_body")
+    .closing()
+    .check()
+    .await;
+    harness.assert_client_blamed(2);
 }
 
 // ---------------------------------------------------------------------------------

@@ -241,11 +241,13 @@ impl Upstream {
                         self.pool.metrics().stale_retries.increment(1);
                     }
                     _ => {
-                        pooled.discard(CloseReason::Error);
-                        return Err(ProxyError::Upstream {
-                            origin: origin(),
-                            source: e.into_error(),
+                        let error = ProxyError::exchange(origin(), e.into_error());
+                        // The client's own failure still leaves this socket half-written.
+                        pooled.discard(match error {
+                            ProxyError::RequestBody { .. } => CloseReason::RequestAborted,
+                            _ => CloseReason::Error,
                         });
+                        return Err(error);
                     }
                 },
             }
