@@ -257,6 +257,9 @@ struct Case {
     error: Option<&'static str>,
     upstream: Upstream,
     client: Client,
+    /// Pad the request at `{fill}` to exactly this many bytes (the same padding
+    /// fills `{fill}` in what the origin is to receive).
+    size: Option<usize>,
 }
 
 const FORWARDED_GET: &str = "GET /x HTTP/1.1\r\nhost: {origin}\r\nvia: 1.1 tether\r\n\r\n";
@@ -272,6 +275,7 @@ impl Case {
             error: None,
             upstream: Upstream::Nothing,
             client: Client::Any,
+            size: None,
         }
     }
 
@@ -421,6 +425,11 @@ impl Harness {
         self.plain_get(listener, "/warm").await;
         let before = self.origin.sockets();
         let request = self.expand(&case.request, listener);
+        let fill = case
+            .size
+            .map(|size| "p".repeat(size + "{fill}".len() - request.len()))
+            .unwrap_or_default();
+        let request = request.replace("{fill}", &fill);
         let started = Instant::now();
         let linger = match case.client {
             Client::Closed => WAIT,
@@ -504,7 +513,7 @@ impl Harness {
                 );
             }
             Upstream::Exactly(bytes) => {
-                let expected = self.expand(bytes, listener) + &follow_up;
+                let expected = self.expand(bytes, listener).replace("{fill}", &fill) + &follow_up;
                 assert_eq!(
                     after.len(),
                     before.len(),
@@ -945,6 +954,33 @@ async fn a_nul_in_a_field_value_gets_400() {
 
 // ---------------------------------------------------------------------------------
 // Heads too large or too slow.
+
+#[tokio::test]
+async fn a_head_of_exactly_max_header_bytes_is_forwarded() {
+    Case {
+        size: Some(MAX_HEADER_BYTES),
+        ..Case::forwarded(
+            "GET {abs}/x HTTP/1.1\r\nHost: {host}\r\nX-Pad: {fill}\r\n\r\n",
+            "GET /x HTTP/1.1\r\nhost: {origin}\r\nx-pad: {fill}\r\nvia: 1.1 tether\r\n\r\n",
+        )
+    }
+    .check()
+    .await;
+}
+
+#[tokio::test]
+async fn a_head_one_byte_over_max_header_bytes_gets_431() {
+    Case {
+        size: Some(MAX_HEADER_BYTES + 1),
+        ..Case::answered(
+            "GET {abs}/x HTTP/1.1\r\nHost: {host}\r\nX-Pad: {fill}\r\n\r\n",
+            431,
+        )
+    }
+    .closing()
+    .check()
+    .await;
+}
 
 #[tokio::test]
 async fn a_head_over_max_header_bytes_gets_431() {
