@@ -241,11 +241,13 @@ impl Upstream {
                         self.pool.metrics().stale_retries.increment(1);
                     }
                     _ => {
-                        pooled.discard(CloseReason::Error);
-                        return Err(ProxyError::Upstream {
-                            origin: origin(),
-                            source: e.into_error(),
+                        let error = ProxyError::exchange(origin(), e.into_error());
+                        // The client's own failure still leaves this socket half-written.
+                        pooled.discard(match error {
+                            ProxyError::RequestBody { .. } => CloseReason::RequestAborted,
+                            _ => CloseReason::Error,
                         });
+                        return Err(error);
                     }
                 },
             }
@@ -302,18 +304,14 @@ impl Upstream {
     /// (a route listener's usual case) goes to HTTP/1.1 as it is.
     fn request_form(&self, req: &mut Request<Incoming>, h2: bool) -> Result<(), ProxyError> {
         let uri = req.uri();
+        let bad = |e: http::Error| ProxyError::BadTarget(e.to_string());
         if h2 {
-            let path = uri.path_and_query().map_or("/", |p| p.as_str());
-            let path = if path.is_empty() { "/" } else { path };
-            let absolute = format!(
-                "{}://{}{}",
-                self.pool.connector().scheme(),
-                self.origin,
-                path
-            );
-            *req.uri_mut() = absolute
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| ProxyError::BadTarget(e.to_string()))?;
+            *req.uri_mut() = Uri::builder()
+                .scheme(self.pool.connector().scheme())
+                .authority(self.origin.to_string())
+                .path_and_query(target_path(uri).map_err(|e| bad(e.into()))?)
+                .build()
+                .map_err(bad)?;
             *req.version_mut() = http::Version::HTTP_2;
             return Ok(());
         }
@@ -323,17 +321,28 @@ impl Upstream {
                 .path_and_query()
                 .is_some_and(|p| p.as_str().starts_with('/'));
         if !origin_form {
-            let path = match uri.path_and_query() {
-                Some(p) if !p.as_str().is_empty() => p.clone(),
-                _ => PathAndQuery::from_static("/"),
-            };
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(path);
-            *req.uri_mut() =
-                Uri::from_parts(parts).map_err(|e| ProxyError::BadTarget(e.to_string()))?;
+            *req.uri_mut() = Uri::builder()
+                .path_and_query(target_path(uri).map_err(|e| bad(e.into()))?)
+                .build()
+                .map_err(bad)?;
         }
         *req.version_mut() = http::Version::HTTP_11;
         Ok(())
+    }
+}
+
+/// A target's path and query as an origin server is sent them: an empty path as `/`
+/// (RFC 9112 §3.2.1), also before a query; the asterisk-form stays `*`. `http` reads
+/// an empty path as `/` but writes it as nothing, so `http://host#x` (its fragment
+/// dropped by the parser) went out as `GET  HTTP/1.1`: such a path is rebuilt.
+fn target_path(uri: &Uri) -> Result<PathAndQuery, http::uri::InvalidUri> {
+    match uri.path_and_query() {
+        Some(p) if p.path() != "/" => Ok(p.clone()),
+        Some(p) => match p.query() {
+            Some(query) => format!("/?{query}").parse(),
+            None => Ok(PathAndQuery::from_static("/")),
+        },
+        None => Ok(PathAndQuery::from_static("/")),
     }
 }
 

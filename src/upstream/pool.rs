@@ -108,10 +108,14 @@ pub enum CloseReason {
     Error,
     Evicted,
     Shutdown,
+    /// The request it carried failed on the client's side (a malformed or cut-off
+    /// body) after its head may have gone out: the socket is closed, and it is not
+    /// the upstream's error.
+    RequestAborted,
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 8] = [
+    const ALL: [CloseReason; 9] = [
         CloseReason::IdleTimeout,
         CloseReason::MaxLifetime,
         CloseReason::MaxRequests,
@@ -120,6 +124,7 @@ impl CloseReason {
         CloseReason::Error,
         CloseReason::Evicted,
         CloseReason::Shutdown,
+        CloseReason::RequestAborted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -132,6 +137,7 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::Evicted => "evicted",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::RequestAborted => "request_aborted",
         }
     }
 }
@@ -148,7 +154,7 @@ pub enum Rejection {
 pub struct PoolMetrics {
     states: [Gauge; 5],
     opened: Counter,
-    closed: [Counter; 8],
+    closed: [Counter; 9],
     /// `[status class 1xx..5xx][reused]`.
     requests: [[Counter; 2]; 5],
     pub duration: Histogram,
