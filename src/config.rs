@@ -33,10 +33,10 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 4096;
 /// hyper's own default read buffer limit is ~400 KiB; 64 KiB is what nginx and
 /// HAProxy accept by default for a request head and keeps per-connection memory small.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
-/// The smallest `max_header_bytes` tether can enforce: the limit is hyper's read
-/// buffer, which cannot be smaller than 8 KiB (hyper panics below it), so a lower
-/// value would silently be 8192.
-pub const MIN_MAX_HEADER_BYTES: usize = 8192;
+/// The smallest `max_header_bytes` accepted: below it ordinary requests (a request
+/// line, `Host` and a few headers; a registry client's `Accept` list alone can take
+/// hundreds of bytes) would be refused. Every value from here up is enforced exactly.
+pub const MIN_MAX_HEADER_BYTES: usize = 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Transparent listener: the port Istio's sidecar uses for redirected outbound
 /// traffic, on loopback because iptables `REDIRECT` of locally generated packets
@@ -422,7 +422,7 @@ impl Config {
             problem(
                 "proxy.max_header_bytes".into(),
                 format!(
-                    "must be at least {MIN_MAX_HEADER_BYTES}: the HTTP engine reads request heads into a buffer of at least that size, so a smaller limit could not be enforced"
+                    "must be at least {MIN_MAX_HEADER_BYTES}: a smaller limit refuses ordinary requests"
                 ),
             );
         }

@@ -172,21 +172,21 @@ fn validation_reports_every_problem_at_once() {
 }
 
 #[test]
-fn max_header_bytes_below_what_can_be_enforced_is_refused_naming_the_minimum() {
-    let err = Config::from_toml("[proxy]\nmax_header_bytes = 8191\n").unwrap_err();
+fn max_header_bytes_too_small_for_ordinary_requests_is_refused_naming_the_minimum() {
+    let err = Config::from_toml("[proxy]\nmax_header_bytes = 1023\n").unwrap_err();
     let problem = err
         .0
         .iter()
         .find(|p| p.path == "proxy.max_header_bytes")
         .unwrap_or_else(|| panic!("max_header_bytes not refused: {err}"));
     assert!(
-        problem.message.contains("at least 8192"),
+        problem.message.contains("at least 1024"),
         "{}",
         problem.message
     );
-    let config = Config::from_toml("[proxy]\nmax_header_bytes = 8192\n").unwrap();
+    let config = Config::from_toml("[proxy]\nmax_header_bytes = 1024\n").unwrap();
     assert_eq!(
-        config.proxy.max_header_bytes, 8192,
+        config.proxy.max_header_bytes, 1024,
         "the minimum itself is fine"
     );
 }

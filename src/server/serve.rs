@@ -130,6 +130,9 @@ async fn serve_http(
         // tether enforces its own head and idle timeouts (below); hyper's single
         // timer cannot tell the two apart.
         .header_read_timeout(None)
+        // The head limit, exactly (431 past it). The read buffer only needs to hold
+        // a head, and hyper refuses one smaller than 8 KiB.
+        .max_header_size(proxy_config.max_header_bytes)
         .max_buf_size(proxy_config.max_header_bytes.max(8192))
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service);
