@@ -25,10 +25,11 @@ pub enum ProxyError {
     MethodNotAllowed(http::Method),
     #[error("{origin} is not allowed by the egress policy")]
     Denied { origin: String },
-    #[error("{origin} resolves to a private or link-local address ({addr}), which allow patterns may not reach")]
+    #[error("{origin} resolves to {refusal}: allow patterns may not reach special-purpose addresses unless [egress] allow_private = true")]
     DeniedPrivate {
         origin: String,
-        addr: std::net::IpAddr,
+        /// Which special-purpose block the address is in, and why (its RFC).
+        refusal: String,
     },
     #[error("too many requests are already waiting for a connection to {upstream}")]
     QueueFull { upstream: String },
