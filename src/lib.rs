@@ -10,6 +10,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod diagnosis;
+pub mod downstream;
 pub mod error;
 pub mod iptables;
 pub mod policy;

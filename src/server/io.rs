@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::conn::{ClientConn, ClientGuard};
+use crate::downstream::{ClientConn, ClientGuard};
 
 pin_project! {
     /// The client socket, noting when a request head starts arriving. `prefix` holds

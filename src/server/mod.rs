@@ -1,8 +1,8 @@
-//! Client connections, from accept to close: admission under
-//! `max_client_connections` ([`admission`]), the connection's state and guards
-//! ([`conn`]), the socket wrapper hyper reads ([`io`]), serving with hyper
-//! ([`serve`]) under the watcher that keeps the clocks ([`watcher`]), and parking
-//! idle sockets with no task ([`park`]).
+//! Client connections, from accept to close: accepting and admission under
+//! `max_client_connections` (the decisions and the connection's state are in
+//! [`crate::downstream`]), the socket wrapper hyper reads ([`io`]), serving with
+//! hyper ([`serve`]) under the watcher that keeps the clocks ([`watcher`]), and
+//! parking idle sockets with no task ([`park`]).
 //!
 //! Every accepted socket is registered and carries a guard inside its IO, so the
 //! `tether_downstream_connections` gauge falls exactly when the socket is dropped —
@@ -14,8 +14,6 @@
 //! readable, when a new task serves it. Parked sockets are closed by
 //! [`sweep_parked`] (idle timeout), eviction or shutdown.
 
-mod admission;
-mod conn;
 mod io;
 mod park;
 mod serve;
@@ -28,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use conn::{ClientClose, ClientConn, Downstream, RequestGuard, TunnelJob};
+pub use crate::downstream::{ClientClose, ClientConn, Downstream, RequestGuard, TunnelJob};
 pub use io::ClientIo;
 pub(crate) use park::sweep_parked;
 pub(crate) use serve::serve_io;

@@ -5,7 +5,6 @@
 //! own: [`sweep_parked`] closes those idle past `client_idle_timeout`.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Context;
 use std::time::Duration;
@@ -13,8 +12,8 @@ use std::time::Duration;
 use tokio::io::ReadBuf;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::ClientConn;
 use super::io::ClientIo;
+use crate::downstream::ClientConn;
 use crate::route::Mode;
 use crate::Shared;
 
@@ -46,22 +45,18 @@ pub(super) fn park(conn: &Arc<ClientConn>, socket: ParkedSocket) -> Option<Parke
     let waker = std::task::Waker::from(conn.clone());
     let mut cx = Context::from_waker(&waker);
     let mut probe = [0u8; 1];
-    // Registered under the slot's lock, so a wake-up on another thread finds the
-    // socket in place. Unconstrained: with the task's cooperative budget spent,
-    // tokio would wake this waker at once, and the wake-up would wait on this lock.
-    let mut slot = conn.parked.lock();
-    let peek = tokio::task::unconstrained(std::future::poll_fn(|cx| {
-        socket
-            .io
-            .stream
-            .poll_peek(cx, &mut ReadBuf::new(&mut probe))
-    }));
-    if std::pin::pin!(peek).poll(&mut cx).is_ready() {
-        return Some(socket);
-    }
-    *slot = Some(Box::new(socket));
-    conn.downstream.parked.increment(1.0);
-    None
+    // The peek registers the wake-up. Unconstrained: with the task's cooperative
+    // budget spent, tokio would wake this waker at once, and the wake-up would wait
+    // on the slot's lock.
+    conn.park(socket, |socket| {
+        let peek = tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            socket
+                .io
+                .stream
+                .poll_peek(cx, &mut ReadBuf::new(&mut probe))
+        }));
+        std::pin::pin!(peek).poll(&mut cx).is_ready()
+    })
 }
 
 /// Parks an idle socket; or, when its next request is already arriving, gives it
@@ -81,8 +76,7 @@ async fn request_arrives(io: &mut ClientIo, conn: &ClientConn) -> bool {
     match peeked {
         Ok(0) => false,
         Ok(_) => {
-            conn.head_started
-                .store(conn.now_ms() + 1, Ordering::Relaxed);
+            conn.head_starting();
             true
         }
         Err(e) => {
@@ -115,7 +109,7 @@ pub(crate) async fn sweep_parked(shared: std::sync::Weak<Shared>, stop: Cancella
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::conn::{ClientClose, Downstream};
+    use crate::downstream::{ClientClose, Downstream};
 
     /// A connection task can park its socket after spending its whole cooperative
     /// budget on a busy poll. tokio must not then schedule a wake-up of the parked
@@ -144,7 +138,7 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        assert!(conn.parked.lock().is_some(), "still parked");
+        assert!(conn.is_parked(), "still parked");
         assert_eq!(downstream.open(), 1);
         conn.close(ClientClose::Shutdown);
         assert_eq!(downstream.open(), 0, "closing a parked socket drops it");

@@ -2,7 +2,6 @@
 //! of activity, parked in between, and the CONNECT hand-off to a tunnel.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,10 +11,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{ClientConn, Parked, TunnelJob};
 use super::io::ClientIo;
 use super::park::{idle, ParkedSocket};
 use super::watcher::{drive, Ended};
+use crate::downstream::{ClientConn, Parked, TunnelJob};
 use crate::proxy;
 use crate::route::Mode;
 use crate::Shared;
@@ -66,8 +65,7 @@ pub(crate) fn serve_io(
                 };
             } else {
                 // The next request's first bytes already came with the last one.
-                conn.head_started
-                    .store(conn.now_ms() + 1, Ordering::Relaxed);
+                conn.head_starting();
             }
         }
     }
@@ -142,7 +140,7 @@ async fn serve_http(
     }
     let hyper::server::conn::http1::Parts { io, read_buf, .. } = connection.into_parts();
     let mut io = io.into_inner();
-    let job = conn.tunnel.lock().take();
+    let job = conn.take_tunnel();
     match (ended, job) {
         (Ended::Tunnel, Some(job)) => {
             io.prefix = read_buf;

@@ -3,7 +3,6 @@
 //! shutdown, and decides when the idle socket is handed back to be parked.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +10,9 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{ClientClose, ClientConn};
 use super::io::ClientIo;
 use super::park::PARK_AFTER;
+use crate::downstream::{ClientClose, ClientConn};
 
 /// The longest [`drive`] sleeps before it looks at a connection again. Only the end of
 /// a request wakes it (parking must follow [`PARK_AFTER`] closely, or a burst of
@@ -69,7 +68,7 @@ where
     tokio::pin!(timer);
     loop {
         let now = conn.now_ms();
-        let head = conn.head_started.load(Ordering::Relaxed);
+        let head = conn.head_started();
         let wait = if conn.busy() {
             RECHECK
         } else if head != 0 {
@@ -118,7 +117,7 @@ where
                     tracing::debug!(client = %conn.peer, error = %e, "client connection ended with an error");
                     return Ended::Closed;
                 }
-                if conn.tunnel.lock().is_some() {
+                if conn.has_tunnel() {
                     return Ended::Tunnel;
                 }
                 // A parked socket comes back only if nothing else asked it to close.
@@ -129,8 +128,8 @@ where
                 };
             }
             _ = &mut timer => {}
-            _ = conn.request_ended.notified() => {}
-            _ = conn.kill.notified(), if !killed => {
+            _ = conn.request_ended() => {}
+            _ = conn.close_requested(), if !killed => {
                 killed = true;
                 parking = false;
                 if !closing {

@@ -14,7 +14,7 @@ use super::conn::{ClientClose, ClientConn, Downstream};
 
 /// How long a connection admitted at `max_client_connections` waits for its
 /// eviction victim to close before it is refused instead. A victim with no request
-/// in flight closes within [`super::watcher::CLOSE_GRACE`]; one whose request began after it was
+/// in flight closes within the watcher's grace (`server::watcher`); one whose request began after it was
 /// chosen finishes that request first.
 const EVICTION_WAIT: Duration = Duration::from_secs(1);
 

@@ -118,11 +118,11 @@ pub struct ClientConn {
     /// A CONNECT answered `200`: the tunnel to run once hyper hands the socket back.
     pub(super) tunnel: Mutex<Option<Box<TunnelJob>>>,
     /// The socket while it is parked: no task and no HTTP state, only this slot and
-    /// the reactor's wake-up (see [`super::park`]).
+    /// the reactor's wake-up (see `server::park`).
     pub(super) parked: Mutex<Option<Box<dyn Parked>>>,
 }
 
-/// A client socket parked with no task (see [`super::park`]): what the connection's
+/// A client socket parked with no task (see `server::park`): what the connection's
 /// state needs of it, without knowing its type.
 pub(crate) trait Parked: Send {
     /// The listener it came from has stopped (a route removed by a reload).
@@ -201,7 +201,7 @@ impl Downstream {
 
     /// Registers a connection with no limit (unit tests).
     #[cfg(test)]
-    pub(super) fn register(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
+    pub(crate) fn register(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
         let conn = self.new_conn(peer);
         self.conns.lock().insert(conn.id, conn.clone());
         conn
@@ -214,16 +214,16 @@ impl Downstream {
 }
 
 impl ClientConn {
-    pub(super) fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         self.base.elapsed().as_millis() as u64
     }
 
     /// A request is in flight.
-    pub(super) fn busy(&self) -> bool {
+    pub(crate) fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) & !CLOSED > 0
     }
 
-    pub(super) fn idle_for(&self) -> Duration {
+    pub(crate) fn idle_for(&self) -> Duration {
         Duration::from_millis(
             self.now_ms()
                 .saturating_sub(self.idle_since.load(Ordering::Relaxed)),
@@ -235,18 +235,73 @@ impl ClientConn {
     }
 
     /// The reason the connection will be counted under when it closes.
-    pub(super) fn reason(&self) -> ClientClose {
+    pub(crate) fn reason(&self) -> ClientClose {
         ClientClose::from_u8(self.reason.load(Ordering::Relaxed))
     }
 
     /// Closes the connection for `reason`: at once if it is parked, otherwise its
     /// task closes it gracefully (an in-flight response is finished first).
-    pub(super) fn close(&self, reason: ClientClose) {
+    pub(crate) fn close(&self, reason: ClientClose) {
         self.set_reason(reason);
         self.kill.notify_one();
         // Dropped outside the slot's lock: the socket's guard deregisters it.
         let parked = self.unpark();
         drop(parked);
+    }
+
+    /// The clock of a request head that has begun to arrive: milliseconds (as
+    /// [`ClientConn::now_ms`]) + 1, or 0 when none has.
+    pub(crate) fn head_started(&self) -> u64 {
+        self.head_started.load(Ordering::Relaxed)
+    }
+
+    /// A request head begins to arrive now: its clock starts.
+    pub(crate) fn head_starting(&self) {
+        self.head_started
+            .store(self.now_ms() + 1, Ordering::Relaxed);
+    }
+
+    /// Resolves when the connection is asked to close (eviction, shutdown).
+    pub(crate) fn close_requested(&self) -> tokio::sync::futures::Notified<'_> {
+        self.kill.notified()
+    }
+
+    /// Resolves when the last request in flight ends.
+    pub(crate) fn request_ended(&self) -> tokio::sync::futures::Notified<'_> {
+        self.request_ended.notified()
+    }
+
+    /// A CONNECT was answered: the tunnel waits for the socket.
+    pub(crate) fn has_tunnel(&self) -> bool {
+        self.tunnel.lock().is_some()
+    }
+
+    /// The tunnel a CONNECT left for this socket, if any.
+    pub(crate) fn take_tunnel(&self) -> Option<Box<TunnelJob>> {
+        self.tunnel.lock().take()
+    }
+
+    /// Parks `socket` in the connection's slot, unless `readable` says it already
+    /// is (then it comes back). `readable` runs under the slot's lock, so that a
+    /// wake-up it registers, firing on another thread, finds the socket in place.
+    pub(crate) fn park<P: Parked + 'static>(
+        &self,
+        socket: P,
+        readable: impl FnOnce(&P) -> bool,
+    ) -> Option<P> {
+        let mut slot = self.parked.lock();
+        if readable(&socket) {
+            return Some(socket);
+        }
+        *slot = Some(Box::new(socket));
+        self.downstream.parked.increment(1.0);
+        None
+    }
+
+    /// The socket is parked.
+    #[cfg(test)]
+    pub(crate) fn is_parked(&self) -> bool {
+        self.parked.lock().is_some()
     }
 
     /// Takes the parked socket, if there is one, out of its slot.
@@ -274,7 +329,7 @@ impl ClientConn {
         RequestGuard { conn: self.clone() }
     }
 
-    pub(super) fn bytes_read(&self) {
+    pub(crate) fn bytes_read(&self) {
         if !self.busy() && self.head_started.load(Ordering::Relaxed) == 0 {
             self.head_started
                 .store(self.now_ms() + 1, Ordering::Relaxed);
@@ -316,8 +371,8 @@ impl Drop for RequestGuard {
 
 /// Lives inside the client socket's IO: deregisters and counts the close when the
 /// socket is dropped.
-pub(super) struct ClientGuard {
-    pub(super) conn: Arc<ClientConn>,
+pub(crate) struct ClientGuard {
+    pub(crate) conn: Arc<ClientConn>,
 }
 
 impl Drop for ClientGuard {
