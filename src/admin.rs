@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -55,15 +54,15 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if shared.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+        "/readyz" if shared.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => with_type(
-            shared.telemetry.render(),
+            shared.telemetry().render(),
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         "/debug/pools" => json(&pools_json(shared)),
         "/debug/clients" => json(&serde_json::json!({
-            "clients": shared.downstream.clients.top(&shared.table().config.diagnosis)
+            "clients": shared.downstream().clients.top(&shared.table().config.diagnosis)
         })),
         "/" => with_type(status_page(&pools_json(shared)), "text/html; charset=utf-8"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -74,7 +73,7 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
 /// `closed` (by reason) and `rejected` (by reason) totals of its upstream label.
 /// Pools of unlisted origins share the label `unlisted`, so they share those totals.
 pub fn pools_json(shared: &Shared) -> serde_json::Value {
-    let text = shared.telemetry.render();
+    let text = shared.telemetry().render();
     let closed = totals(&text, t::UPSTREAM_CLOSED, "reason");
     let rejected = totals(&text, t::UPSTREAM_REJECTED, "reason");
     let pools: Vec<_> = shared
@@ -91,7 +90,7 @@ pub fn pools_json(shared: &Shared) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "downstream": { "open": shared.downstream.open() },
+        "downstream": { "open": shared.downstream().open() },
         "pools": pools,
     })
 }

@@ -59,7 +59,7 @@ pub async fn handle(
         Ok(ok) => ok,
         Err(e) => {
             let (status, code) = e.classify();
-            shared.downstream.reject(code);
+            shared.downstream().reject(code);
             tracing::warn!(client = %client.peer, %method, path, status = status.as_u16(), error = %e, "request refused");
             (e.to_response(), None)
         }
@@ -172,7 +172,7 @@ fn lookup(shared: &Shared, table: &Table, origin: &Origin) -> Result<Arc<Upstrea
     match table.policy.decide(origin) {
         Decision::Upstream(i) => Ok(table.listed[i].clone()),
         Decision::Allowed => Ok(shared
-            .upstreams
+            .upstreams()
             .unlisted(origin, !table.policy.allow_private)),
         Decision::Denied => Err(ProxyError::Denied {
             origin: origin.to_string(),

@@ -17,6 +17,7 @@
 mod io;
 mod park;
 mod serve;
+pub mod transparent;
 mod watcher;
 
 use std::sync::Arc;
@@ -58,7 +59,7 @@ pub(crate) async fn accept_admitted(
             }
         };
         let config = shared.table().config.clone();
-        let Some(conn) = shared.downstream.admit(peer, &config).await else {
+        let Some(conn) = shared.downstream().admit(peer, &config).await else {
             continue; // refused: the socket drops here
         };
         let _ = stream.set_nodelay(true);

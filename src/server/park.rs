@@ -94,7 +94,7 @@ pub(crate) async fn sweep_parked(shared: std::sync::Weak<Shared>, stop: Cancella
         let tick = match shared.upgrade() {
             Some(shared) => {
                 let idle_timeout = shared.table().config.proxy.client_idle_timeout;
-                shared.downstream.expire_parked(idle_timeout);
+                shared.downstream().expire_parked(idle_timeout);
                 (idle_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
             }
             None => return,

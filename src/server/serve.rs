@@ -93,7 +93,7 @@ impl Parked for ParkedSocket {
                 }
             }
         };
-        shared.tasks.spawn_on(resume, &shared.runtime);
+        shared.spawn_client_task(resume);
     }
 }
 

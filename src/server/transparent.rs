@@ -153,7 +153,7 @@ async fn tunnel(
         Ok(upstream_io) => upstream_io,
         Err(e) => {
             let (_, code) = e.classify();
-            shared.downstream.reject(code);
+            shared.downstream().reject(code);
             conn.set_reason(if code == "denied" {
                 ClientClose::Denied
             } else {
@@ -203,7 +203,7 @@ pub async fn upstream_for(
     }
     if decision == Decision::Allowed || table.config.transparent.allow_unlisted {
         return Ok(shared
-            .upstreams
+            .upstreams()
             .unlisted(&origin, !table.policy.allow_private));
     }
     Err(ProxyError::Denied {
