@@ -73,11 +73,12 @@ pub fn challenge(data: &[u8]) {
     let Ok(challenge) = std::str::from_utf8(data) else {
         return;
     };
-    let Some(out) = tether::rewrite::rewrite_realm(challenge, |_| Some(NEW_REALM.into())) else {
+    let Some(out) = tether::proxy::rewrite::rewrite_realm(challenge, |_| Some(NEW_REALM.into()))
+    else {
         return;
     };
     let seen = std::cell::RefCell::new(None);
-    let again = tether::rewrite::rewrite_realm(&out, |realm| {
+    let again = tether::proxy::rewrite::rewrite_realm(&out, |realm| {
         *seen.borrow_mut() = Some(realm.to_owned());
         Some(realm.to_owned())
     });

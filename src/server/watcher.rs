@@ -54,7 +54,8 @@ pub(super) async fn drive<S>(
     stop: &CancellationToken,
 ) -> Ended
 where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::ProxyBody> + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::proxy::body::ProxyBody>
+        + Unpin,
     S::Future: Send + Unpin + 'static,
 {
     let mut closing = false;
