@@ -465,7 +465,7 @@ impl Config {
                     format!("upstream {:?} is defined twice", up.name),
                 );
             }
-            match crate::policy::Origin::parse_authority(&up.origin) {
+            match crate::policy::origin::Origin::parse_authority(&up.origin) {
                 Ok(origin) => {
                     if !origins.insert(origin) {
                         problem(
@@ -558,7 +558,7 @@ impl Config {
         );
 
         for (i, pattern) in self.egress.allow.iter().enumerate() {
-            if let Err(e) = crate::policy::Pattern::parse(pattern) {
+            if let Err(e) = crate::policy::origin::Pattern::parse(pattern) {
                 problem(format!("egress.allow[{i}]"), format!("{pattern:?}: {e}"));
             }
         }
