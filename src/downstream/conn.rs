@@ -116,7 +116,7 @@ pub struct ClientConn {
     pub(super) kill: Notify,
     pub(super) downstream: Arc<Downstream>,
     /// A CONNECT answered `200`: the tunnel to run once hyper hands the socket back.
-    pub(super) tunnel: Mutex<Option<Box<TunnelJob>>>,
+    handoff: Handoff,
     /// The socket while it is parked: no task and no HTTP state, only this slot and
     /// the reactor's wake-up (see `server::park`).
     pub(super) parked: Mutex<Option<Box<dyn Parked>>>,
@@ -137,6 +137,35 @@ pub struct TunnelJob {
     pub upstream: crate::upstream::Tracked<TcpStream>,
     /// Keeps the client connection counted as active for the tunnel's life.
     pub busy: RequestGuard,
+}
+
+/// The CONNECT hand-off between the request path and the server side. The request
+/// path answers `CONNECT` with `200` and fills the connection's [`Handoff`] with the
+/// governed upstream socket; hyper writes the response and, seeing the connection
+/// end, hands the client socket back to the server side, which drains the hand-off
+/// and runs the tunnel on the same task. A filled hand-off is also how the watcher
+/// knows the socket is to become a tunnel rather than be parked or closed.
+///
+/// One connection's slot: filled at most once, by the request path.
+#[derive(Default)]
+pub struct Handoff(Mutex<Option<Box<TunnelJob>>>);
+
+impl Handoff {
+    /// Hands `job` over: the connection turns into its tunnel once the `200` is
+    /// written.
+    pub fn fill(&self, job: TunnelJob) {
+        *self.0.lock() = Some(Box::new(job));
+    }
+
+    /// A tunnel is waiting for the socket.
+    pub fn is_filled(&self) -> bool {
+        self.0.lock().is_some()
+    }
+
+    /// The tunnel waiting for the socket, if any.
+    pub fn take(&self) -> Option<Box<TunnelJob>> {
+        self.0.lock().take()
+    }
 }
 
 impl Downstream {
@@ -191,7 +220,7 @@ impl Downstream {
             request_ended: Notify::new(),
             kill: Notify::new(),
             downstream: self.clone(),
-            tunnel: Mutex::new(None),
+            handoff: Handoff::default(),
             parked: Mutex::new(None),
         });
         self.opened.increment(1);
@@ -271,14 +300,9 @@ impl ClientConn {
         self.request_ended.notified()
     }
 
-    /// A CONNECT was answered: the tunnel waits for the socket.
-    pub(crate) fn has_tunnel(&self) -> bool {
-        self.tunnel.lock().is_some()
-    }
-
-    /// The tunnel a CONNECT left for this socket, if any.
-    pub(crate) fn take_tunnel(&self) -> Option<Box<TunnelJob>> {
-        self.tunnel.lock().take()
+    /// Where a CONNECT's tunnel waits for this connection's socket.
+    pub fn handoff(&self) -> &Handoff {
+        &self.handoff
     }
 
     /// Parks `socket` in the connection's slot, unless `readable` says it already
@@ -311,11 +335,6 @@ impl ClientConn {
             self.downstream.parked.decrement(1.0);
         }
         socket
-    }
-
-    /// Turns this connection into a tunnel once its `200` response is written.
-    pub fn start_tunnel(&self, job: TunnelJob) {
-        *self.tunnel.lock() = Some(Box::new(job));
     }
 
     /// Marks a request in flight until the returned guard drops.

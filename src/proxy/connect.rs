@@ -41,7 +41,7 @@ pub(super) async fn connect(
     let upstream_io = upstream.open_tunnel().await?;
     // The client connection stays "active" for the tunnel's lifetime; the listener
     // runs the tunnel once hyper has written the 200 and handed the socket back.
-    client.start_tunnel(TunnelJob {
+    client.handoff().fill(TunnelJob {
         tunnels: upstream.tunnels.clone(),
         upstream: upstream_io,
         busy: client.begin_request(),

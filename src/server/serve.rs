@@ -140,7 +140,7 @@ async fn serve_http(
     }
     let hyper::server::conn::http1::Parts { io, read_buf, .. } = connection.into_parts();
     let mut io = io.into_inner();
-    let job = conn.take_tunnel();
+    let job = conn.handoff().take();
     match (ended, job) {
         (Ended::Tunnel, Some(job)) => {
             io.prefix = read_buf;

@@ -118,7 +118,7 @@ where
                     tracing::debug!(client = %conn.peer, error = %e, "client connection ended with an error");
                     return Ended::Closed;
                 }
-                if conn.has_tunnel() {
+                if conn.handoff().is_filled() {
                     return Ended::Tunnel;
                 }
                 // A parked socket comes back only if nothing else asked it to close.
