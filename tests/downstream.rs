@@ -447,6 +447,12 @@ async fn half_sent_heads_and_trickling_clients_never_lift_max_client_connections
     for t in tricklers {
         t.await.unwrap();
     }
+    let evicted = downstream_closed(&tether, "evicted");
+    let refused = downstream_closed(&tether, "limit");
+    println!(
+        "peak: {registered} registered, {gauge} in the gauges, {kernel} established (ss); \
+         {evicted} evicted, {refused} refused"
+    );
     assert!(
         registered <= LIMIT,
         "tether registered {registered} clients"
@@ -458,8 +464,6 @@ async fn half_sent_heads_and_trickling_clients_never_lift_max_client_connections
             "ss showed {kernel} established sockets"
         );
     }
-    let evicted = downstream_closed(&tether, "evicted");
-    let refused = downstream_closed(&tether, "limit");
     assert!(evicted >= 1.0, "newcomers were admitted by evicting");
     // Every newcomer either took an evicted connection's place or was refused.
     assert!(
