@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod diagnosis;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod rewrite;
 pub mod route;
 pub mod server;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod transparent;
 pub mod upstream;
