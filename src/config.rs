@@ -4,6 +4,11 @@
 //! (or the embedded `config/tether.toml` when none is given), then environment
 //! variables `TETHER_<SECTION>__<KEY>`. Unknown keys are errors, and [`Config::validate`]
 //! reports every problem at once so an operator fixes a file in one pass.
+//!
+//! The built-in defaults are this module's (the `pool_keys!` table, the `DEFAULT_*`
+//! consts, the `Default` impls): they are typed and say why they have their value.
+//! `config/tether.toml` shows every key with the same value, set or commented out;
+//! `tests/defaults.rs` fails when the two part.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -58,7 +63,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 /// `deny_unknown_fields`, so the keys are spelled into both structs here.)
 macro_rules! pool_keys {
     ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr $(, with $serde:literal)?; )*) => {
-        /// Limits of one upstream's pool. `config/tether.toml` documents each key.
+        /// Limits of one upstream's pool. `config/tether.toml` documents each key
+        /// with the default given here.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields, default)]
         pub struct PoolConfig {

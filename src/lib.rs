@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod diagnosis;
 pub mod downstream;
@@ -22,6 +23,7 @@ pub mod route;
 pub mod server;
 pub mod shared;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod upstream;
 
