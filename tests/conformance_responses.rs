@@ -392,6 +392,49 @@ async fn a_bad_status_line_is_502_upstream_error_and_its_socket_is_closed() {
     }
 }
 
+/// RFC 9112 §6.3: `Transfer-Encoding` overrides `Content-Length`, and the length must
+/// go before the message is forwarded. hyper's client reads the chunked body but
+/// leaves the length in the header map; forwarded as it was, it would frame the
+/// client's copy: here 3 bytes of an 11-byte body.
+#[tokio::test]
+async fn a_response_with_content_length_and_chunked_reaches_the_client_chunked_in_full() {
+    let hostile = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n\
+        5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    for via in BOTH {
+        let case = Case::start(via, hostile, Then::Serve).await;
+        let reply = case.get("/").await;
+        assert_eq!(reply.status, 200, "{via:?}: {reply:?}");
+        assert!(
+            reply.header("content-length").is_empty(),
+            "{via:?}: {reply:?}"
+        );
+        assert_eq!(reply.header("transfer-encoding"), ["chunked"], "{via:?}");
+        assert_eq!(reply.body, b"hello world", "{via:?}: {reply:?}");
+        assert!(reply.complete && !reply.reset, "{via:?}: {reply:?}");
+        case.assert_next_request_gets_a_fresh_socket("error").await;
+    }
+}
+
+/// The same with a length longer than the body: the client must not wait for bytes
+/// that never come, nor see its connection break.
+#[tokio::test]
+async fn a_response_with_a_long_content_length_and_chunked_reaches_the_client_in_full() {
+    let hostile = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 100\r\n\r\n\
+        5\r\nhello\r\n0\r\n\r\n";
+    for via in BOTH {
+        let case = Case::start(via, hostile, Then::Serve).await;
+        let reply = case.get("/").await;
+        assert_eq!(reply.status, 200, "{via:?}: {reply:?}");
+        assert!(
+            reply.header("content-length").is_empty(),
+            "{via:?}: {reply:?}"
+        );
+        assert_eq!(reply.body, b"hello", "{via:?}: {reply:?}");
+        assert!(reply.complete && !reply.reset, "{via:?}: {reply:?}");
+        case.assert_next_request_gets_a_fresh_socket("error").await;
+    }
+}
+
 #[tokio::test]
 async fn differing_content_lengths_are_502_upstream_error_and_the_socket_is_closed() {
     let hostile = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nokk";

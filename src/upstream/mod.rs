@@ -217,19 +217,26 @@ impl Upstream {
                     let metrics = self.pool.metrics();
                     metrics.duration.record(sent_at.elapsed().as_secs_f64());
                     metrics.request(resp.status(), reused);
-                    let reusable = !wants_close(resp.headers());
+                    let close = close_after(resp.headers());
                     if let Some((timeout, max)) = keep_alive_params(resp.headers()) {
                         self.pool.advertised_keepalive(pooled.id(), timeout, max);
                     }
-                    if !reusable {
+                    if let Some(reason) = close {
                         // Known now, before the driver sees the close.
-                        self.pool
-                            .close_reason(pooled.id(), CloseReason::RemoteClosed);
+                        self.pool.close_reason(pooled.id(), reason);
                     }
-                    let (parts, body) = resp.into_parts();
+                    let (mut parts, body) = resp.into_parts();
+                    if framed_twice(&parts.headers) {
+                        // hyper reads the body by its Transfer-Encoding (chunked, or
+                        // to the close) but leaves the length in the map; forwarded,
+                        // it would frame the client's copy (RFC 9112 §6.3). Without
+                        // it, the body's unknown size makes hyper's server chunk it
+                        // to the client afresh.
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                    }
                     return Ok(Response::from_parts(
                         parts,
-                        UpstreamBody::new(body, pooled, reusable, deadline),
+                        UpstreamBody::new(body, pooled, close, deadline),
                     ));
                 }
                 Err(mut e) => match e.take_message() {
@@ -387,6 +394,29 @@ fn keep_alive_params(
         }
     }
     (timeout.is_some() || max.is_some()).then_some((timeout, max))
+}
+
+/// Why the connection must close once this response's body has been read, if it
+/// must: the upstream said so, or it framed the response with both
+/// `Transfer-Encoding` and `Content-Length`. hyper's client lets the first win and
+/// would keep the connection, but two framings are how responses are split (RFC 9112
+/// §6.3), and which one the upstream meant cannot be known, so its next bytes are
+/// not trusted to start a response. Counted as `error`: the upstream broke HTTP's
+/// rules, the way a malformed head that hyper rejects is counted.
+pub(super) fn close_after(headers: &http::HeaderMap) -> Option<CloseReason> {
+    if framed_twice(headers) {
+        Some(CloseReason::Error)
+    } else if wants_close(headers) {
+        Some(CloseReason::RemoteClosed)
+    } else {
+        None
+    }
+}
+
+/// Both `Transfer-Encoding` and `Content-Length`: hyper's client reads the body by
+/// the former and leaves the latter in the header map.
+fn framed_twice(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
 }
 
 fn wants_close(headers: &http::HeaderMap) -> bool {
@@ -568,5 +598,43 @@ impl Upstreams {
         let mut all: Vec<_> = self.unlisted.lock().values().cloned().collect();
         all.extend(retired.iter().cloned());
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(lines: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        lines
+            .iter()
+            .map(|(n, v)| {
+                (
+                    http::HeaderName::from_static(n),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_response_framed_one_way_keeps_its_socket_unless_it_asks_to_close() {
+        assert_eq!(close_after(&headers(&[("content-length", "2")])), None);
+        assert_eq!(
+            close_after(&headers(&[("transfer-encoding", "chunked")])),
+            None
+        );
+        assert_eq!(
+            close_after(&headers(&[("connection", "keep-alive, close")])),
+            Some(CloseReason::RemoteClosed)
+        );
+    }
+
+    #[test]
+    fn a_response_framed_twice_closes_its_socket_as_an_error_whatever_else_it_says() {
+        let twice = [("transfer-encoding", "chunked"), ("content-length", "3")];
+        assert_eq!(close_after(&headers(&twice)), Some(CloseReason::Error));
+        let closing = [twice[0], twice[1], ("connection", "close")];
+        assert_eq!(close_after(&headers(&closing)), Some(CloseReason::Error));
     }
 }
