@@ -316,26 +316,58 @@ impl Upstream {
             *req.uri_mut() = Uri::builder()
                 .scheme(self.pool.connector().scheme())
                 .authority(self.origin.to_string())
-                .path_and_query(target_path(uri).map_err(|e| bad(e.into()))?)
+                .path_and_query(forwarded_path(uri)?)
                 .build()
                 .map_err(bad)?;
             *req.version_mut() = http::Version::HTTP_2;
             return Ok(());
         }
-        let origin_form = uri.scheme().is_none()
-            && uri.authority().is_none()
-            && uri
-                .path_and_query()
-                .is_some_and(|p| p.as_str().starts_with('/'));
-        if !origin_form {
-            *req.uri_mut() = Uri::builder()
-                .path_and_query(target_path(uri).map_err(|e| bad(e.into()))?)
-                .build()
-                .map_err(bad)?;
+        if let Some(target) = h1_target(uri)? {
+            *req.uri_mut() = target;
         }
         *req.version_mut() = http::Version::HTTP_11;
         Ok(())
     }
+}
+
+/// The target an HTTP/1.1 request for `uri` carries, when it is not `uri` itself: a
+/// client's origin-form target goes as it is (`None`); any other becomes
+/// [`forwarded_path`]. Public so the `request_head` fuzz check runs the very
+/// transformation the request path does.
+pub fn h1_target(uri: &Uri) -> Result<Option<Uri>, ProxyError> {
+    let origin_form = uri.scheme().is_none()
+        && uri.authority().is_none()
+        && uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().starts_with('/'));
+    if origin_form {
+        return Ok(None);
+    }
+    Uri::builder()
+        .path_and_query(forwarded_path(uri)?)
+        .build()
+        .map(Some)
+        .map_err(|e| ProxyError::BadTarget(e.to_string()))
+}
+
+/// [`target_path`] for a target that names a resource: absolute-form with an http or
+/// https scheme, origin-form or asterisk-form. Any other is refused rather than sent
+/// upstream as `/` or as its bare path, a resource the client never asked for:
+/// authority-form (`GET host:port`, CONNECT's alone, RFC 9112 §3.2.3; `proxy`
+/// refuses it first, this is the last step before the bytes are written) and other
+/// schemes, which `http::Uri` accepts even empty (`://host/path`).
+fn forwarded_path(uri: &Uri) -> Result<PathAndQuery, ProxyError> {
+    let absolute = uri
+        .scheme()
+        .is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS)
+        && uri.authority().is_some();
+    let bare = uri.scheme().is_none() && uri.authority().is_none();
+    if !(absolute || bare) {
+        return Err(ProxyError::BadTarget(format!(
+            "{uri} is not an origin-form, absolute-form (http or https) or * target"
+        )));
+    }
+    target_path(uri).map_err(|e| ProxyError::BadTarget(e.to_string()))
 }
 
 /// A target's path and query as an origin server is sent them: an empty path as `/`
@@ -628,6 +660,41 @@ mod tests {
             close_after(&headers(&[("connection", "keep-alive, close")])),
             Some(CloseReason::RemoteClosed)
         );
+    }
+
+    fn target(uri: &str) -> Result<Option<String>, ProxyError> {
+        h1_target(&uri.parse().unwrap()).map(|t| t.map(|u| u.to_string()))
+    }
+
+    #[test]
+    fn an_origin_form_target_goes_as_it_is_and_an_absolute_one_as_its_path() {
+        assert_eq!(target("/v2/?n=1").unwrap(), None);
+        assert_eq!(target("//x/y").unwrap(), None);
+        assert_eq!(
+            target("http://a:80/v2/?n=1").unwrap().as_deref(),
+            Some("/v2/?n=1")
+        );
+        assert_eq!(target("HTTPS://a").unwrap().as_deref(), Some("/"));
+        assert_eq!(target("http://a?q=1").unwrap().as_deref(), Some("/?q=1"));
+        assert_eq!(target("*").unwrap().as_deref(), Some("*"));
+    }
+
+    #[test]
+    fn an_absolute_target_with_only_a_fragment_after_the_host_goes_as_slash() {
+        // `http::Uri` gives it an empty path that prints as an empty target (#16.2).
+        assert_eq!(target("http://a#frag").unwrap().as_deref(), Some("/"));
+        assert_eq!(target("http://a:8#0").unwrap().as_deref(), Some("/"));
+    }
+
+    #[test]
+    fn a_target_that_names_no_resource_is_refused() {
+        for uri in ["a.com:80", "h", "://b/c", "ftp://a/b"] {
+            assert!(
+                matches!(target(uri), Err(ProxyError::BadTarget(_))),
+                "{uri}: {:?}",
+                target(uri)
+            );
+        }
     }
 
     #[test]
