@@ -322,18 +322,35 @@ impl Upstream {
             *req.version_mut() = http::Version::HTTP_2;
             return Ok(());
         }
-        if let Some(target) = h1_target(uri)? {
-            *req.uri_mut() = target;
-        }
-        *req.version_mut() = http::Version::HTTP_11;
-        Ok(())
+        h1_form(req)
     }
+}
+
+/// Puts `req` in the form tether sends over HTTP/1.1: the target ([`h1_target`]),
+/// the version, and the framing of a body of unknown length. Public so the
+/// `request_head` fuzz check runs the very transformation the request path does.
+pub fn h1_form<B: http_body::Body>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    if let Some(target) = h1_target(req.uri())? {
+        *req.uri_mut() = target;
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    // A body of unknown length came chunked, and tether removed the client's
+    // Transfer-Encoding with the other hop-by-hop headers. hyper's client chunks such
+    // a body itself, except for GET, HEAD and CONNECT, where it assumes there is
+    // none and sends no body unless the header is set.
+    let body = req.body();
+    if !body.is_end_stream() && body.size_hint().exact().is_none() {
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    Ok(())
 }
 
 /// The target an HTTP/1.1 request for `uri` carries, when it is not `uri` itself: a
 /// client's origin-form target goes as it is (`None`); any other becomes
-/// [`forwarded_path`]. Public so the `request_head` fuzz check runs the very
-/// transformation the request path does.
+/// [`forwarded_path`].
 pub fn h1_target(uri: &Uri) -> Result<Option<Uri>, ProxyError> {
     let origin_form = uri.scheme().is_none()
         && uri.authority().is_none()
@@ -695,6 +712,27 @@ mod tests {
                 target(uri)
             );
         }
+    }
+
+    #[test]
+    fn a_get_with_a_body_of_unknown_length_goes_chunked() {
+        let body = http_body_util::StreamBody::new(futures_util::stream::empty::<
+            Result<http_body::Frame<bytes::Bytes>, std::io::Error>,
+        >());
+        let mut req = Request::get("/").body(body).unwrap();
+        h1_form(&mut req).unwrap();
+        assert_eq!(req.headers()[header::TRANSFER_ENCODING], "chunked");
+
+        // A known length (hyper writes Content-Length) or no body at all: no header.
+        let sized = http_body_util::Full::new(bytes::Bytes::from_static(b"ab"));
+        let mut req = Request::post("/").body(sized).unwrap();
+        h1_form(&mut req).unwrap();
+        assert!(!req.headers().contains_key(header::TRANSFER_ENCODING));
+        let mut req = Request::get("/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        h1_form(&mut req).unwrap();
+        assert!(!req.headers().contains_key(header::TRANSFER_ENCODING));
     }
 
     #[test]
