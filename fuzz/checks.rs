@@ -371,6 +371,15 @@ fn origin_form(target: &str) -> Option<String> {
 /// request gets) and hyper's client, over in-memory pipes; the head the client
 /// wrote, or `None` when hyper's server or tether refused the request.
 async fn forward(head: &[u8]) -> Option<Vec<u8>> {
+    // Every task of one input is in this set and ends with it: a task left waiting
+    // on a pipe (a refused request's server, say) would pile up input after input.
+    let mut tasks = tokio::task::JoinSet::new();
+    let out = forward_in(head, &mut tasks).await;
+    tasks.shutdown().await;
+    out
+}
+
+async fn forward_in(head: &[u8], tasks: &mut tokio::task::JoinSet<()>) -> Option<Vec<u8>> {
     use http::header::{self, HeaderValue};
     use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -383,14 +392,17 @@ async fn forward(head: &[u8]) -> Option<Vec<u8>> {
         // The response never comes: the check is over once the head is out.
         std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>()
     });
-    let server = tokio::spawn(
-        hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(server_io), service),
-    );
+    let server = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(server_io), service);
+    tasks.spawn(async move {
+        let _ = server.await;
+    });
     let head = head.to_vec();
-    let writer = tokio::spawn(async move {
+    tasks.spawn(async move {
         let _ = client.write_all(&head).await;
-        client // kept open: an end of stream would cut the body short
+        // Kept open until the input is over: an end of stream would cut a body short.
+        std::future::pending::<()>().await;
+        drop(client);
     });
     let within = Duration::from_secs(5);
     let received = tokio::time::timeout(within, accepted.recv()).await;
@@ -411,8 +423,13 @@ async fn forward(head: &[u8]) -> Option<Vec<u8>> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream_io))
         .await
         .expect("handshake over a pipe");
-    let driver = tokio::spawn(conn);
-    let exchange = tokio::spawn(sender.send_request(req));
+    tasks.spawn(async move {
+        let _ = conn.await;
+    });
+    let exchange = sender.send_request(req);
+    tasks.spawn(async move {
+        let _ = exchange.await;
+    });
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     let complete = tokio::time::timeout(within, async {
@@ -431,14 +448,6 @@ async fn forward(head: &[u8]) -> Option<Vec<u8>> {
         }
     })
     .await;
-    for task in [
-        server.abort_handle(),
-        writer.abort_handle(),
-        driver.abort_handle(),
-        exchange.abort_handle(),
-    ] {
-        task.abort();
-    }
     match complete {
         // hyper's client gave up before writing a byte: nothing was forwarded.
         Ok(false) if out.is_empty() => None,
