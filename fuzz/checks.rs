@@ -194,8 +194,8 @@ pub fn request_head(data: &[u8]) {
     let Some((len, accepted)) = parse_head(data) else {
         return;
     };
-    if accepted.method == "CONNECT" || known_open(&accepted) {
-        return; // a tunnel, not a forwarded head; or a finding not fixed yet
+    if accepted.method == "CONNECT" {
+        return; // a tunnel, not a forwarded head
     }
     let Some(out) = RUNTIME.with(|rt| rt.block_on(forward(&data[..len]))) else {
         return; // refused, by hyper's server or by tether
@@ -266,28 +266,6 @@ fn parse_head(data: &[u8]) -> Option<(usize, Head)> {
         framing,
     };
     Some((len, head))
-}
-
-/// Heads the check cannot judge yet (`fuzz/open/request_head/`, fuzz/README.md), left
-/// out so that a campaign can look past them; each goes when its cause does and its
-/// input moves to `regressions/`.
-///
-/// - A `Connection` value that is not visible ASCII (`x-hop, café`): `strip_hop_by_hop`
-///   reads it with `to_str`, which fails, and removes none of the headers it names.
-///   Open, for src/proxy.rs.
-/// - Transfer codings other than one `chunked` (`gzip, chunked`, `chunked, chunked`):
-///   hyper's server removes one chunking and tether drops `Transfer-Encoding` as
-///   hop-by-hop, so the upstream would get a body still coded that says nothing of
-///   it. `proxy::check_framing` refuses them (501, 400), but it is private: the check
-///   cannot run it.
-fn known_open(head: &Head) -> bool {
-    let not_ascii = |v: &Vec<u8>| !v.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b));
-    let connection_not_ascii = head
-        .headers
-        .get("connection")
-        .is_some_and(|values| values.iter().any(not_ascii));
-    let other_codings = matches!(&head.framing, Framing::Chunked(c) if c != &["chunked"]);
-    connection_not_ascii || other_codings
 }
 
 /// Every `Content-Length` line and every comma-separated item in them must be the
@@ -412,6 +390,9 @@ async fn forward_in(head: &[u8], tasks: &mut tokio::task::JoinSet<()>) -> Option
         Err(_) => panic!("hyper's server neither took nor refused a head httparse completes"),
     };
 
+    if tether::proxy::check_framing(req.headers()).is_err() {
+        return None; // 400 or 501: tether refuses it before it picks an upstream
+    }
     let headers = req.headers_mut();
     tether::proxy::strip_hop_by_hop(headers);
     headers.insert(header::HOST, HeaderValue::from_static(UPSTREAM_HOST));

@@ -75,7 +75,7 @@ pub(super) fn check_target(method: &Method, uri: &Uri, mode: Mode) -> Result<(),
 /// own) would reach the upstream undeclared, and HTTP/2 upstreams have no transfer
 /// codings at all. RFC 9112 §6.1: a coding the server does not understand SHOULD get
 /// 501. Chunked twice is a malformed message (a sender MUST NOT, §7): 400.
-pub(super) fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
+pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next() {
         if lengths.any(|other| other != first) {

@@ -53,8 +53,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let first = connection.next().cloned();
     let more: Vec<HeaderValue> = connection.cloned().collect(); // empty: no allocation
     for value in first.iter().chain(&more) {
-        for name in value.to_str().unwrap_or("").split(',') {
-            headers.remove(name.trim());
+        // By bytes: a value with obs-text elsewhere in it still names its headers.
+        for name in value.as_bytes().split(|&b| b == b',') {
+            if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
+                headers.remove(name);
+            }
         }
     }
     for name in &HOP_BY_HOP {
@@ -89,6 +92,20 @@ mod tests {
         let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn a_connection_value_with_obs_text_still_removes_the_headers_it_names() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-hop, caf\xc3\xa9").unwrap(),
+        );
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("x-kept", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
     }
 
     #[test]

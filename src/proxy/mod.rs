@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use body::ProxyBody;
+pub use checks::check_framing;
 use checks::{check_host, check_target};
 pub use headers::strip_hop_by_hop;
 use headers::{prepare_request, VIA};
