@@ -76,8 +76,7 @@ impl Client {
 pub type SendRequest = Client;
 
 /// What a socket is doing. Tunnels count against the same cap as pooled sockets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnState {
     Connecting,
     Active,
@@ -87,18 +86,47 @@ pub enum ConnState {
 }
 
 impl ConnState {
-    const ALL: [ConnState; 5] = [
+    /// Every state, in declaration order.
+    pub const ALL: [ConnState; 5] = [
         ConnState::Connecting,
         ConnState::Active,
         ConnState::Idle,
         ConnState::TunnelActive,
         ConnState::TunnelIdle,
     ];
+
+    /// The name `/debug/pools` gives the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connecting => "connecting",
+            ConnState::Active => "active",
+            ConnState::Idle => "idle",
+            ConnState::TunnelActive => "tunnel_active",
+            ConnState::TunnelIdle => "tunnel_idle",
+        }
+    }
+
+    /// The gauge that counts sockets in this state, and its `state` label: tunnels
+    /// have a gauge of their own.
+    fn gauge(self) -> (&'static str, &'static str) {
+        match self {
+            ConnState::Connecting => (t::UPSTREAM_CONNECTIONS, "connecting"),
+            ConnState::Active => (t::UPSTREAM_CONNECTIONS, "active"),
+            ConnState::Idle => (t::UPSTREAM_CONNECTIONS, "idle"),
+            ConnState::TunnelActive => (t::TUNNELS, "active"),
+            ConnState::TunnelIdle => (t::TUNNELS, "idle"),
+        }
+    }
+}
+
+impl Serialize for ConnState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// Why a socket was closed: the `reason` label of the closed counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     IdleTimeout,
     MaxLifetime,
@@ -111,7 +139,8 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 8] = [
+    /// Every reason, in declaration order.
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::IdleTimeout,
         CloseReason::MaxLifetime,
         CloseReason::MaxRequests,
@@ -136,25 +165,85 @@ impl CloseReason {
     }
 }
 
+impl Serialize for CloseReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// Why a request never reached the upstream: the `reason` label of the rejected counter.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
-    QueueFull = 0,
-    QueueTimeout = 1,
-    Denied = 2,
+    QueueFull,
+    QueueTimeout,
+    Denied,
+}
+
+impl Rejection {
+    /// Every reason, in declaration order.
+    pub const ALL: [Rejection; 3] = [
+        Rejection::QueueFull,
+        Rejection::QueueTimeout,
+        Rejection::Denied,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::QueueFull => "queue_full",
+            Rejection::QueueTimeout => "queue_timeout",
+            Rejection::Denied => "denied",
+        }
+    }
+}
+
+/// A label enum: its values, each with its place among them.
+trait Label: Copy + Eq + 'static {
+    /// Position of `self` in the enum's `ALL`.
+    fn position(self) -> usize;
+}
+
+macro_rules! label {
+    ($($label:ty),*) => {$(
+        impl Label for $label {
+            fn position(self) -> usize {
+                // `ALL` lists the variants in declaration order (a test checks it).
+                self as usize
+            }
+        }
+    )*};
+}
+label!(ConnState, CloseReason, Rejection);
+
+/// One metric handle per value of a label enum, registered by walking its `ALL`.
+struct PerLabel<L, T, const N: usize> {
+    handles: [(L, T); N],
+}
+
+impl<L: Label, T, const N: usize> PerLabel<L, T, N> {
+    fn new(all: [L; N], mut handle: impl FnMut(L) -> T) -> Self {
+        PerLabel {
+            handles: all.map(|l| (l, handle(l))),
+        }
+    }
+
+    fn get(&self, label: L) -> &T {
+        let (l, handle) = &self.handles[label.position()];
+        debug_assert!(*l == label);
+        handle
+    }
 }
 
 /// The metric handles of one pool, registered once.
 pub struct PoolMetrics {
-    states: [Gauge; 5],
+    states: PerLabel<ConnState, Gauge, 5>,
     opened: Counter,
-    closed: [Counter; 8],
+    closed: PerLabel<CloseReason, Counter, 8>,
     /// `[status class 1xx..5xx][reused]`.
     requests: [[Counter; 2]; 5],
     pub duration: Histogram,
     queue_depth: Gauge,
     queue_wait: Histogram,
-    rejected: [Counter; 3],
+    rejected: PerLabel<Rejection, Counter, 3>,
     pub stale_retries: Counter,
     /// `[client→upstream, upstream→client]`.
     pub tunnel_bytes: [Counter; 2],
@@ -163,17 +252,6 @@ pub struct PoolMetrics {
 impl PoolMetrics {
     pub fn new(telemetry: &Telemetry, upstream: &str) -> PoolMetrics {
         let up = ("upstream", upstream);
-        let states = ConnState::ALL.map(|s| match s {
-            ConnState::Connecting => {
-                telemetry.gauge(t::UPSTREAM_CONNECTIONS, &[up, ("state", "connecting")])
-            }
-            ConnState::Active => {
-                telemetry.gauge(t::UPSTREAM_CONNECTIONS, &[up, ("state", "active")])
-            }
-            ConnState::Idle => telemetry.gauge(t::UPSTREAM_CONNECTIONS, &[up, ("state", "idle")]),
-            ConnState::TunnelActive => telemetry.gauge(t::TUNNELS, &[up, ("state", "active")]),
-            ConnState::TunnelIdle => telemetry.gauge(t::TUNNELS, &[up, ("state", "idle")]),
-        });
         let class = |c: usize, reused: &str| {
             let code = ["1xx", "2xx", "3xx", "4xx", "5xx"][c];
             telemetry.counter(
@@ -182,16 +260,21 @@ impl PoolMetrics {
             )
         };
         PoolMetrics {
-            states,
+            states: PerLabel::new(ConnState::ALL, |s| {
+                let (name, state) = s.gauge();
+                telemetry.gauge(name, &[up, ("state", state)])
+            }),
             opened: telemetry.counter(t::UPSTREAM_OPENED, &[up]),
-            closed: CloseReason::ALL
-                .map(|r| telemetry.counter(t::UPSTREAM_CLOSED, &[up, ("reason", r.as_str())])),
+            closed: PerLabel::new(CloseReason::ALL, |r| {
+                telemetry.counter(t::UPSTREAM_CLOSED, &[up, ("reason", r.as_str())])
+            }),
             requests: std::array::from_fn(|c| [class(c, "false"), class(c, "true")]),
             duration: telemetry.histogram(t::UPSTREAM_REQUEST_DURATION, &[up]),
             queue_depth: telemetry.gauge(t::UPSTREAM_QUEUE_DEPTH, &[up]),
             queue_wait: telemetry.histogram(t::UPSTREAM_QUEUE_WAIT, &[up]),
-            rejected: ["queue_full", "queue_timeout", "denied"]
-                .map(|r| telemetry.counter(t::UPSTREAM_REJECTED, &[up, ("reason", r)])),
+            rejected: PerLabel::new(Rejection::ALL, |r| {
+                telemetry.counter(t::UPSTREAM_REJECTED, &[up, ("reason", r.as_str())])
+            }),
             stale_retries: telemetry.counter(t::UPSTREAM_STALE_RETRIES, &[up]),
             tunnel_bytes: ["upstream", "downstream"]
                 .map(|d| telemetry.counter(t::TUNNEL_BYTES, &[up, ("direction", d)])),
@@ -204,7 +287,15 @@ impl PoolMetrics {
     }
 
     pub fn reject(&self, why: Rejection) {
-        self.rejected[why as usize].increment(1);
+        self.rejected.get(why).increment(1);
+    }
+
+    fn closed(&self, reason: CloseReason) {
+        self.closed.get(reason).increment(1);
+    }
+
+    fn state(&self, state: ConnState) -> &Gauge {
+        self.states.get(state)
     }
 }
 
@@ -858,7 +949,7 @@ impl Inner {
                 keepalive: None,
             },
         );
-        self.metrics.states[state as usize].increment(1.0);
+        self.metrics.state(state).increment(1.0);
         self.publish(st);
         Some(Slot {
             inner: self.clone(),
@@ -910,8 +1001,8 @@ impl Inner {
 
     fn set_state(&self, entry: &mut Entry, state: ConnState) {
         if entry.state != state {
-            self.metrics.states[entry.state as usize].decrement(1.0);
-            self.metrics.states[state as usize].increment(1.0);
+            self.metrics.state(entry.state).decrement(1.0);
+            self.metrics.state(state).increment(1.0);
             entry.state = state;
         }
     }
@@ -921,7 +1012,7 @@ impl Inner {
         if let Some(entry) = st.conns.get_mut(&id) {
             entry.reason.get_or_insert(reason);
         } else if st.pending_close.remove(&id) {
-            self.metrics.closed[reason as usize].increment(1);
+            self.metrics.closed(reason);
         }
     }
 
@@ -1055,7 +1146,7 @@ impl Inner {
             if let Some(budget) = &self.budget {
                 budget.give_back();
             }
-            self.metrics.states[entry.state as usize].decrement(1.0);
+            self.metrics.state(entry.state).decrement(1.0);
             let victim = st
                 .idle
                 .iter()
@@ -1071,11 +1162,11 @@ impl Inner {
                     entry.state == ConnState::Active
                 };
                 match entry.reason {
-                    Some(reason) => self.metrics.closed[reason as usize].increment(1),
+                    Some(reason) => self.metrics.closed(reason),
                     None if in_use => {
                         st.pending_close.insert(id);
                     }
-                    None => self.metrics.closed[CloseReason::RemoteClosed as usize].increment(1),
+                    None => self.metrics.closed(CloseReason::RemoteClosed),
                 }
             }
             let grants = self.grant_waiters(&mut st, &config);
@@ -1103,7 +1194,7 @@ impl Inner {
             // The socket closed under this exchange, which completed all the same
             // (an upstream's `Connection: close`, say).
             if st.pending_close.remove(&id) {
-                self.metrics.closed[CloseReason::RemoteClosed as usize].increment(1);
+                self.metrics.closed(CloseReason::RemoteClosed);
             }
             return;
         };
@@ -1611,4 +1702,17 @@ mod tests {
         assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
         assert!(pool.counts().open() <= 3);
     }
+
+    #[test]
+    fn label_enums_list_every_variant_at_its_position() {
+        fn check<L: Label + std::fmt::Debug>(all: &[L]) {
+            for (i, l) in all.iter().enumerate() {
+                assert_eq!(l.position(), i, "{l:?}");
+            }
+        }
+        check(&ConnState::ALL);
+        check(&CloseReason::ALL);
+        check(&Rejection::ALL);
+    }
+
 }
