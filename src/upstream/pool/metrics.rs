@@ -129,7 +129,7 @@ impl Rejection {
 }
 
 /// A label enum: its values, each with its place among them.
-trait Label: Copy + Eq + 'static {
+pub(super) trait Label: Copy + Eq + 'static {
     /// Position of `self` in the enum's `ALL`.
     fn position(self) -> usize;
 }
@@ -146,28 +146,49 @@ macro_rules! label {
 }
 label!(ConnState, CloseReason, Rejection);
 
-/// One metric handle per value of a label enum, registered by walking its `ALL`.
-struct PerLabel<L, T, const N: usize> {
-    handles: [(L, T); N],
+/// One value (a metric handle, say) per value of a label enum, made by walking its
+/// `ALL` and looked up by the label value itself.
+pub(super) struct PerLabel<L, T, const N: usize> {
+    values: [(L, T); N],
 }
 
 impl<L: Label, T, const N: usize> PerLabel<L, T, N> {
-    fn new(all: [L; N], mut handle: impl FnMut(L) -> T) -> Self {
+    pub(super) fn new(all: [L; N], mut value: impl FnMut(L) -> T) -> Self {
         PerLabel {
-            handles: all.map(|l| (l, handle(l))),
+            values: all.map(|l| (l, value(l))),
         }
     }
 
-    fn get(&self, label: L) -> &T {
-        let (l, handle) = &self.handles[label.position()];
+    pub(super) fn map<U>(self, mut f: impl FnMut(T) -> U) -> PerLabel<L, U, N> {
+        PerLabel {
+            values: self.values.map(|(l, v)| (l, f(v))),
+        }
+    }
+
+    pub(super) fn get(&self, label: L) -> &T {
+        let (l, value) = &self.values[label.position()];
         debug_assert!(*l == label);
-        handle
+        value
+    }
+
+    pub(super) fn get_mut(&mut self, label: L) -> &mut T {
+        let (l, value) = &mut self.values[label.position()];
+        debug_assert!(*l == label);
+        value
     }
 }
 
-/// The metric handles of one pool, registered once.
+/// The `state` gauges of one pool's sockets, for its connection table.
+pub(super) fn state_gauges(telemetry: &Telemetry, upstream: &str) -> PerLabel<ConnState, Gauge, 5> {
+    PerLabel::new(ConnState::ALL, |s| {
+        let (name, state) = s.gauge();
+        telemetry.gauge(name, &[("upstream", upstream), ("state", state)])
+    })
+}
+
+/// The metric handles of one pool, registered once. The `state` gauges belong to
+/// the connection table, which moves them with the states they count.
 pub struct PoolMetrics {
-    states: PerLabel<ConnState, Gauge, 5>,
     pub(super) opened: Counter,
     closed: PerLabel<CloseReason, Counter, 8>,
     /// `[status class 1xx..5xx][reused]`.
@@ -192,10 +213,6 @@ impl PoolMetrics {
             )
         };
         PoolMetrics {
-            states: PerLabel::new(ConnState::ALL, |s| {
-                let (name, state) = s.gauge();
-                telemetry.gauge(name, &[up, ("state", state)])
-            }),
             opened: telemetry.counter(t::UPSTREAM_OPENED, &[up]),
             closed: PerLabel::new(CloseReason::ALL, |r| {
                 telemetry.counter(t::UPSTREAM_CLOSED, &[up, ("reason", r.as_str())])
@@ -224,10 +241,6 @@ impl PoolMetrics {
 
     pub(super) fn closed(&self, reason: CloseReason) {
         self.closed.get(reason).increment(1);
-    }
-
-    pub(super) fn state(&self, state: ConnState) -> &Gauge {
-        self.states.get(state)
     }
 }
 

@@ -12,13 +12,11 @@
 //!   sees more than the cap.
 //! - The reaper holds only a weak reference; a pool nobody uses goes away.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -31,9 +29,12 @@ use crate::telemetry::Telemetry;
 
 mod client;
 mod metrics;
+mod table;
 
 pub use client::{Client, SendRequest};
 pub use metrics::{CloseReason, ConnState, PoolMetrics, Rejection};
+pub use table::Keepalive;
+use table::{Limits, Table};
 
 /// One governed pool.
 #[derive(Clone)]
@@ -44,10 +45,9 @@ pub struct Pool {
 pub(crate) struct Inner {
     name: Arc<str>,
     connector: Connector,
-    config: RwLock<Arc<PoolConfig>>,
+    limits: RwLock<Limits>,
     state: Mutex<State>,
     pub(crate) metrics: PoolMetrics,
-    ids: AtomicU64,
     /// The shared `[budget]`, when one is configured.
     budget: Option<Arc<super::budget::Budget>>,
     /// This pool's counts as the budget sees them.
@@ -55,62 +55,13 @@ pub(crate) struct Inner {
 }
 
 struct State {
-    conns: HashMap<u64, Entry>,
-    /// Ready HTTP/1.1 connections, most recently used last (LIFO reuse keeps the
-    /// rest idle long enough to be reaped).
-    idle: Vec<Idle>,
-    /// Open HTTP/2 connections that may take more streams, oldest first.
-    h2: Vec<H2Conn>,
+    table: Table,
     /// The upstream has spoken h2: while one of its connections is being opened,
     /// further requests wait for its streams instead of opening more.
     h2_known: bool,
     waiters: VecDeque<Waiter>,
     next_waiter: u64,
     draining: bool,
-    /// Sockets that closed while a request still held them and no reason was
-    /// chosen yet: the holder's check-in (completed) or discard (its reason) decides
-    /// how the close is counted. The gauge fell when the socket did.
-    pending_close: std::collections::HashSet<u64>,
-}
-
-struct H2Conn {
-    id: u64,
-    value: http2::SendRequest<Incoming>,
-}
-
-/// An idle connection, named as hyper-util names it.
-struct Idle {
-    id: u64,
-    idle_at: Instant,
-    value: SendRequest,
-}
-
-struct Entry {
-    state: ConnState,
-    created: Instant,
-    /// When the socket last went idle (or was created).
-    idle_since: Instant,
-    requests: u64,
-    local_port: u16,
-    /// Open HTTP/2 streams (0 for HTTP/1.1).
-    streams: usize,
-    h2: bool,
-    /// Set by whoever decides to close the socket; read when it is dropped.
-    reason: Option<CloseReason>,
-    /// The TCP connection (and, for TLS upstreams, the handshake) was established;
-    /// failed connects are not counted as closed.
-    opened: bool,
-    /// What the upstream advertised (`Keep-Alive: timeout=N, max=M`), when
-    /// `adaptive_keepalive` is on: this socket's own idle timeout and request budget.
-    keepalive: Option<Keepalive>,
-}
-
-/// Limits an upstream advertised for one connection, already reduced by tether's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Keepalive {
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    pub max_requests: u64,
 }
 
 struct Waiter {
@@ -169,29 +120,23 @@ impl Pool {
         budget: Option<Arc<super::budget::Budget>>,
     ) -> Pool {
         let h2_known = connector.expects_h2();
+        let floor = config.min_connections;
         let inner = Arc::new(Inner {
             name: name.into(),
             connector,
-            config: RwLock::new(Arc::new(config)),
+            limits: RwLock::new(Limits::new(config)),
             state: Mutex::new(State {
-                conns: HashMap::new(),
-                idle: Vec::new(),
-                h2: Vec::new(),
+                table: Table::new(metrics::state_gauges(telemetry, name)),
                 h2_known,
                 waiters: VecDeque::new(),
                 next_waiter: 0,
                 draining: false,
-                pending_close: Default::default(),
             }),
             metrics: PoolMetrics::new(telemetry, name),
-            ids: AtomicU64::new(1),
             budget: budget.clone(),
             member: Default::default(),
         });
-        inner
-            .member
-            .floor
-            .store(inner.config.read().min_connections, Ordering::Relaxed);
+        inner.member.floor.store(floor, Ordering::Relaxed);
         if let Some(budget) = &budget {
             budget.join(Arc::downgrade(&inner), inner.member.clone());
         }
@@ -208,7 +153,7 @@ impl Pool {
     }
 
     pub fn config(&self) -> Arc<PoolConfig> {
-        self.inner.config.read().clone()
+        self.inner.limits().config().clone()
     }
 
     pub fn metrics(&self) -> &PoolMetrics {
@@ -218,39 +163,36 @@ impl Pool {
     /// An idle connection (most recently used first), else the right to connect if
     /// under the cap, else a place in the FIFO queue until one of those frees up.
     pub async fn checkout(&self) -> Result<Checkout, ProxyError> {
-        let config = self.config();
+        let limits = self.inner.limits();
         let rx = {
             let mut st = self.inner.state.lock();
-            if let Some(pooled) = self.inner.take_stream(&mut st, &config) {
+            if let Some(pooled) = self.inner.take_stream(&mut st, &limits) {
                 return Ok(Checkout::Reused(pooled));
             }
             if let Some(pooled) = self.inner.take_idle(&mut st) {
                 return Ok(Checkout::Reused(pooled));
             }
             let expected_streams = if st.h2_known {
-                let connecting = st
-                    .conns
-                    .values()
-                    .filter(|e| e.state == ConnState::Connecting)
-                    .count();
-                connecting.saturating_mul(config.max_streams_per_connection)
+                st.table
+                    .count(ConnState::Connecting)
+                    .saturating_mul(limits.max_streams_per_connection)
             } else {
                 0
             };
             let mut over_budget = false;
-            if st.conns.len() < config.max_connections && st.waiters.len() >= expected_streams {
+            if st.table.has_room(&limits) && st.waiters.len() >= expected_streams {
                 match self.inner.new_slot(&mut st, ConnState::Connecting) {
                     Some(slot) => return Ok(Checkout::Connect(slot)),
                     None => over_budget = true,
                 }
             }
-            let queued = self.enqueue(st, &config, false)?;
+            let queued = self.enqueue(st, &limits, false)?;
             if over_budget {
                 self.make_budget_room();
             }
             queued
         };
-        match self.wait(rx, &config, std::future::pending()).await? {
+        match self.wait(rx, &limits, std::future::pending()).await? {
             Grant::Idle(pooled) => Ok(Checkout::Reused(pooled)),
             Grant::Connect(slot) => Ok(Checkout::Connect(slot)),
         }
@@ -333,26 +275,26 @@ impl Pool {
         &self,
         tunnels: &super::tunnel::Tunnels,
     ) -> Result<Slot, ProxyError> {
-        let config = self.config();
+        let limits = self.inner.limits();
         let queued = {
             let mut st = self.inner.state.lock();
-            if st.conns.len() < config.max_connections {
+            if st.table.has_room(&limits) {
                 if let Some(slot) = self.inner.new_slot(&mut st, ConnState::Connecting) {
                     return Ok(slot);
                 }
             }
-            self.enqueue(st, &config, true)?
+            self.enqueue(st, &limits, true)?
         };
         self.make_budget_room();
         let make_room = async {
-            let tick = (config.min_idle_for_eviction / 4)
+            let tick = (limits.min_idle_for_eviction / 4)
                 .clamp(Duration::from_millis(5), Duration::from_millis(250));
             loop {
-                self.make_room(tunnels, &config);
+                self.make_room(tunnels, &limits);
                 tokio::time::sleep(tick).await;
             }
         };
-        match self.wait(queued, &config, make_room).await? {
+        match self.wait(queued, &limits, make_room).await? {
             Grant::Connect(slot) => Ok(slot),
             Grant::Idle(pooled) => {
                 // Slot-only waiters are skipped by hand-offs; be safe regardless.
@@ -365,12 +307,7 @@ impl Pool {
     /// Closes one idle pooled socket, else the longest-idle tunnel past
     /// `min_idle_for_eviction`. Its place goes to the oldest waiter.
     fn make_room(&self, tunnels: &super::tunnel::Tunnels, config: &PoolConfig) -> bool {
-        let victim = {
-            let mut st = self.inner.state.lock();
-            let first = st.idle.first().map(|i| i.id);
-            first.and_then(|id| self.inner.remove_idle(&mut st, id, CloseReason::Evicted))
-        };
-        if victim.is_some() {
+        if self.inner.evict_oldest_idle(0) {
             return true;
         }
         tunnels.evict_longest_idle(config.min_idle_for_eviction)
@@ -379,10 +316,9 @@ impl Pool {
     /// Marks socket `id` connected (TCP, and TLS when originated), in `state`.
     pub fn connected(&self, id: u64, local_port: u16, state: ConnState) {
         let mut st = self.inner.state.lock();
-        if let Some(entry) = st.conns.get_mut(&id) {
+        if let Some(entry) = st.table.set_state(id, state) {
             entry.opened = true;
             entry.local_port = local_port;
-            self.inner.set_state(entry, state);
         }
         self.inner.metrics.opened.increment(1);
     }
@@ -391,23 +327,19 @@ impl Pool {
     /// shared at once: waiting requests get streams on it.
     pub fn fresh(&self, id: u64, value: SendRequest) -> Pooled {
         if let Client::H2(h2) = &value {
-            let config = self.config();
+            let limits = self.inner.limits();
             let mut st = self.inner.state.lock();
             st.h2_known = true;
-            st.h2.push(H2Conn {
-                id,
-                value: h2.clone(),
-            });
-            if let Some(entry) = st.conns.get_mut(&id) {
-                entry.h2 = true;
+            st.table.share(id, h2.clone());
+            if let Some(entry) = st.table.get_mut(id) {
                 entry.streams = 1;
             }
             let inner = self.inner.clone();
             while st.waiters.iter().any(|w| !w.slot_only)
                 && st
-                    .conns
-                    .get(&id)
-                    .is_some_and(|e| e.streams < config.max_streams_per_connection)
+                    .table
+                    .get(id)
+                    .is_some_and(|e| e.streams < limits.max_streams_per_connection)
             {
                 let Some(pooled) = inner.stream_on(&mut st, id) else {
                     break;
@@ -445,7 +377,7 @@ impl Pool {
         let max_requests = max
             .map(|m| m.min(config.max_requests_per_connection))
             .unwrap_or(config.max_requests_per_connection);
-        if let Some(entry) = self.inner.state.lock().conns.get_mut(&id) {
+        if let Some(entry) = self.inner.state.lock().table.get_mut(id) {
             entry.keepalive = Some(Keepalive {
                 idle_timeout,
                 max_requests,
@@ -456,19 +388,16 @@ impl Pool {
     /// Slots for the connections the warm floor lacks: enough to bring idle plus
     /// connecting sockets up to `min_idle`, within the cap.
     pub fn warm_slots(&self) -> Vec<Slot> {
-        let config = self.config();
+        let limits = self.inner.limits();
         let mut st = self.inner.state.lock();
-        if config.min_idle == 0 || st.draining {
+        if limits.min_idle == 0 || st.draining {
             return Vec::new();
         }
-        let connecting = st
-            .conns
-            .values()
-            .filter(|e| e.state == ConnState::Connecting)
-            .count();
-        let lacking = config.min_idle.saturating_sub(st.idle.len() + connecting);
-        let room = config.max_connections.saturating_sub(st.conns.len());
-        (0..lacking.min(room))
+        let connecting = st.table.count(ConnState::Connecting);
+        let lacking = limits
+            .min_idle
+            .saturating_sub(st.table.idle_len() + connecting);
+        (0..lacking.min(st.table.room(&limits)))
             .map_while(|_| self.inner.new_slot(&mut st, ConnState::Connecting))
             .collect()
     }
@@ -481,7 +410,7 @@ impl Pool {
     /// Records how a connection's driver ended, unless a reason was already chosen.
     pub fn driver_ended(&self, id: u64, error: bool) {
         // A clean end decides nothing yet: under a request, the request's holder
-        // knows whether its exchange completed (see `pending_close`).
+        // knows whether its exchange completed (see `Table::closed_in_use`).
         if error {
             self.inner.set_reason(id, CloseReason::Error);
         }
@@ -493,23 +422,20 @@ impl Pool {
         let victims = {
             let mut st = self.inner.state.lock();
             st.draining = true;
-            let ids: Vec<u64> = st.idle.iter().map(|i| i.id).collect();
+            let ids = st.table.idle_ids().to_vec();
             let mut victims: Vec<Client> = ids
                 .into_iter()
-                .filter_map(|id| self.inner.remove_idle(&mut st, id, CloseReason::Shutdown))
+                .filter_map(|id| st.table.take_idle(id, CloseReason::Shutdown))
                 .collect();
             let unused: Vec<u64> = st
-                .h2
+                .table
+                .sharing()
                 .iter()
-                .map(|c| c.id)
-                .filter(|id| st.conns.get(id).is_some_and(|e| e.streams == 0))
+                .copied()
+                .filter(|&id| st.table.get(id).is_some_and(|e| e.streams == 0))
                 .collect();
             for id in unused {
-                victims.extend(
-                    self.inner
-                        .retire_h2(&mut st, id, CloseReason::Shutdown)
-                        .map(Client::H2),
-                );
+                victims.extend(st.table.unshare(id, CloseReason::Shutdown));
             }
             victims
         };
@@ -519,24 +445,25 @@ impl Pool {
     /// Applies new limits to the live pool: surplus idle sockets close, a raised cap
     /// admits waiters. In-flight requests are untouched.
     pub fn reconfigure(&self, config: PoolConfig) {
-        *self.inner.config.write() = Arc::new(config.clone());
+        let limits = Limits::new(config);
+        *self.inner.limits.write() = limits.clone();
         self.inner
             .member
             .floor
-            .store(config.min_connections, Ordering::Relaxed);
+            .store(limits.min_connections, Ordering::Relaxed);
         let (victims, grants) = {
             let mut st = self.inner.state.lock();
-            // Closed sockets leave `conns` only when their drivers drop them, so
+            // Closed sockets leave the table only when their drivers drop them, so
             // count the surplus once rather than re-reading it in the loop.
-            let over_cap = st.conns.len().saturating_sub(config.max_connections);
-            let over_idle = st.idle.len().saturating_sub(config.idle_limit());
-            let surplus = over_cap.max(over_idle).min(st.idle.len());
-            let ids: Vec<u64> = st.idle.iter().take(surplus).map(|i| i.id).collect();
+            let idle = st.table.idle_len();
+            let over_idle = idle.saturating_sub(limits.idle_limit());
+            let surplus = st.table.surplus(&limits).max(over_idle).min(idle);
+            let ids = st.table.idle_ids()[..surplus].to_vec();
             let victims: Vec<Client> = ids
                 .into_iter()
-                .filter_map(|id| self.inner.remove_idle(&mut st, id, CloseReason::MaxIdle))
+                .filter_map(|id| st.table.take_idle(id, CloseReason::MaxIdle))
                 .collect();
-            let grants = self.inner.grant_waiters(&mut st, &config);
+            let grants = self.inner.grant_waiters(&mut st, &limits);
             (victims, grants)
         };
         drop(victims);
@@ -552,20 +479,14 @@ impl Pool {
     /// Counts by state, for tests and the debug endpoint.
     pub fn counts(&self) -> PoolCounts {
         let st = self.inner.state.lock();
-        let mut counts = PoolCounts {
+        PoolCounts {
+            connecting: st.table.count(ConnState::Connecting),
+            active: st.table.count(ConnState::Active),
+            idle: st.table.count(ConnState::Idle),
+            tunnels_active: st.table.count(ConnState::TunnelActive),
+            tunnels_idle: st.table.count(ConnState::TunnelIdle),
             queued: st.waiters.len(),
-            ..PoolCounts::default()
-        };
-        for e in st.conns.values() {
-            match e.state {
-                ConnState::Connecting => counts.connecting += 1,
-                ConnState::Active => counts.active += 1,
-                ConnState::Idle => counts.idle += 1,
-                ConnState::TunnelActive => counts.tunnels_active += 1,
-                ConnState::TunnelIdle => counts.tunnels_idle += 1,
-            }
         }
-        counts
     }
 
     /// A JSON-ready picture of the pool for `/debug/pools`.
@@ -575,21 +496,21 @@ impl Pool {
         let counts = self.counts();
         let st = self.inner.state.lock();
         let mut connections: Vec<ConnSnapshot> = st
-            .conns
+            .table
             .iter()
-            .map(|(&id, e)| ConnSnapshot {
+            .map(|(id, e)| ConnSnapshot {
                 id,
-                state: e.state,
+                state: e.state(),
                 age_ms: now.saturating_duration_since(e.created).as_millis() as u64,
-                idle_ms: match e.state {
+                idle_ms: match e.state() {
                     ConnState::Idle | ConnState::TunnelIdle => {
-                        now.saturating_duration_since(e.idle_since).as_millis() as u64
+                        now.saturating_duration_since(e.idle_at).as_millis() as u64
                     }
                     _ => 0,
                 },
                 requests: e.requests,
                 local_port: e.local_port,
-                protocol: match e.state {
+                protocol: match e.state() {
                     ConnState::TunnelActive | ConnState::TunnelIdle => "tunnel",
                     _ if e.h2 => "h2",
                     _ => "h1",
@@ -660,6 +581,11 @@ pub struct ConnSnapshot {
 }
 
 impl Inner {
+    /// The limits in force (a cheap clone, read once per operation).
+    fn limits(&self) -> Limits {
+        self.limits.read().clone()
+    }
+
     /// The right to one more socket, if the shared budget (when there is one)
     /// allows it; the caller has checked the pool's own cap.
     fn new_slot(self: &Arc<Self>, st: &mut State, state: ConnState) -> Option<Slot> {
@@ -668,24 +594,7 @@ impl Inner {
                 return None;
             }
         }
-        let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        st.conns.insert(
-            id,
-            Entry {
-                state,
-                created: now,
-                idle_since: now,
-                requests: 0,
-                local_port: 0,
-                streams: 0,
-                h2: false,
-                reason: None,
-                opened: false,
-                keepalive: None,
-            },
-        );
-        self.metrics.state(state).increment(1.0);
+        let id = st.table.insert(state, Instant::now());
         self.publish(st);
         Some(Slot {
             inner: self.clone(),
@@ -696,7 +605,7 @@ impl Inner {
     /// Tells the budget this pool's counts (under the pool's lock).
     fn publish(&self, st: &State) {
         if self.budget.is_some() {
-            self.member.open.store(st.conns.len(), Ordering::Relaxed);
+            self.member.open.store(st.table.open(), Ordering::Relaxed);
             self.member
                 .waiting
                 .store(st.waiters.len(), Ordering::Relaxed);
@@ -706,7 +615,7 @@ impl Inner {
     /// Whether this pool should leave a freed budget unit to a pool below its floor.
     fn yields_budget(&self, st: &State) -> bool {
         self.budget.as_ref().is_some_and(|b| {
-            st.conns.len() >= self.member.floor.load(Ordering::Relaxed)
+            st.table.open() >= self.member.floor.load(Ordering::Relaxed)
                 && b.is_full()
                 && b.someone_starved_besides(&self.member)
         })
@@ -714,61 +623,60 @@ impl Inner {
 
     /// A budget unit came free: serve this pool's waiters with it.
     pub(crate) fn grant_from_budget(self: &Arc<Self>) {
-        let config = self.config.read().clone();
+        let limits = self.limits();
         let grants = {
             let mut st = self.state.lock();
-            self.grant_waiters(&mut st, &config)
+            self.grant_waiters(&mut st, &limits)
         };
         drop(grants);
     }
 
     /// Closes this pool's longest-idle socket if it is above its budget floor.
     pub(crate) fn evict_one_idle(&self) -> bool {
+        self.evict_oldest_idle(self.member.floor.load(Ordering::Relaxed))
+    }
+
+    /// Closes the least recently used idle socket, if more than `keep` are open.
+    fn evict_oldest_idle(&self, keep: usize) -> bool {
         let victim = {
             let mut st = self.state.lock();
-            if st.conns.len() <= self.member.floor.load(Ordering::Relaxed) {
+            if st.table.open() <= keep {
                 return false;
             }
-            let first = st.idle.first().map(|i| i.id);
-            first.and_then(|id| self.remove_idle(&mut st, id, CloseReason::Evicted))
+            let oldest = st.table.idle_ids().first().copied();
+            oldest.and_then(|id| st.table.take_idle(id, CloseReason::Evicted))
         };
         victim.is_some()
     }
 
-    fn set_state(&self, entry: &mut Entry, state: ConnState) {
-        if entry.state != state {
-            self.metrics.state(entry.state).decrement(1.0);
-            self.metrics.state(state).increment(1.0);
-            entry.state = state;
-        }
-    }
-
     fn set_reason(&self, id: u64, reason: CloseReason) {
         let mut st = self.state.lock();
-        if let Some(entry) = st.conns.get_mut(&id) {
-            entry.reason.get_or_insert(reason);
-        } else if st.pending_close.remove(&id) {
+        if let Some(entry) = st.table.get_mut(id) {
+            entry.close_with(reason);
+        } else if st.table.take_closed_in_use(id) {
             self.metrics.closed(reason);
         }
     }
 
     /// A stream on an open HTTP/2 connection with room for one, oldest connection
     /// first so that surplus connections go idle and are reaped.
-    fn take_stream(self: &Arc<Self>, st: &mut State, config: &PoolConfig) -> Option<Pooled> {
-        let id = st.h2.iter().find_map(|c| {
-            let e = st.conns.get(&c.id)?;
-            (e.streams < config.max_streams_per_connection && !c.value.is_closed()).then_some(c.id)
+    fn take_stream(self: &Arc<Self>, st: &mut State, limits: &Limits) -> Option<Pooled> {
+        let table = &st.table;
+        let id = table.sharing().iter().copied().find(|&id| {
+            table.get(id).is_some_and(|e| {
+                e.streams < limits.max_streams_per_connection
+                    && table.shared(id).is_some_and(|c| !c.is_closed())
+            })
         })?;
         self.stream_on(st, id)
     }
 
     /// Opens one more stream on HTTP/2 connection `id`.
     fn stream_on(self: &Arc<Self>, st: &mut State, id: u64) -> Option<Pooled> {
-        let value = st.h2.iter().find(|c| c.id == id)?.value.clone();
-        let entry = st.conns.get_mut(&id)?;
+        let value = st.table.shared(id)?.clone();
+        let entry = st.table.set_state(id, ConnState::Active)?;
         entry.streams += 1;
         let reused = entry.requests > 0 || entry.streams > 1;
-        self.set_state(entry, ConnState::Active);
         Some(Pooled {
             inner: self.clone(),
             id,
@@ -795,39 +703,18 @@ impl Inner {
         Err(pooled)
     }
 
-    /// Takes HTTP/2 connection `id` out of sharing so it closes once its last stream
-    /// ends. The caller drops the returned handle after releasing the lock.
-    fn retire_h2(
-        &self,
-        st: &mut State,
-        id: u64,
-        reason: CloseReason,
-    ) -> Option<http2::SendRequest<Incoming>> {
-        let pos = st.h2.iter().position(|c| c.id == id)?;
-        let conn = st.h2.remove(pos);
-        if let Some(entry) = st.conns.get_mut(&id) {
-            entry.reason.get_or_insert(reason);
-        }
-        Some(conn.value)
-    }
-
     /// Pops the most recently used idle connection that is still open.
     fn take_idle(self: &Arc<Self>, st: &mut State) -> Option<Pooled> {
-        while let Some(idle) = st.idle.pop() {
-            let Some(entry) = st.conns.get_mut(&idle.id) else {
-                continue;
-            };
-            if idle.value.is_closed() {
+        while let Some((id, value)) = st.table.pop_idle() {
+            if value.is_closed() {
                 // Its driver is finishing; the slot's drop will count it.
-                entry.reason.get_or_insert(CloseReason::RemoteClosed);
-                self.set_state(entry, ConnState::Active);
+                st.table.close_with(id, CloseReason::RemoteClosed);
                 continue;
             }
-            self.set_state(entry, ConnState::Active);
             return Some(Pooled {
                 inner: self.clone(),
-                id: idle.id,
-                value: Some(idle.value),
+                id,
+                value: Some(value),
                 reused: true,
                 sent: false,
             });
@@ -835,25 +722,11 @@ impl Inner {
         None
     }
 
-    /// Takes one connection off the idle list to be closed with `reason`. The caller
-    /// drops the returned handle after releasing the lock.
-    fn remove_idle(&self, st: &mut State, id: u64, reason: CloseReason) -> Option<SendRequest> {
-        let pos = st.idle.iter().position(|i| i.id == id)?;
-        let idle = st.idle.remove(pos);
-        if let Some(entry) = st.conns.get_mut(&id) {
-            entry.reason.get_or_insert(reason);
-        }
-        Some(idle.value)
-    }
-
     /// Hands free capacity to waiters, oldest first. Returns grants whose waiter had
     /// already gone, to be dropped (and so released) after the lock.
-    fn grant_waiters(self: &Arc<Self>, st: &mut State, config: &PoolConfig) -> Vec<Grant> {
+    fn grant_waiters(self: &Arc<Self>, st: &mut State, limits: &Limits) -> Vec<Grant> {
         let mut undelivered = Vec::new();
-        while st.conns.len() < config.max_connections
-            && !st.waiters.is_empty()
-            && !self.yields_budget(st)
-        {
+        while st.table.has_room(limits) && !st.waiters.is_empty() && !self.yields_budget(st) {
             let Some(slot) = self.new_slot(st, ConnState::Connecting) else {
                 break; // the shared budget is spent
             };
@@ -873,43 +746,27 @@ impl Inner {
     /// Called when a socket (or a failed connect) is gone: frees its place and
     /// counts the close.
     fn release(self: &Arc<Self>, id: u64) {
-        let config = self.config.read().clone();
-        let (victim, grants) = {
+        let limits = self.limits();
+        let (entry, grants) = {
             let mut st = self.state.lock();
-            let Some(entry) = st.conns.remove(&id) else {
+            let Some(entry) = st.table.remove(id) else {
                 return;
             };
             if let Some(budget) = &self.budget {
                 budget.give_back();
             }
-            self.metrics.state(entry.state).decrement(1.0);
-            let victim = st
-                .idle
-                .iter()
-                .position(|i| i.id == id)
-                .map(|pos| st.idle.remove(pos));
-            if let Some(pos) = st.h2.iter().position(|c| c.id == id) {
-                st.h2.remove(pos);
-            }
             if entry.opened {
-                let in_use = if entry.h2 {
-                    entry.streams > 0
-                } else {
-                    entry.state == ConnState::Active
-                };
                 match entry.reason {
                     Some(reason) => self.metrics.closed(reason),
-                    None if in_use => {
-                        st.pending_close.insert(id);
-                    }
+                    None if entry.in_use() => st.table.closed_in_use(id),
                     None => self.metrics.closed(CloseReason::RemoteClosed),
                 }
             }
-            let grants = self.grant_waiters(&mut st, &config);
+            let grants = self.grant_waiters(&mut st, &limits);
             self.publish(&st);
-            (victim, grants)
+            (entry, grants)
         };
-        drop(victim);
+        drop(entry); // with the sender it held, if any
         drop(grants);
         if let Some(budget) = &self.budget {
             // Our waiters had first call unless a pool below its floor was waiting.
@@ -920,16 +777,16 @@ impl Inner {
     /// Returns a connection after a complete exchange. It goes to the oldest waiter,
     /// else idle, unless a limit says it must close.
     fn check_in(self: &Arc<Self>, id: u64, value: Client) {
-        let config = self.config.read().clone();
+        let limits = self.limits();
         let now = Instant::now();
         let mut st = self.state.lock();
         let draining = st.draining;
-        let over_cap = st.conns.len() > config.max_connections;
+        let over_cap = st.table.surplus(&limits) > 0;
         let yields = self.yields_budget(&st);
-        let Some(entry) = st.conns.get_mut(&id) else {
+        let Some(entry) = st.table.get_mut(id) else {
             // The socket closed under this exchange, which completed all the same
             // (an upstream's `Connection: close`, say).
-            if st.pending_close.remove(&id) {
+            if st.table.take_closed_in_use(id) {
                 self.metrics.closed(CloseReason::RemoteClosed);
             }
             return;
@@ -943,10 +800,10 @@ impl Inner {
         } else if entry.requests
             >= entry
                 .keepalive
-                .map_or(config.max_requests_per_connection, |k| k.max_requests)
+                .map_or(limits.max_requests_per_connection, |k| k.max_requests)
         {
             Some(CloseReason::MaxRequests)
-        } else if now.saturating_duration_since(entry.created) >= config.max_lifetime {
+        } else if now.saturating_duration_since(entry.created) >= limits.max_lifetime {
             Some(CloseReason::MaxLifetime)
         } else if draining {
             Some(CloseReason::Shutdown)
@@ -962,8 +819,8 @@ impl Inner {
             None
         };
         if let Client::H2(_) = value {
-            drop(value); // the shared handle stays in `st.h2` while it may take streams
-            let retired = close.and_then(|reason| self.retire_h2(&mut st, id, reason));
+            drop(value); // the shared handle stays in the table while it may take streams
+            let retired = close.and_then(|reason| st.table.unshare(id, reason));
             if retired.is_none() && st.waiters.iter().any(|w| !w.slot_only) {
                 // Hand-off before idling: the oldest waiter gets this stream.
                 if let Some(pooled) = self.stream_on(&mut st, id) {
@@ -975,16 +832,18 @@ impl Inner {
                 }
             }
             if idle_now {
-                let entry = st.conns.get_mut(&id).expect("checked above");
-                entry.idle_since = now;
-                self.set_state(entry, ConnState::Idle);
+                let entry = st
+                    .table
+                    .set_state(id, ConnState::Idle)
+                    .expect("checked above");
+                entry.idle_at = now;
             }
             drop(st);
             drop(retired);
             return;
         }
         if let Some(reason) = close {
-            entry.reason.get_or_insert(reason);
+            entry.close_with(reason);
             drop(st);
             drop(value);
             return;
@@ -1002,33 +861,24 @@ impl Inner {
         };
         let value = pooled.value.take().expect("present until handed on");
         drop(pooled); // value taken: dropping it does nothing
-        if st.idle.len() >= config.idle_limit() {
-            st.conns
-                .get_mut(&id)
-                .expect("checked above")
-                .reason
-                .get_or_insert(CloseReason::MaxIdle);
+        if st.table.idle_len() >= limits.idle_limit() {
+            st.table.close_with(id, CloseReason::MaxIdle);
             drop(st);
             drop(value);
             return;
         }
-        let entry = st.conns.get_mut(&id).expect("checked above");
-        entry.idle_since = now;
-        self.set_state(entry, ConnState::Idle);
-        st.idle.push(Idle {
-            id,
-            idle_at: now,
-            value,
-        });
+        st.table.push_idle(id, value, now);
     }
 
     fn reap(&self, now: Instant) -> usize {
-        let config = self.config.read().clone();
-        let expired = |idle_at: Instant, created: Instant, keepalive: Option<Keepalive>| {
-            let idle_timeout = keepalive.map_or(config.idle_timeout, |k| k.idle_timeout);
-            if now.saturating_duration_since(idle_at) >= idle_timeout {
+        let limits = self.limits();
+        let expired = |entry: &table::Entry| {
+            let idle_timeout = entry
+                .keepalive
+                .map_or(limits.idle_timeout, |k| k.idle_timeout);
+            if now.saturating_duration_since(entry.idle_at) >= idle_timeout {
                 Some(CloseReason::IdleTimeout)
-            } else if now.saturating_duration_since(created) >= config.max_lifetime {
+            } else if now.saturating_duration_since(entry.created) >= limits.max_lifetime {
                 Some(CloseReason::MaxLifetime)
             } else {
                 None
@@ -1036,48 +886,34 @@ impl Inner {
         };
         let (victims, h2_victims) = {
             let mut st = self.state.lock();
-            // One pass, keeping order (LIFO reuse relies on it): O(n), not O(n²).
-            let mut victims = Vec::new();
-            let idle = std::mem::take(&mut st.idle);
-            let mut kept = Vec::with_capacity(idle.len());
             // The warm floor: the `min_idle` most recently used idle sockets are
             // exempt from the idle timeout (max_lifetime still renews them).
-            let floor_from = idle.len().saturating_sub(config.min_idle);
-            for (i, idle) in idle.into_iter().enumerate() {
-                let entry = st.conns.get_mut(&idle.id);
-                let created = entry.as_ref().map_or(idle.idle_at, |e| e.created);
-                let keepalive = entry.as_ref().and_then(|e| e.keepalive);
-                let verdict = match expired(idle.idle_at, created, keepalive) {
-                    Some(CloseReason::IdleTimeout) if i >= floor_from && keepalive.is_none() => {
+            let floor_from = st.table.idle_len().saturating_sub(limits.min_idle);
+            let victims = st
+                .table
+                .expire_idle(|entry, place| match expired(entry) {
+                    Some(CloseReason::IdleTimeout)
+                        if place >= floor_from && entry.keepalive.is_none() =>
+                    {
                         None
                     }
                     other => other,
-                };
-                match verdict {
-                    Some(reason) => {
-                        if let Some(entry) = entry {
-                            entry.reason.get_or_insert(reason);
-                        }
-                        victims.push(idle.value);
-                    }
-                    None => kept.push(idle),
-                }
-            }
-            st.idle = kept;
+                });
             let h2_expired: Vec<(u64, CloseReason)> = st
-                .h2
+                .table
+                .sharing()
                 .iter()
-                .filter_map(|c| {
-                    let e = st.conns.get(&c.id)?;
+                .filter_map(|&id| {
+                    let e = st.table.get(id)?;
                     if e.streams > 0 {
                         return None;
                     }
-                    expired(e.idle_since, e.created, e.keepalive).map(|r| (c.id, r))
+                    expired(e).map(|r| (id, r))
                 })
                 .collect();
             let h2_victims: Vec<_> = h2_expired
                 .into_iter()
-                .filter_map(|(id, reason)| self.retire_h2(&mut st, id, reason))
+                .filter_map(|(id, reason)| st.table.unshare(id, reason))
                 .collect();
             (victims, h2_victims)
         };
@@ -1089,23 +925,27 @@ impl Inner {
 
     /// Counts a request on a connection.
     fn note_request(&self, id: u64) {
-        if let Some(entry) = self.state.lock().conns.get_mut(&id) {
+        if let Some(entry) = self.state.lock().table.get_mut(id) {
             entry.requests += 1;
         }
     }
 
     pub(crate) fn set_tunnel_idle(&self, id: u64, idle: bool) {
         let mut st = self.state.lock();
-        if let Some(entry) = st.conns.get_mut(&id) {
-            let state = if idle {
-                ConnState::TunnelIdle
-            } else {
-                ConnState::TunnelActive
-            };
-            if idle && entry.state != ConnState::TunnelIdle {
-                entry.idle_since = Instant::now();
+        let state = if idle {
+            ConnState::TunnelIdle
+        } else {
+            ConnState::TunnelActive
+        };
+        let went_idle = idle
+            && st
+                .table
+                .get(id)
+                .is_some_and(|e| e.state() != ConnState::TunnelIdle);
+        if let Some(entry) = st.table.set_state(id, state) {
+            if went_idle {
+                entry.idle_at = Instant::now();
             }
-            self.set_state(entry, state);
         }
     }
 }
@@ -1201,7 +1041,7 @@ impl Drop for WaitGuard<'_> {
 
 fn spawn_reaper(weak: Weak<Inner>) {
     let Some(inner) = weak.upgrade() else { return };
-    let mut period = inner.config.read().reap_interval;
+    let mut period = inner.limits.read().reap_interval;
     drop(inner);
     tokio::spawn(async move {
         let mut next = Instant::now() + period;
@@ -1209,7 +1049,7 @@ fn spawn_reaper(weak: Weak<Inner>) {
             tokio::time::sleep_until(next).await;
             let Some(inner) = weak.upgrade() else { return };
             inner.reap(Instant::now());
-            period = inner.config.read().reap_interval;
+            period = inner.limits.read().reap_interval;
             next = Instant::now() + period.max(Duration::from_millis(10));
         }
     });
