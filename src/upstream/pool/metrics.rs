@@ -259,5 +259,4 @@ mod tests {
         check(&CloseReason::ALL);
         check(&Rejection::ALL);
     }
-
 }

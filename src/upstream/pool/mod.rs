@@ -28,10 +28,12 @@ use crate::error::ProxyError;
 use crate::telemetry::Telemetry;
 
 mod client;
+mod expire;
 mod metrics;
 mod table;
 
 pub use client::{Client, SendRequest};
+use expire::{close_at_check_in, close_when_idle, AtCheckIn};
 pub use metrics::{CloseReason, ConnState, PoolMetrics, Rejection};
 pub use table::Keepalive;
 use table::{Limits, Table};
@@ -780,9 +782,13 @@ impl Inner {
         let limits = self.limits();
         let now = Instant::now();
         let mut st = self.state.lock();
-        let draining = st.draining;
-        let over_cap = st.table.surplus(&limits) > 0;
-        let yields = self.yields_budget(&st);
+        let at = AtCheckIn {
+            remote_closed: value.is_closed(),
+            draining: st.draining,
+            over_cap: st.table.surplus(&limits) > 0,
+            // Another upstream waits below its budget floor: free the unit.
+            yield_budget: self.yields_budget(&st),
+        };
         let Some(entry) = st.table.get_mut(id) else {
             // The socket closed under this exchange, which completed all the same
             // (an upstream's `Connection: close`, say).
@@ -795,29 +801,7 @@ impl Inner {
             entry.streams = entry.streams.saturating_sub(1);
         }
         let idle_now = entry.streams == 0;
-        let close = if value.is_closed() {
-            Some(CloseReason::RemoteClosed)
-        } else if entry.requests
-            >= entry
-                .keepalive
-                .map_or(limits.max_requests_per_connection, |k| k.max_requests)
-        {
-            Some(CloseReason::MaxRequests)
-        } else if now.saturating_duration_since(entry.created) >= limits.max_lifetime {
-            Some(CloseReason::MaxLifetime)
-        } else if draining {
-            Some(CloseReason::Shutdown)
-        } else if over_cap {
-            Some(CloseReason::MaxIdle)
-        } else if yields {
-            // Another upstream waits below its budget floor: free the unit.
-            Some(CloseReason::Evicted)
-        } else if entry.keepalive.is_some_and(|k| k.idle_timeout.is_zero()) {
-            // The upstream's own timeout leaves no safe time to reuse it.
-            Some(CloseReason::IdleTimeout)
-        } else {
-            None
-        };
+        let close = close_at_check_in(entry, &limits, now, at);
         if let Client::H2(_) = value {
             drop(value); // the shared handle stays in the table while it may take streams
             let retired = close.and_then(|reason| st.table.unshare(id, reason));
@@ -872,33 +856,14 @@ impl Inner {
 
     fn reap(&self, now: Instant) -> usize {
         let limits = self.limits();
-        let expired = |entry: &table::Entry| {
-            let idle_timeout = entry
-                .keepalive
-                .map_or(limits.idle_timeout, |k| k.idle_timeout);
-            if now.saturating_duration_since(entry.idle_at) >= idle_timeout {
-                Some(CloseReason::IdleTimeout)
-            } else if now.saturating_duration_since(entry.created) >= limits.max_lifetime {
-                Some(CloseReason::MaxLifetime)
-            } else {
-                None
-            }
-        };
         let (victims, h2_victims) = {
             let mut st = self.state.lock();
             // The warm floor: the `min_idle` most recently used idle sockets are
             // exempt from the idle timeout (max_lifetime still renews them).
             let floor_from = st.table.idle_len().saturating_sub(limits.min_idle);
-            let victims = st
-                .table
-                .expire_idle(|entry, place| match expired(entry) {
-                    Some(CloseReason::IdleTimeout)
-                        if place >= floor_from && entry.keepalive.is_none() =>
-                    {
-                        None
-                    }
-                    other => other,
-                });
+            let victims = st.table.expire_idle(|entry, place| {
+                close_when_idle(entry, &limits, now, place >= floor_from)
+            });
             let h2_expired: Vec<(u64, CloseReason)> = st
                 .table
                 .sharing()
@@ -908,7 +873,7 @@ impl Inner {
                     if e.streams > 0 {
                         return None;
                     }
-                    expired(e).map(|r| (id, r))
+                    close_when_idle(e, &limits, now, false).map(|r| (id, r))
                 })
                 .collect();
             let h2_victims: Vec<_> = h2_expired
@@ -1278,5 +1243,4 @@ mod tests {
         assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
         assert!(pool.counts().open() <= 3);
     }
-
 }

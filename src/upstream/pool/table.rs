@@ -94,6 +94,23 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// A socket just given its place, in `state`.
+    pub(super) fn new(state: ConnState, now: Instant) -> Entry {
+        Entry {
+            state,
+            created: now,
+            idle_at: now,
+            requests: 0,
+            local_port: 0,
+            streams: 0,
+            h2: false,
+            reason: None,
+            opened: false,
+            keepalive: None,
+            held: None,
+        }
+    }
+
     pub(super) fn state(&self) -> ConnState {
         self.state
     }
@@ -176,22 +193,7 @@ impl Table {
     pub(super) fn insert(&mut self, state: ConnState, now: Instant) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        self.entries.insert(
-            id,
-            Entry {
-                state,
-                created: now,
-                idle_at: now,
-                requests: 0,
-                local_port: 0,
-                streams: 0,
-                h2: false,
-                reason: None,
-                opened: false,
-                keepalive: None,
-                held: None,
-            },
-        );
+        self.entries.insert(id, Entry::new(state, now));
         let count = self.states.get_mut(state);
         count.n += 1;
         count.gauge.increment(1.0);
@@ -276,7 +278,10 @@ impl Table {
     pub(super) fn pop_idle(&mut self) -> Option<(u64, Client)> {
         let id = self.idle.pop()?;
         let entry = self.set_state(id, ConnState::Active)?;
-        Some((id, entry.held.take().expect("an idle entry holds its sender")))
+        Some((
+            id,
+            entry.held.take().expect("an idle entry holds its sender"),
+        ))
     }
 
     /// Takes idle connection `id` off the idle stack to be closed with `reason`. The
