@@ -12,7 +12,6 @@
 //!   sees more than the cap.
 //! - The reaper holds only a weak reference; a pool nobody uses goes away.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -30,11 +29,13 @@ use crate::telemetry::Telemetry;
 mod client;
 mod expire;
 mod metrics;
+mod queue;
 mod table;
 
 pub use client::{Client, SendRequest};
 use expire::{close_at_check_in, close_when_idle, AtCheckIn};
 pub use metrics::{CloseReason, ConnState, PoolMetrics, Rejection};
+use queue::Queue;
 pub use table::Keepalive;
 use table::{Limits, Table};
 
@@ -61,16 +62,8 @@ struct State {
     /// The upstream has spoken h2: while one of its connections is being opened,
     /// further requests wait for its streams instead of opening more.
     h2_known: bool,
-    waiters: VecDeque<Waiter>,
-    next_waiter: u64,
+    queue: Queue<Grant>,
     draining: bool,
-}
-
-struct Waiter {
-    id: u64,
-    tx: oneshot::Sender<Grant>,
-    /// Needs a socket of its own (a tunnel), not a pooled connection.
-    slot_only: bool,
 }
 
 /// What a waiter is handed: a ready connection, or the right to open one.
@@ -123,6 +116,7 @@ impl Pool {
     ) -> Pool {
         let h2_known = connector.expects_h2();
         let floor = config.min_connections;
+        let metrics = PoolMetrics::new(telemetry, name);
         let inner = Arc::new(Inner {
             name: name.into(),
             connector,
@@ -130,11 +124,10 @@ impl Pool {
             state: Mutex::new(State {
                 table: Table::new(metrics::state_gauges(telemetry, name)),
                 h2_known,
-                waiters: VecDeque::new(),
-                next_waiter: 0,
+                queue: Queue::new(metrics.queue_depth.clone()),
                 draining: false,
             }),
-            metrics: PoolMetrics::new(telemetry, name),
+            metrics,
             budget: budget.clone(),
             member: Default::default(),
         });
@@ -182,7 +175,7 @@ impl Pool {
                 0
             };
             let mut over_budget = false;
-            if st.table.has_room(&limits) && st.waiters.len() >= expected_streams {
+            if st.table.has_room(&limits) && st.queue.len() >= expected_streams {
                 match self.inner.new_slot(&mut st, ConnState::Connecting) {
                     Some(slot) => return Ok(Checkout::Connect(slot)),
                     None => over_budget = true,
@@ -215,18 +208,14 @@ impl Pool {
         config: &PoolConfig,
         slot_only: bool,
     ) -> Result<(oneshot::Receiver<Grant>, WaitGuard<'a>), ProxyError> {
-        if st.waiters.len() >= config.queue_limit {
+        if st.queue.len() >= config.queue_limit {
             drop(st);
             self.inner.metrics.reject(Rejection::QueueFull);
             return Err(ProxyError::QueueFull {
                 upstream: self.inner.name.to_string(),
             });
         }
-        let (tx, rx) = oneshot::channel();
-        let id = st.next_waiter;
-        st.next_waiter += 1;
-        st.waiters.push_back(Waiter { id, tx, slot_only });
-        self.inner.metrics.queue_depth.set(st.waiters.len() as f64);
+        let (id, rx) = st.queue.push(slot_only);
         self.inner.publish(&st);
         Ok((
             rx,
@@ -337,7 +326,7 @@ impl Pool {
                 entry.streams = 1;
             }
             let inner = self.inner.clone();
-            while st.waiters.iter().any(|w| !w.slot_only)
+            while st.queue.wants_connection()
                 && st
                     .table
                     .get(id)
@@ -487,7 +476,7 @@ impl Pool {
             idle: st.table.count(ConnState::Idle),
             tunnels_active: st.table.count(ConnState::TunnelActive),
             tunnels_idle: st.table.count(ConnState::TunnelIdle),
-            queued: st.waiters.len(),
+            queued: st.queue.len(),
         }
     }
 
@@ -608,9 +597,7 @@ impl Inner {
     fn publish(&self, st: &State) {
         if self.budget.is_some() {
             self.member.open.store(st.table.open(), Ordering::Relaxed);
-            self.member
-                .waiting
-                .store(st.waiters.len(), Ordering::Relaxed);
+            self.member.waiting.store(st.queue.len(), Ordering::Relaxed);
         }
     }
 
@@ -689,20 +676,13 @@ impl Inner {
     }
 
     /// Gives `pooled` to the oldest waiter still waiting; back if there is none.
-    fn hand_to_waiter(&self, st: &mut State, mut pooled: Pooled) -> Result<(), Pooled> {
-        while let Some(pos) = st.waiters.iter().position(|w| !w.slot_only) {
-            let waiter = st.waiters.remove(pos).expect("position is in range");
-            match waiter.tx.send(Grant::Idle(pooled)) {
-                Ok(()) => {
-                    self.metrics.queue_depth.set(st.waiters.len() as f64);
-                    return Ok(());
-                }
-                Err(Grant::Idle(back)) => pooled = back,
-                Err(Grant::Connect(_)) => unreachable!("sent an idle grant"),
-            }
-        }
-        self.metrics.queue_depth.set(st.waiters.len() as f64);
-        Err(pooled)
+    fn hand_to_waiter(&self, st: &mut State, pooled: Pooled) -> Result<(), Pooled> {
+        st.queue
+            .hand_off(Grant::Idle(pooled))
+            .map_err(|back| match back {
+                Grant::Idle(pooled) => pooled,
+                Grant::Connect(_) => unreachable!("handed off a connection"),
+            })
     }
 
     /// Pops the most recently used idle connection that is still open.
@@ -728,19 +708,17 @@ impl Inner {
     /// already gone, to be dropped (and so released) after the lock.
     fn grant_waiters(self: &Arc<Self>, st: &mut State, limits: &Limits) -> Vec<Grant> {
         let mut undelivered = Vec::new();
-        while st.table.has_room(limits) && !st.waiters.is_empty() && !self.yields_budget(st) {
+        while st.table.has_room(limits) && !st.queue.is_empty() && !self.yields_budget(st) {
             let Some(slot) = self.new_slot(st, ConnState::Connecting) else {
                 break; // the shared budget is spent
             };
-            let waiter = st.waiters.pop_front().expect("checked non-empty");
-            if let Err(grant) = waiter.tx.send(Grant::Connect(slot)) {
+            if let Err(grant) = st.queue.grant_oldest(Grant::Connect(slot)) {
                 undelivered.push(grant);
                 // The undelivered slot still holds its place until it is dropped; stop
                 // here and let its release grant the next waiter.
                 break;
             }
         }
-        self.metrics.queue_depth.set(st.waiters.len() as f64);
         self.publish(st);
         undelivered
     }
@@ -805,7 +783,7 @@ impl Inner {
         if let Client::H2(_) = value {
             drop(value); // the shared handle stays in the table while it may take streams
             let retired = close.and_then(|reason| st.table.unshare(id, reason));
-            if retired.is_none() && st.waiters.iter().any(|w| !w.slot_only) {
+            if retired.is_none() && st.queue.wants_connection() {
                 // Hand-off before idling: the oldest waiter gets this stream.
                 if let Some(pooled) = self.stream_on(&mut st, id) {
                     if let Err(pooled) = self.hand_to_waiter(&mut st, pooled) {
@@ -995,10 +973,7 @@ struct WaitGuard<'a> {
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         let mut st = self.inner.state.lock();
-        // Waiter ids increase along the queue, so a binary search finds ours.
-        if let Ok(pos) = st.waiters.binary_search_by_key(&self.id, |w| w.id) {
-            st.waiters.remove(pos);
-            self.inner.metrics.queue_depth.set(st.waiters.len() as f64);
+        if st.queue.remove(self.id) {
             self.inner.publish(&st);
         }
     }
