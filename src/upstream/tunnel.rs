@@ -129,7 +129,7 @@ impl Tunnels {
             if now_idle != marked_idle {
                 marked_idle = now_idle;
                 activity.idle.store(now_idle, Ordering::Release);
-                self.pool.inner().set_tunnel_idle(id, now_idle);
+                self.pool.set_tunnel_idle(id, now_idle);
             }
             let next = if now_idle {
                 config.tunnel_idle_timeout - idle_for
