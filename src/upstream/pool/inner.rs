@@ -9,11 +9,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use tokio::time::Instant;
 
 use super::client::{Client, SendRequest};
 use super::expire::{close_at_check_in, close_when_idle, AtCheckIn};
+use super::h2;
 use super::metrics::{CloseReason, ConnState, PoolMetrics};
 use super::queue::Queue;
 use super::table::{Limits, Table};
@@ -144,29 +145,19 @@ impl Inner {
         }
     }
 
-    /// A stream on an open HTTP/2 connection with room for one, oldest connection
-    /// first so that surplus connections go idle and are reaped.
+    /// A stream on a shared HTTP/2 connection with one free (see [`h2::pick`]).
     pub(super) fn take_stream(self: &Arc<Self>, st: &mut State, limits: &Limits) -> Option<Pooled> {
-        let table = &st.table;
-        let id = table.sharing().iter().copied().find(|&id| {
-            table.get(id).is_some_and(|e| {
-                e.streams < limits.max_streams_per_connection
-                    && table.shared(id).is_some_and(|c| !c.is_closed())
-            })
-        })?;
+        let id = h2::pick(&st.table, limits)?;
         self.stream_on(st, id)
     }
 
     /// Opens one more stream on HTTP/2 connection `id`.
     pub(super) fn stream_on(self: &Arc<Self>, st: &mut State, id: u64) -> Option<Pooled> {
-        let value = st.table.shared(id)?.clone();
-        let entry = st.table.set_state(id, ConnState::Active)?;
-        entry.streams += 1;
-        let reused = entry.requests > 0 || entry.streams > 1;
+        let (value, reused) = h2::open_stream(&mut st.table, id)?;
         Some(Pooled {
             inner: self.clone(),
             id,
-            value: Some(Client::H2(value)),
+            value: Some(value),
             reused,
             sent: false,
         })
@@ -272,34 +263,11 @@ impl Inner {
             }
             return;
         };
-        if entry.h2 {
-            entry.streams = entry.streams.saturating_sub(1);
-        }
-        let idle_now = entry.streams == 0;
+        let last_stream = entry.h2 && h2::end_stream(entry);
         let close = close_at_check_in(entry, &limits, now, at);
         if let Client::H2(_) = value {
             drop(value); // the shared handle stays in the table while it may take streams
-            let retired = close.and_then(|reason| st.table.unshare(id, reason));
-            if retired.is_none() && st.queue.wants_connection() {
-                // Hand-off before idling: the oldest waiter gets this stream.
-                if let Some(pooled) = self.stream_on(&mut st, id) {
-                    if let Err(pooled) = self.hand_to_waiter(&mut st, pooled) {
-                        drop(st);
-                        drop(pooled); // nobody waited after all: returns the stream
-                    }
-                    return;
-                }
-            }
-            if idle_now {
-                let entry = st
-                    .table
-                    .set_state(id, ConnState::Idle)
-                    .expect("checked above");
-                entry.idle_at = now;
-            }
-            drop(st);
-            drop(retired);
-            return;
+            return self.stream_ended(st, id, close, last_stream, now);
         }
         if let Some(reason) = close {
             entry.close_with(reason);
@@ -329,6 +297,38 @@ impl Inner {
         st.table.push_idle(id, value, now);
     }
 
+    /// The HTTP/2 half of [`Inner::check_in`]: a stream of connection `id` ended.
+    /// The connection leaves sharing if it must `close` (and closes with its last
+    /// stream); else the oldest waiter gets the freed stream; else, when that was the
+    /// last stream, the connection goes idle.
+    fn stream_ended(
+        self: &Arc<Self>,
+        mut st: MutexGuard<'_, State>,
+        id: u64,
+        close: Option<CloseReason>,
+        last_stream: bool,
+        now: Instant,
+    ) {
+        let retired = close.and_then(|reason| st.table.unshare(id, reason));
+        if retired.is_none() && st.queue.wants_connection() {
+            // Hand-off before idling: the oldest waiter gets this stream.
+            if let Some(pooled) = self.stream_on(&mut st, id) {
+                if let Err(pooled) = self.hand_to_waiter(&mut st, pooled) {
+                    drop(st);
+                    drop(pooled); // nobody waited after all: returns the stream
+                }
+                return;
+            }
+        }
+        if last_stream {
+            if let Some(entry) = st.table.set_state(id, ConnState::Idle) {
+                entry.idle_at = now;
+            }
+        }
+        drop(st);
+        drop(retired);
+    }
+
     pub(super) fn reap(&self, now: Instant) -> usize {
         let limits = self.limits();
         let (victims, h2_victims) = {
@@ -339,16 +339,11 @@ impl Inner {
             let victims = st.table.expire_idle(|entry, place| {
                 close_when_idle(entry, &limits, now, place >= floor_from)
             });
-            let h2_expired: Vec<(u64, CloseReason)> = st
-                .table
-                .sharing()
-                .iter()
-                .filter_map(|&id| {
-                    let e = st.table.get(id)?;
-                    if e.streams > 0 {
-                        return None;
-                    }
-                    close_when_idle(e, &limits, now, false).map(|r| (id, r))
+            let h2_expired: Vec<(u64, CloseReason)> = h2::unused(&st.table)
+                .into_iter()
+                .filter_map(|id| {
+                    let entry = st.table.get(id)?;
+                    close_when_idle(entry, &limits, now, false).map(|r| (id, r))
                 })
                 .collect();
             let h2_victims: Vec<_> = h2_expired

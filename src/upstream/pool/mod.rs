@@ -28,6 +28,7 @@ use crate::telemetry::Telemetry;
 
 mod client;
 mod expire;
+mod h2;
 mod inner;
 mod metrics;
 mod queue;
@@ -125,15 +126,9 @@ impl Pool {
             if let Some(pooled) = self.inner.take_idle(&mut st) {
                 return Ok(Checkout::Reused(pooled));
             }
-            let expected_streams = if st.h2_known {
-                st.table
-                    .count(ConnState::Connecting)
-                    .saturating_mul(limits.max_streams_per_connection)
-            } else {
-                0
-            };
+            let streams_coming = h2::streams_coming(&st.table, &limits, st.h2_known);
             let mut over_budget = false;
-            if st.table.has_room(&limits) && st.queue.len() >= expected_streams {
+            if st.table.has_room(&limits) && st.queue.len() >= streams_coming {
                 match self.inner.new_slot(&mut st, ConnState::Connecting) {
                     Some(slot) => return Ok(Checkout::Connect(slot)),
                     None => over_budget = true,
@@ -279,17 +274,9 @@ impl Pool {
             let limits = self.inner.limits();
             let mut st = self.inner.state.lock();
             st.h2_known = true;
-            st.table.share(id, h2.clone());
-            if let Some(entry) = st.table.get_mut(id) {
-                entry.streams = 1;
-            }
+            h2::share(&mut st.table, id, h2.clone());
             let inner = self.inner.clone();
-            while st.queue.wants_connection()
-                && st
-                    .table
-                    .get(id)
-                    .is_some_and(|e| e.streams < limits.max_streams_per_connection)
-            {
+            while st.queue.wants_connection() && h2::has_free_stream(&st.table, id, &limits) {
                 let Some(pooled) = inner.stream_on(&mut st, id) else {
                     break;
                 };
@@ -370,13 +357,7 @@ impl Pool {
                 .into_iter()
                 .filter_map(|id| st.table.take_idle(id, CloseReason::Shutdown))
                 .collect();
-            let unused: Vec<u64> = st
-                .table
-                .sharing()
-                .iter()
-                .copied()
-                .filter(|&id| st.table.get(id).is_some_and(|e| e.streams == 0))
-                .collect();
+            let unused = h2::unused(&st.table);
             for id in unused {
                 victims.extend(st.table.unshare(id, CloseReason::Shutdown));
             }
