@@ -13,7 +13,7 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 use tokio::time::Instant;
 
 use super::client::{Client, SendRequest};
-use super::expire::{close_at_check_in, close_when_idle, AtCheckIn};
+use super::expire::{close_at_check_in, AtCheckIn};
 use super::h2;
 use super::metrics::{CloseReason, ConnState, PoolMetrics};
 use super::queue::Queue;
@@ -327,35 +327,6 @@ impl Inner {
         }
         drop(st);
         drop(retired);
-    }
-
-    pub(super) fn reap(&self, now: Instant) -> usize {
-        let limits = self.limits();
-        let (victims, h2_victims) = {
-            let mut st = self.state.lock();
-            // The warm floor: the `min_idle` most recently used idle sockets are
-            // exempt from the idle timeout (max_lifetime still renews them).
-            let floor_from = st.table.idle_len().saturating_sub(limits.min_idle);
-            let victims = st.table.expire_idle(|entry, place| {
-                close_when_idle(entry, &limits, now, place >= floor_from)
-            });
-            let h2_expired: Vec<(u64, CloseReason)> = h2::unused(&st.table)
-                .into_iter()
-                .filter_map(|id| {
-                    let entry = st.table.get(id)?;
-                    close_when_idle(entry, &limits, now, false).map(|r| (id, r))
-                })
-                .collect();
-            let h2_victims: Vec<_> = h2_expired
-                .into_iter()
-                .filter_map(|(id, reason)| st.table.unshare(id, reason))
-                .collect();
-            (victims, h2_victims)
-        };
-        let n = victims.len() + h2_victims.len();
-        drop(victims);
-        drop(h2_victims);
-        n
     }
 
     /// Counts a request on a connection.

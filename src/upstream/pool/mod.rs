@@ -13,7 +13,7 @@
 //! - The reaper holds only a weak reference; a pool nobody uses goes away.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -32,6 +32,7 @@ mod h2;
 mod inner;
 mod metrics;
 mod queue;
+mod reap;
 mod table;
 
 pub use client::{Client, SendRequest};
@@ -94,7 +95,7 @@ impl Pool {
         if let Some(budget) = &budget {
             budget.join(Arc::downgrade(&inner), inner.member.clone());
         }
-        spawn_reaper(Arc::downgrade(&inner));
+        reap::spawn(Arc::downgrade(&inner));
         Pool { inner }
     }
 
@@ -290,46 +291,21 @@ impl Pool {
         Pooled::fresh(self.inner.clone(), id, value)
     }
 
-    /// Applies an upstream's `Keep-Alive: timeout=N[, max=M]` to socket `id`: its idle
-    /// timeout becomes `min(idle_timeout, N - keepalive_margin)` (zero: not kept) and
-    /// its request budget `min(max_requests_per_connection, M)`.
+    /// Applies an upstream's `Keep-Alive: timeout=N[, max=M]` to socket `id` (see
+    /// [`reap::advertised`]).
     pub fn advertised_keepalive(&self, id: u64, timeout: Option<Duration>, max: Option<u64>) {
-        let config = self.config();
-        if !config.adaptive_keepalive || (timeout.is_none() && max.is_none()) {
+        let Some(keepalive) = reap::advertised(&self.config(), timeout, max) else {
             return;
-        }
-        let idle_timeout = timeout
-            .map(|t| {
-                t.saturating_sub(config.keepalive_margin)
-                    .min(config.idle_timeout)
-            })
-            .unwrap_or(config.idle_timeout);
-        let max_requests = max
-            .map(|m| m.min(config.max_requests_per_connection))
-            .unwrap_or(config.max_requests_per_connection);
+        };
         if let Some(entry) = self.inner.state.lock().table.get_mut(id) {
-            entry.keepalive = Some(Keepalive {
-                idle_timeout,
-                max_requests,
-            });
+            entry.keepalive = Some(keepalive);
         }
     }
 
     /// Slots for the connections the warm floor lacks: enough to bring idle plus
     /// connecting sockets up to `min_idle`, within the cap.
     pub fn warm_slots(&self) -> Vec<Slot> {
-        let limits = self.inner.limits();
-        let mut st = self.inner.state.lock();
-        if limits.min_idle == 0 || st.draining {
-            return Vec::new();
-        }
-        let connecting = st.table.count(ConnState::Connecting);
-        let lacking = limits
-            .min_idle
-            .saturating_sub(st.table.idle_len() + connecting);
-        (0..lacking.min(st.table.room(&limits)))
-            .map_while(|_| self.inner.new_slot(&mut st, ConnState::Connecting))
-            .collect()
+        reap::warm_slots(&self.inner)
     }
 
     /// Chooses the reason socket `id` will be counted as closed with, if none was.
@@ -397,7 +373,7 @@ impl Pool {
     /// One reaper pass: closes idle sockets past `idle_timeout` or `max_lifetime`.
     /// Returns how many it closed.
     pub fn reap(&self) -> usize {
-        self.inner.reap(Instant::now())
+        reap::pass(&self.inner, Instant::now())
     }
 
     /// Counts by state, for tests and the debug endpoint.
@@ -519,22 +495,6 @@ impl Drop for WaitGuard<'_> {
             self.inner.publish(&st);
         }
     }
-}
-
-fn spawn_reaper(weak: Weak<Inner>) {
-    let Some(inner) = weak.upgrade() else { return };
-    let mut period = inner.limits.read().reap_interval;
-    drop(inner);
-    tokio::spawn(async move {
-        let mut next = Instant::now() + period;
-        loop {
-            tokio::time::sleep_until(next).await;
-            let Some(inner) = weak.upgrade() else { return };
-            inner.reap(Instant::now());
-            period = inner.limits.read().reap_interval;
-            next = Instant::now() + period.max(Duration::from_millis(10));
-        }
-    });
 }
 
 #[cfg(test)]
