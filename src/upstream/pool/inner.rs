@@ -18,17 +18,17 @@ use super::h2;
 use super::metrics::{CloseReason, ConnState, PoolMetrics};
 use super::queue::Queue;
 use super::table::{Limits, Table};
-use crate::upstream::budget::{Budget, MemberStats};
+use crate::upstream::budget::{Budget, BudgetMember, MemberStats};
 use crate::upstream::connect::Connector;
 
 /// What one pool shares between its façade, its slots and connections, and its
 /// reaper.
-pub(crate) struct Inner {
+pub(super) struct Inner {
     pub(super) name: Arc<str>,
     pub(super) connector: Connector,
     pub(super) limits: RwLock<Limits>,
     pub(super) state: Mutex<State>,
-    pub(crate) metrics: PoolMetrics,
+    pub(super) metrics: PoolMetrics,
     /// The shared `[budget]`, when one is configured.
     pub(super) budget: Option<Arc<Budget>>,
     /// This pool's counts as the budget sees them.
@@ -106,21 +106,6 @@ impl Inner {
                 && b.is_full()
                 && b.someone_starved_besides(&self.member)
         })
-    }
-
-    /// A budget unit came free: serve this pool's waiters with it.
-    pub(crate) fn grant_from_budget(self: &Arc<Self>) {
-        let limits = self.limits();
-        let grants = {
-            let mut st = self.state.lock();
-            self.grant_waiters(&mut st, &limits)
-        };
-        drop(grants);
-    }
-
-    /// Closes this pool's longest-idle socket if it is above its budget floor.
-    pub(crate) fn evict_one_idle(&self) -> bool {
-        self.evict_oldest_idle(self.member.floor.load(Ordering::Relaxed))
     }
 
     /// Closes the least recently used idle socket, if more than `keep` are open.
@@ -435,5 +420,20 @@ impl Drop for Pooled {
                 self.inner.check_in(self.id, value);
             }
         }
+    }
+}
+
+impl BudgetMember for Inner {
+    fn grant_from_budget(self: Arc<Self>) {
+        let limits = self.limits();
+        let grants = {
+            let mut st = self.state.lock();
+            self.grant_waiters(&mut st, &limits)
+        };
+        drop(grants);
+    }
+
+    fn evict_one_idle(&self) -> bool {
+        self.evict_oldest_idle(self.member.floor.load(Ordering::Relaxed))
     }
 }

@@ -13,7 +13,7 @@
 //! - The reaper holds only a weak reference; a pool nobody uses goes away.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::budget::BudgetMember;
 use super::connect::Connector;
 use crate::config::PoolConfig;
 use crate::error::ProxyError;
@@ -36,7 +37,7 @@ mod reap;
 mod table;
 
 pub use client::{Client, SendRequest};
-pub(crate) use inner::Inner;
+use inner::Inner;
 use inner::{Grant, State};
 pub use inner::{Pooled, Slot};
 pub use metrics::{CloseReason, ConnState, PoolMetrics, Rejection};
@@ -93,7 +94,8 @@ impl Pool {
         });
         inner.member.floor.store(floor, Ordering::Relaxed);
         if let Some(budget) = &budget {
-            budget.join(Arc::downgrade(&inner), inner.member.clone());
+            let member: Weak<dyn BudgetMember> = Arc::downgrade(&inner) as _;
+            budget.join(member, inner.member.clone());
         }
         reap::spawn(Arc::downgrade(&inner));
         Pool { inner }
