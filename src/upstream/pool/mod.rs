@@ -215,12 +215,12 @@ impl Pool {
         }
     }
 
-    /// Takes a slot for a CONNECT tunnel: under the cap at once; at the cap, by
-    /// closing the idle pooled socket or the tunnel idle longest (at least
-    /// `min_idle_for_eviction`), re-checked while the request waits in the queue.
-    pub async fn checkout_tunnel(
+    /// The right to a socket of its own (a tunnel's), not a pooled connection: at
+    /// once when the cap allows, else a place in the FIFO queue, where `make_room`
+    /// runs until the place is granted (a tunnel evicts to make one).
+    pub async fn checkout_slot(
         &self,
-        tunnels: &super::tunnel::Tunnels,
+        make_room: impl std::future::Future<Output = ()>,
     ) -> Result<Slot, ProxyError> {
         let limits = self.inner.limits();
         let queued = {
@@ -233,14 +233,6 @@ impl Pool {
             self.enqueue(st, &limits, true)?
         };
         self.make_budget_room();
-        let make_room = async {
-            let tick = (limits.min_idle_for_eviction / 4)
-                .clamp(Duration::from_millis(5), Duration::from_millis(250));
-            loop {
-                self.make_room(tunnels, &limits);
-                tokio::time::sleep(tick).await;
-            }
-        };
         match self.wait(queued, &limits, make_room).await? {
             Grant::Connect(slot) => Ok(slot),
             Grant::Idle(pooled) => {
@@ -251,13 +243,10 @@ impl Pool {
         }
     }
 
-    /// Closes one idle pooled socket, else the longest-idle tunnel past
-    /// `min_idle_for_eviction`. Its place goes to the oldest waiter.
-    fn make_room(&self, tunnels: &super::tunnel::Tunnels, config: &PoolConfig) -> bool {
-        if self.inner.evict_oldest_idle(0) {
-            return true;
-        }
-        tunnels.evict_longest_idle(config.min_idle_for_eviction)
+    /// Closes the least recently used idle pooled socket, if there is one; its place
+    /// goes to the oldest waiter once it is gone.
+    pub fn evict_idle(&self) -> bool {
+        self.inner.evict_oldest_idle(0)
     }
 
     /// Marks socket `id` connected (TCP, and TLS when originated), in `state`.
