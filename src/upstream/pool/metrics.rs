@@ -2,6 +2,9 @@
 //! they are registered under: every value of [`ConnState`], [`CloseReason`] and
 //! [`Rejection`] is named by its `as_str()`, never by a parallel array of strings.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
 
@@ -132,6 +135,9 @@ impl Rejection {
 pub(super) trait Label: Copy + Eq + 'static {
     /// Position of `self` in the enum's `ALL`.
     fn position(self) -> usize;
+
+    /// The label value.
+    fn name(self) -> &'static str;
 }
 
 macro_rules! label {
@@ -140,6 +146,10 @@ macro_rules! label {
             fn position(self) -> usize {
                 // `ALL` lists the variants in declaration order (a test checks it).
                 self as usize
+            }
+
+            fn name(self) -> &'static str {
+                self.as_str()
             }
         }
     )*};
@@ -178,6 +188,41 @@ impl<L: Label, T, const N: usize> PerLabel<L, T, N> {
     }
 }
 
+impl<L: Label, const N: usize> PerLabel<L, Tallied, N> {
+    /// Every label value with its count.
+    fn totals(&self) -> BTreeMap<&'static str, u64> {
+        self.values
+            .iter()
+            .map(|(l, t)| (l.name(), t.get()))
+            .collect()
+    }
+}
+
+/// A counter of the exposition, and the pool's own count of it for snapshots: the
+/// exposition cannot be read back, and pools may share an `upstream` label.
+pub(super) struct Tallied {
+    counter: Counter,
+    count: AtomicU64,
+}
+
+impl Tallied {
+    fn new(counter: Counter) -> Tallied {
+        Tallied {
+            counter,
+            count: AtomicU64::new(0),
+        }
+    }
+
+    fn increment(&self) {
+        self.counter.increment(1);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
 /// The `state` gauges of one pool's sockets, for its connection table.
 pub(super) fn state_gauges(telemetry: &Telemetry, upstream: &str) -> PerLabel<ConnState, Gauge, 5> {
     PerLabel::new(ConnState::ALL, |s| {
@@ -190,13 +235,13 @@ pub(super) fn state_gauges(telemetry: &Telemetry, upstream: &str) -> PerLabel<Co
 /// the connection table, which moves them with the states they count.
 pub struct PoolMetrics {
     pub(super) opened: Counter,
-    closed: PerLabel<CloseReason, Counter, 8>,
+    closed: PerLabel<CloseReason, Tallied, 8>,
     /// `[status class 1xx..5xx][reused]`.
     requests: [[Counter; 2]; 5],
     pub duration: Histogram,
     pub(super) queue_depth: Gauge,
     pub(super) queue_wait: Histogram,
-    rejected: PerLabel<Rejection, Counter, 3>,
+    rejected: PerLabel<Rejection, Tallied, 3>,
     pub stale_retries: Counter,
     /// `[client→upstream, upstream→client]`.
     pub tunnel_bytes: [Counter; 2],
@@ -215,14 +260,14 @@ impl PoolMetrics {
         PoolMetrics {
             opened: telemetry.counter(t::UPSTREAM_OPENED, &[up]),
             closed: PerLabel::new(CloseReason::ALL, |r| {
-                telemetry.counter(t::UPSTREAM_CLOSED, &[up, ("reason", r.as_str())])
+                Tallied::new(telemetry.counter(t::UPSTREAM_CLOSED, &[up, ("reason", r.as_str())]))
             }),
             requests: std::array::from_fn(|c| [class(c, "false"), class(c, "true")]),
             duration: telemetry.histogram(t::UPSTREAM_REQUEST_DURATION, &[up]),
             queue_depth: telemetry.gauge(t::UPSTREAM_QUEUE_DEPTH, &[up]),
             queue_wait: telemetry.histogram(t::UPSTREAM_QUEUE_WAIT, &[up]),
             rejected: PerLabel::new(Rejection::ALL, |r| {
-                telemetry.counter(t::UPSTREAM_REJECTED, &[up, ("reason", r.as_str())])
+                Tallied::new(telemetry.counter(t::UPSTREAM_REJECTED, &[up, ("reason", r.as_str())]))
             }),
             stale_retries: telemetry.counter(t::UPSTREAM_STALE_RETRIES, &[up]),
             tunnel_bytes: ["upstream", "downstream"]
@@ -236,11 +281,21 @@ impl PoolMetrics {
     }
 
     pub fn reject(&self, why: Rejection) {
-        self.rejected.get(why).increment(1);
+        self.rejected.get(why).increment();
     }
 
     pub(super) fn closed(&self, reason: CloseReason) {
-        self.closed.get(reason).increment(1);
+        self.closed.get(reason).increment();
+    }
+
+    /// Sockets this pool closed, by reason.
+    pub(super) fn closed_totals(&self) -> BTreeMap<&'static str, u64> {
+        self.closed.totals()
+    }
+
+    /// Requests this pool refused, by reason.
+    pub(super) fn rejected_totals(&self) -> BTreeMap<&'static str, u64> {
+        self.rejected.totals()
     }
 }
 

@@ -17,7 +17,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
-use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -34,6 +33,7 @@ mod inner;
 mod metrics;
 mod queue;
 mod reap;
+mod snapshot;
 mod table;
 
 pub use client::{Client, SendRequest};
@@ -42,6 +42,7 @@ use inner::{Grant, State};
 pub use inner::{Pooled, Slot};
 pub use metrics::{CloseReason, ConnState, PoolMetrics, Rejection};
 use queue::Queue;
+pub use snapshot::{ConnSnapshot, PoolCounts, PoolSnapshot};
 pub use table::Keepalive;
 use table::{Limits, Table};
 
@@ -370,54 +371,28 @@ impl Pool {
     /// Counts by state, for tests and the debug endpoint.
     pub fn counts(&self) -> PoolCounts {
         let st = self.inner.state.lock();
-        PoolCounts {
-            connecting: st.table.count(ConnState::Connecting),
-            active: st.table.count(ConnState::Active),
-            idle: st.table.count(ConnState::Idle),
-            tunnels_active: st.table.count(ConnState::TunnelActive),
-            tunnels_idle: st.table.count(ConnState::TunnelIdle),
-            queued: st.queue.len(),
-        }
+        PoolCounts::of(&st.table, st.queue.len())
     }
 
-    /// A JSON-ready picture of the pool for `/debug/pools`.
+    /// A typed picture of the pool for `/debug/pools` and the status page.
     pub fn snapshot(&self) -> PoolSnapshot {
-        let config = self.config();
-        let now = Instant::now();
-        let counts = self.counts();
-        let st = self.inner.state.lock();
-        let mut connections: Vec<ConnSnapshot> = st
-            .table
-            .iter()
-            .map(|(id, e)| ConnSnapshot {
-                id,
-                state: e.state(),
-                age_ms: now.saturating_duration_since(e.created).as_millis() as u64,
-                idle_ms: match e.state() {
-                    ConnState::Idle | ConnState::TunnelIdle => {
-                        now.saturating_duration_since(e.idle_at).as_millis() as u64
-                    }
-                    _ => 0,
-                },
-                requests: e.requests,
-                local_port: e.local_port,
-                protocol: match e.state() {
-                    ConnState::TunnelActive | ConnState::TunnelIdle => "tunnel",
-                    _ if e.h2 => "h2",
-                    _ => "h1",
-                },
-                streams: e.streams,
-                keepalive: e.keepalive,
-            })
-            .collect();
-        connections.sort_by_key(|c| c.id);
+        let limits = self.inner.limits();
+        let (counts, connections) = {
+            let st = self.inner.state.lock();
+            let counts = PoolCounts::of(&st.table, st.queue.len());
+            (counts, snapshot::connections(&st.table, Instant::now()))
+        };
+        let metrics = &self.inner.metrics;
         PoolSnapshot {
             upstream: self.inner.name.to_string(),
             origin: self.inner.connector.origin().to_string(),
-            limits: (*config).clone(),
+            limits: (**limits.config()).clone(),
+            cap: limits.cap(),
             open: connections.len(),
             counts,
             connections,
+            closed: metrics.closed_totals(),
+            rejected: metrics.rejected_totals(),
         }
     }
 
@@ -426,51 +401,6 @@ impl Pool {
     pub fn set_tunnel_idle(&self, id: u64, idle: bool) {
         self.inner.set_tunnel_idle(id, idle);
     }
-}
-
-/// Connection counts of one pool.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct PoolCounts {
-    pub connecting: usize,
-    pub active: usize,
-    pub idle: usize,
-    pub tunnels_active: usize,
-    pub tunnels_idle: usize,
-    pub queued: usize,
-}
-
-impl PoolCounts {
-    /// Every socket of the pool, tunnels included.
-    pub fn open(&self) -> usize {
-        self.connecting + self.active + self.idle + self.tunnels_active + self.tunnels_idle
-    }
-}
-
-#[derive(Debug, Serialize)]
-pub struct PoolSnapshot {
-    pub upstream: String,
-    pub origin: String,
-    pub limits: PoolConfig,
-    pub open: usize,
-    pub counts: PoolCounts,
-    pub connections: Vec<ConnSnapshot>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ConnSnapshot {
-    pub id: u64,
-    pub state: ConnState,
-    pub age_ms: u64,
-    pub idle_ms: u64,
-    pub requests: u64,
-    pub local_port: u16,
-    /// `h1`, `h2` or `tunnel`.
-    pub protocol: &'static str,
-    /// Open HTTP/2 streams.
-    pub streams: usize,
-    /// The upstream's advertised keep-alive limits in force for this socket.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub keepalive: Option<Keepalive>,
 }
 
 /// Removes a waiter that gave up (timeout, or its client went away) from the queue.
