@@ -28,7 +28,10 @@ pub(super) fn share(table: &mut Table, id: u64, value: http2::SendRequest<Incomi
 /// that is still open.
 pub(super) fn pick(table: &Table, limits: &Limits) -> Option<u64> {
     table.sharing().iter().copied().find(|&id| {
-        has_free_stream(table, id, limits) && table.shared(id).is_some_and(|c| !c.is_closed())
+        table.get(id).is_some_and(|e| {
+            e.streams < limits.max_streams_per_connection
+                && e.shared().is_some_and(|c| !c.is_closed())
+        })
     })
 }
 

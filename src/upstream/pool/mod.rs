@@ -1,16 +1,42 @@
-//! The governed pool of one upstream.
+//! The governed pool of one upstream: [`Pool`] is its public face.
 //!
 //! Guarantees, each stated by a test:
-//! - `open = connecting + active + idle + tunnels ≤ max_connections` at every instant.
-//!   The right to a socket is a [`Slot`]; it is created under the pool lock when the
-//!   cap allows and dropped (any path: success, error, panic, reap, shutdown) when the
-//!   socket itself is dropped, because the slot travels inside the socket's IO.
+//! - `open = connecting + active + idle + tunnels ≤ cap` at every instant, the cap in
+//!   force being `Limits::cap` (`max_connections`), compared with the open count in
+//!   one place, `Table::room`. The right to a socket is a [`Slot`]; it is created
+//!   under the pool lock when the cap allows and dropped (any path: success, error,
+//!   panic, reap, shutdown) when the socket itself is dropped, because the slot
+//!   travels inside the socket's IO.
 //! - Nothing waits while a socket could be had: a check-in while requests wait goes
 //!   straight to the oldest waiter, and a freed slot becomes the oldest waiter's right
 //!   to connect (FIFO).
+//! - An HTTP/2 connection is shared while it has free streams; another opens only when
+//!   every open one is saturated and the cap allows (`h2`).
 //! - A state change and its gauge change happen under the same lock, so a scrape never
 //!   sees more than the cap.
 //! - The reaper holds only a weak reference; a pool nobody uses goes away.
+//!
+//! Lock order: the `limits` lock is only ever held alone (read, cloned, released).
+//! Then the pool's `state` lock, then the shared budget's lock; the budget never
+//! takes a pool's lock while holding its own, and [`Budget::wake`] runs after the
+//! pool's lock is released. Anything whose drop may take the pool's lock again (a
+//! [`Slot`], a [`Pooled`], an undelivered grant, a closed connection's handle) is
+//! dropped after the lock is released: the lock is not reentrant. Tunnels'
+//! registry lock is never held while taking the pool's.
+//!
+//! The files, each one concern, dependencies pointing down the list:
+//! - this façade: checkout (reuse, connect, queue), tunnel slots, fresh
+//!   connections, drain, reconfigure, snapshots;
+//! - `inner`: the lock and what it guards, [`Slot`] and [`Pooled`], check-in and
+//!   release, the budget's side of the pool;
+//! - `reap`: the reaper, the warm floor, adaptive keep-alive;
+//! - `h2`: HTTP/2 stream sharing; `queue`: the waiters' FIFO and hand-off;
+//!   `expire`: when a socket must close, as pure functions; `snapshot`: typed
+//!   pictures for `/debug/pools` and the status page;
+//! - `table`: the connection table and the cap; `metrics`: handles and typed label
+//!   values; `client`: HTTP/1.1 or HTTP/2 behind one type.
+//!
+//! [`Budget::wake`]: super::budget::Budget::wake
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -111,7 +137,7 @@ impl Pool {
     }
 
     pub fn config(&self) -> Arc<PoolConfig> {
-        self.inner.limits().config().clone()
+        self.inner.limits.read().config().clone()
     }
 
     pub fn metrics(&self) -> &PoolMetrics {
@@ -284,7 +310,7 @@ impl Pool {
     }
 
     /// Applies an upstream's `Keep-Alive: timeout=N[, max=M]` to socket `id` (see
-    /// [`reap::advertised`]).
+    /// `reap::advertised`).
     pub fn advertised_keepalive(&self, id: u64, timeout: Option<Duration>, max: Option<u64>) {
         let Some(keepalive) = reap::advertised(&self.config(), timeout, max) else {
             return;

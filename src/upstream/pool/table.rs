@@ -120,6 +120,14 @@ impl Entry {
         self.reason.get_or_insert(reason);
     }
 
+    /// The shared sender of an HTTP/2 connection, while it takes streams.
+    pub(super) fn shared(&self) -> Option<&http2::SendRequest<Incoming>> {
+        match &self.held {
+            Some(Client::H2(value)) => Some(value),
+            _ => None,
+        }
+    }
+
     /// A request holds the socket: an HTTP/2 stream is open, or an HTTP/1.1
     /// exchange is under way.
     pub(super) fn in_use(&self) -> bool {
@@ -338,10 +346,7 @@ impl Table {
 
     /// The shared sender of HTTP/2 connection `id`, while it takes streams.
     pub(super) fn shared(&self, id: u64) -> Option<&http2::SendRequest<Incoming>> {
-        match &self.entries.get(&id)?.held {
-            Some(Client::H2(value)) => Some(value),
-            _ => None,
-        }
+        self.entries.get(&id)?.shared()
     }
 
     /// Takes HTTP/2 connection `id` out of sharing, to close with `reason` once its
