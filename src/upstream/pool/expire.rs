@@ -58,7 +58,8 @@ pub(super) fn close_at_check_in(
 /// Whether an idle socket must close now: idle past its idle timeout (the upstream's,
 /// when it advertised one), or older than `max_lifetime`. A `warm` socket (one of
 /// the `min_idle` most recently used) is kept through tether's own idle timeout, but
-/// not through one the upstream advertised.
+/// not through one the upstream advertised. The idle timeout is judged first, so a
+/// warm socket idle past it is kept whatever its age.
 pub(super) fn close_when_idle(
     entry: &Entry,
     limits: &Limits,

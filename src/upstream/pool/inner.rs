@@ -139,13 +139,7 @@ impl Inner {
     /// Opens one more stream on HTTP/2 connection `id`.
     pub(super) fn stream_on(self: &Arc<Self>, st: &mut State, id: u64) -> Option<Pooled> {
         let (value, reused) = h2::open_stream(&mut st.table, id)?;
-        Some(Pooled {
-            inner: self.clone(),
-            id,
-            value: Some(value),
-            reused,
-            sent: false,
-        })
+        Some(Pooled::new(self.clone(), id, value, reused))
     }
 
     /// Gives `pooled` to the oldest waiter still waiting; back if there is none.
@@ -166,13 +160,7 @@ impl Inner {
                 st.table.close_with(id, CloseReason::RemoteClosed);
                 continue;
             }
-            return Some(Pooled {
-                inner: self.clone(),
-                id,
-                value: Some(value),
-                reused: true,
-                sent: false,
-            });
+            return Some(Pooled::new(self.clone(), id, value, true));
         }
         None
     }
@@ -261,13 +249,7 @@ impl Inner {
             return;
         }
         // Hand-off before idling: the oldest live waiter gets it.
-        let pooled = Pooled {
-            inner: self.clone(),
-            id,
-            value: Some(value),
-            reused: true,
-            sent: false,
-        };
+        let pooled = Pooled::new(self.clone(), id, value, true);
         let Err(mut pooled) = self.hand_to_waiter(&mut st, pooled) else {
             return;
         };
@@ -359,13 +341,13 @@ impl Drop for Slot {
 }
 
 impl Pooled {
-    /// A fresh connection `id` checked out for its first request.
-    pub(super) fn fresh(inner: Arc<Inner>, id: u64, value: SendRequest) -> Pooled {
+    /// Connection `id` checked out, nothing sent on it yet.
+    pub(super) fn new(inner: Arc<Inner>, id: u64, value: SendRequest, reused: bool) -> Pooled {
         Pooled {
             inner,
             id,
             value: Some(value),
-            reused: false,
+            reused,
             sent: false,
         }
     }

@@ -306,7 +306,7 @@ impl Pool {
                 }
             }
         }
-        Pooled::fresh(self.inner.clone(), id, value)
+        Pooled::new(self.inner.clone(), id, value, false)
     }
 
     /// Applies an upstream's `Keep-Alive: timeout=N[, max=M]` to socket `id` (see

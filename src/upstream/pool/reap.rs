@@ -44,7 +44,8 @@ pub(super) fn pass(inner: &Inner, now: Instant) -> usize {
     let (victims, h2_victims) = {
         let mut st = inner.state.lock();
         // The warm floor: the `min_idle` most recently used idle sockets are
-        // exempt from the idle timeout (max_lifetime still renews them).
+        // exempt from the idle timeout (max_lifetime still renews those idle for
+        // less than it; see `close_when_idle`).
         let floor_from = st.table.idle_len().saturating_sub(limits.min_idle);
         let victims = st
             .table
