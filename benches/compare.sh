@@ -17,8 +17,11 @@
 # `ss -tnp` (peak reported); for tether the opened-connections counter from
 # /metrics is read before and after every run.
 #
+#   tether-base  the same with another tether binary (TETHER_BASE_BIN), to compare
+#                two builds of tether in one run
 # Usage:  benches/compare.sh [--skip-tether] [--targets "direct haproxy-1t ..."]
 # Env:    TETHER_BIN      use this binary instead of `cargo build --release`
+#         TETHER_BASE_BIN the binary of the tether-base target (required for it)
 #         FLOOR_BIN       use this benches/floor.rs binary instead of building it
 #         TARGETS         default "direct tether floor-hyper floor-raw haproxy-1t
 #                         haproxy-2t nginx-proxy"
@@ -46,7 +49,7 @@ done
 read -r -a TARGET_LIST <<<"$TARGETS"
 ((${#TARGET_LIST[@]})) || die "no targets"
 for t in "${TARGET_LIST[@]}"; do
-    case $t in direct | tether | floor-hyper | floor-raw | haproxy-1t | haproxy-2t | nginx-proxy) ;; *) die "unknown target $t" ;; esac
+    case $t in direct | tether | tether-base | floor-hyper | floor-raw | haproxy-1t | haproxy-2t | nginx-proxy) ;; *) die "unknown target $t" ;; esac
 done
 has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
 
@@ -65,6 +68,9 @@ export POOL_SIZE CLIENT_IDLE_TIMEOUT MAX_CLIENTS
 require_tools wrk haproxy nginx curl ss python3 envsubst getconf
 CLK_TCK=$(getconf CLK_TCK)
 has_target tether && resolve_tether
+if has_target tether-base; then
+    [[ -x ${TETHER_BASE_BIN:-} ]] || die "the tether-base target needs TETHER_BASE_BIN, an executable"
+fi
 if has_target floor-hyper || has_target floor-raw; then resolve_floor; fi
 
 ulimit -n "$(ulimit -Hn)"
@@ -72,13 +78,17 @@ bench_init
 log "work directory $WORK"
 
 # --- start everything -----------------------------------------------------
-read -r P_UP P_TETHER P_TETHER_FWD P_TETHER_ADMIN P_H1 P_H2 P_NGX P_FH P_FR <<<"$(free_ports 9)"
+read -r P_UP P_TETHER P_TETHER_FWD P_TETHER_ADMIN P_H1 P_H2 P_NGX P_FH P_FR P_TB P_TB_FWD P_TB_ADMIN <<<"$(free_ports 12)"
 declare -A PORT PID
 start_upstream "$P_UP"
 PORT[direct]=$P_UP
 if has_target tether; then
     start_tether tether "$P_TETHER" "$P_TETHER_FWD" "$P_TETHER_ADMIN"
     PORT[tether]=$P_TETHER PID[tether]=$PROXY_PID
+fi
+if has_target tether-base; then
+    start_tether tether-base "$P_TB" "$P_TB_FWD" "$P_TB_ADMIN" "$TETHER_BASE_BIN"
+    PORT[tether-base]=$P_TB PID[tether-base]=$PROXY_PID
 fi
 if has_target floor-hyper; then
     start_floor floor-hyper "$P_FH" hyper

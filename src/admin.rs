@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -56,15 +55,15 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if shared.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+        "/readyz" if shared.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => with_type(
-            shared.telemetry.render(),
+            shared.telemetry().render(),
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         "/debug/pools" => json(&status(shared)),
         "/debug/clients" => json(&serde_json::json!({
-            "clients": shared.downstream.clients.top(&shared.table().config.diagnosis)
+            "clients": shared.downstream().clients.top(&shared.table().config.diagnosis)
         })),
         "/" => with_type(status_page(&status(shared)), "text/html; charset=utf-8"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -88,7 +87,7 @@ pub struct Downstream {
 pub fn status(shared: &Shared) -> Status {
     Status {
         downstream: Downstream {
-            open: shared.downstream.open(),
+            open: shared.downstream().open(),
         },
         pools: shared
             .all_upstreams()

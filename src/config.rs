@@ -4,6 +4,11 @@
 //! (or the embedded `config/tether.toml` when none is given), then environment
 //! variables `TETHER_<SECTION>__<KEY>`. Unknown keys are errors, and [`Config::validate`]
 //! reports every problem at once so an operator fixes a file in one pass.
+//!
+//! The built-in defaults are this module's (the `pool_keys!` table, the `DEFAULT_*`
+//! consts, the `Default` impls): they are typed and say why they have their value.
+//! `config/tether.toml` shows every key with the same value, set or commented out;
+//! `tests/defaults.rs` fails when the two part.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -33,6 +38,10 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: usize = 4096;
 /// hyper's own default read buffer limit is ~400 KiB; 64 KiB is what nginx and
 /// HAProxy accept by default for a request head and keeps per-connection memory small.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The smallest `max_header_bytes` accepted: below it ordinary requests (a request
+/// line, `Host` and a few headers; a registry client's `Accept` list alone can take
+/// hundreds of bytes) would be refused. Every value from here up is enforced exactly.
+pub const MIN_MAX_HEADER_BYTES: usize = 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Transparent listener: the port Istio's sidecar uses for redirected outbound
 /// traffic, on loopback because iptables `REDIRECT` of locally generated packets
@@ -54,7 +63,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 /// `deny_unknown_fields`, so the keys are spelled into both structs here.)
 macro_rules! pool_keys {
     ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr $(, with $serde:literal)?; )*) => {
-        /// Limits of one upstream's pool. `config/tether.toml` documents each key.
+        /// Limits of one upstream's pool. `config/tether.toml` documents each key
+        /// with the default given here.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields, default)]
         pub struct PoolConfig {
@@ -414,10 +424,12 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
-        if self.proxy.max_header_bytes < 1024 {
+        if self.proxy.max_header_bytes < MIN_MAX_HEADER_BYTES {
             problem(
                 "proxy.max_header_bytes".into(),
-                "must be at least 1024".into(),
+                format!(
+                    "must be at least {MIN_MAX_HEADER_BYTES}: a smaller limit refuses ordinary requests"
+                ),
             );
         }
         for (key, d) in [
@@ -459,7 +471,7 @@ impl Config {
                     format!("upstream {:?} is defined twice", up.name),
                 );
             }
-            match crate::policy::Origin::parse_authority(&up.origin) {
+            match crate::policy::origin::Origin::parse_authority(&up.origin) {
                 Ok(origin) => {
                     if !origins.insert(origin) {
                         problem(
@@ -552,7 +564,7 @@ impl Config {
         );
 
         for (i, pattern) in self.egress.allow.iter().enumerate() {
-            if let Err(e) = crate::policy::Pattern::parse(pattern) {
+            if let Err(e) = crate::policy::origin::Pattern::parse(pattern) {
                 problem(format!("egress.allow[{i}]"), format!("{pattern:?}: {e}"));
             }
         }

@@ -17,14 +17,19 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyError {
     #[error("malformed request target: {0}")]
     BadTarget(String),
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("only the chunked transfer coding is supported on requests")]
+    UnsupportedCoding,
     #[error("method {0} is not supported here")]
     MethodNotAllowed(http::Method),
     #[error("{origin} is not allowed by the egress policy")]
     Denied { origin: String },
-    #[error("{origin} resolves to a private or link-local address ({addr}), which allow patterns may not reach")]
+    #[error("{origin} resolves to {refusal}: allow patterns may not reach special-purpose addresses unless [egress] allow_private = true")]
     DeniedPrivate {
         origin: String,
-        addr: std::net::IpAddr,
+        /// Which special-purpose block the address is in, and why (its RFC).
+        refusal: String,
     },
     #[error("too many requests are already waiting for a connection to {upstream}")]
     QueueFull { upstream: String },
@@ -50,6 +55,8 @@ pub enum ProxyError {
         origin: String,
         source: hyper::Error,
     },
+    #[error("the request body could not be read: {}", root_cause(.source))]
+    RequestBody { source: hyper::Error },
     #[error("upstream {origin} kept closing pooled connections before the request could be sent")]
     UpstreamClosed { origin: String },
     #[error("tether is shutting down")]
@@ -63,6 +70,8 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            UnsupportedCoding => (StatusCode::NOT_IMPLEMENTED, "unsupported_transfer_coding"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Denied { .. } | DeniedPrivate { .. } => (StatusCode::FORBIDDEN, "denied"),
             QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
@@ -73,8 +82,24 @@ impl ProxyError {
             Protocol { .. } => (StatusCode::BAD_GATEWAY, "upstream_protocol"),
             ResponseHeaderTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             RequestTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
+            RequestBody { .. } => (StatusCode::BAD_REQUEST, "bad_request_body"),
             Upstream { .. } | UpstreamClosed { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),
             ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        }
+    }
+
+    /// A failed HTTP exchange with `origin`, by whose fault it failed. hyper's client
+    /// reports an error reading the body it was sending as a user error caused by
+    /// the body's own error; for a request body that is the `hyper::Error` tether's
+    /// server side met decoding the client's bytes (a malformed chunk, the client
+    /// leaving mid-body). That is the client's error, not the upstream's.
+    pub fn exchange(origin: String, source: hyper::Error) -> ProxyError {
+        let from_request_body = source.is_user()
+            && std::error::Error::source(&source).is_some_and(|cause| cause.is::<hyper::Error>());
+        if from_request_body {
+            ProxyError::RequestBody { source }
+        } else {
+            ProxyError::Upstream { origin, source }
         }
     }
 
@@ -97,4 +122,16 @@ impl ProxyError {
         }
         resp
     }
+}
+
+/// The innermost cause of `e`: hyper's own messages name only their layer ("error
+/// from user's Body stream"), the cause says what was wrong.
+fn root_cause<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> &'a (dyn std::error::Error + 'static) {
+    let mut e = e;
+    while let Some(cause) = e.source() {
+        e = cause;
+    }
+    e
 }

@@ -35,7 +35,16 @@ enum Command {
     },
     /// Show the leak and the fix: a leaky client against a fake registry, first
     /// without tether, then through it (loopback only; ends by itself).
+    #[cfg(feature = "demo")]
     Demo(DemoArgs),
+    /// A build without the demo (the default: the proxy's build holds no test
+    /// peers) still knows the word, to say how to get the demo.
+    #[cfg(not(feature = "demo"))]
+    #[command(hide = true)]
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
     /// Print, apply or remove the iptables rules that redirect this network
     /// namespace's outbound connections to given ports to the transparent listener,
     /// leaving tether's own connections (by uid) and local destinations alone.
@@ -77,6 +86,7 @@ enum IptablesAction {
     Remove,
 }
 
+#[cfg(feature = "demo")]
 #[derive(clap::Args)]
 struct DemoArgs {
     /// Each run spreads its preheats over this long; after the tether run, the demo
@@ -119,7 +129,10 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { config }) => check_config(config),
         Some(Command::Run(args)) => run(args),
+        #[cfg(feature = "demo")]
         Some(Command::Demo(args)) => demo(args),
+        #[cfg(not(feature = "demo"))]
+        Some(Command::Demo { .. }) => no_demo(),
         Some(Command::Iptables(args)) => iptables(args),
         None => run(cli.run),
     }
@@ -192,6 +205,7 @@ fn run(args: RunArgs) -> ExitCode {
     code
 }
 
+#[cfg(feature = "demo")]
 fn demo(args: DemoArgs) -> ExitCode {
     use std::io::IsTerminal;
     // The view is on stdout; tether's own log lines stay quiet unless RUST_LOG asks.
@@ -223,6 +237,20 @@ fn demo(args: DemoArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tether demo` in a build without it: a usage error (exit 2, as clap's own) that
+/// names the command that has it.
+#[cfg(not(feature = "demo"))]
+fn no_demo() -> ExitCode {
+    use clap::CommandFactory;
+    Cli::command()
+        .error(
+            clap::error::ErrorKind::InvalidSubcommand,
+            "this tether was built without the demo; \
+             run it with `cargo run --release --features demo -- demo`",
+        )
+        .exit()
 }
 
 fn iptables(args: IptablesArgs) -> ExitCode {

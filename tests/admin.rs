@@ -54,7 +54,7 @@ async fn readyz_turns_503_on_shutdown() {
     let shared = tether.shared.clone();
     assert_eq!(route_get(admin_addr, "/readyz").await.status, 200);
     tether.shutdown().await;
-    assert!(!shared.ready.load(std::sync::atomic::Ordering::Acquire));
+    assert!(!shared.is_ready());
 }
 
 #[tokio::test]

@@ -172,6 +172,26 @@ fn validation_reports_every_problem_at_once() {
 }
 
 #[test]
+fn max_header_bytes_too_small_for_ordinary_requests_is_refused_naming_the_minimum() {
+    let err = Config::from_toml("[proxy]\nmax_header_bytes = 1023\n").unwrap_err();
+    let problem = err
+        .0
+        .iter()
+        .find(|p| p.path == "proxy.max_header_bytes")
+        .unwrap_or_else(|| panic!("max_header_bytes not refused: {err}"));
+    assert!(
+        problem.message.contains("at least 1024"),
+        "{}",
+        problem.message
+    );
+    let config = Config::from_toml("[proxy]\nmax_header_bytes = 1024\n").unwrap();
+    assert_eq!(
+        config.proxy.max_header_bytes, 1024,
+        "the minimum itself is fine"
+    );
+}
+
+#[test]
 fn check_config_prints_every_error_and_exits_64() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");

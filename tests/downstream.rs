@@ -148,7 +148,7 @@ async fn at_max_client_connections_the_longest_idle_client_is_closed_first() {
     assert_eq!(client.job(route, "x", "/").await.unwrap().status, 200);
     assert!(eventually(WAIT, || async { client.open() == 5 }).await);
     assert_eq!(downstream_closed(&tether, "evicted"), 1.0);
-    assert!(tether.shared.downstream.open() <= 5);
+    assert!(tether.shared.downstream().open() <= 5);
 }
 
 #[tokio::test]
@@ -354,7 +354,7 @@ async fn shutdown_closes_parked_connections_at_once() {
     for stream in &mut streams {
         assert!(closed_by_server(stream, WAIT).await);
     }
-    assert_eq!(shared.downstream.open(), 0);
+    assert_eq!(shared.downstream().open(), 0);
 }
 
 /// Client sockets in ESTABLISHED state on tether's side of `port` (`ss`); `None`
@@ -395,18 +395,23 @@ async fn half_sent_heads_and_trickling_clients_never_lift_max_client_connections
         s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         held.push(s);
     }
-    assert!(eventually(WAIT, || async { tether.shared.downstream.open() == LIMIT }).await);
+    assert!(
+        eventually(WAIT, || async {
+            tether.shared.downstream().open() == LIMIT
+        })
+        .await
+    );
 
     let stop = tokio_util::sync::CancellationToken::new();
     let sampler = {
         let shared = tether.shared.clone();
-        let metrics = tether.shared.telemetry.clone();
+        let metrics = tether.shared.telemetry().clone();
         let stop = stop.clone();
         let port = route.port();
         tokio::spawn(async move {
             let (mut registered, mut gauge, mut kernel) = (0, 0.0f64, 0);
             while !stop.is_cancelled() {
-                registered = registered.max(shared.downstream.open());
+                registered = registered.max(shared.downstream().open());
                 let text = metrics.render();
                 let open: f64 = ["active", "idle"]
                     .iter()
@@ -442,6 +447,12 @@ async fn half_sent_heads_and_trickling_clients_never_lift_max_client_connections
     for t in tricklers {
         t.await.unwrap();
     }
+    let evicted = downstream_closed(&tether, "evicted");
+    let refused = downstream_closed(&tether, "limit");
+    println!(
+        "peak: {registered} registered, {gauge} in the gauges, {kernel} established (ss); \
+         {evicted} evicted, {refused} refused"
+    );
     assert!(
         registered <= LIMIT,
         "tether registered {registered} clients"
@@ -453,8 +464,6 @@ async fn half_sent_heads_and_trickling_clients_never_lift_max_client_connections
             "ss showed {kernel} established sockets"
         );
     }
-    let evicted = downstream_closed(&tether, "evicted");
-    let refused = downstream_closed(&tether, "limit");
     assert!(evicted >= 1.0, "newcomers were admitted by evicting");
     // Every newcomer either took an evicted connection's place or was refused.
     assert!(
@@ -466,7 +475,7 @@ async fn half_sent_heads_and_trickling_clients_never_lift_max_client_connections
         assert!(closed_by_server(&mut s, Duration::from_millis(500)).await);
     }
     // Once the attack stops, what is left closes at header_read_timeout.
-    assert!(eventually(WAIT, || async { tether.shared.downstream.open() == 0 }).await);
+    assert!(eventually(WAIT, || async { tether.shared.downstream().open() == 0 }).await);
 }
 
 /// An evicted connection holding a half-sent head is closed at once, not left to
@@ -482,7 +491,7 @@ async fn an_evicted_half_sent_head_closes_at_once() {
     let route = tether.route_addrs[0];
     let mut victim = TcpStream::connect(route).await.unwrap();
     victim.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-    assert!(eventually(WAIT, || async { tether.shared.downstream.open() == 1 }).await);
+    assert!(eventually(WAIT, || async { tether.shared.downstream().open() == 1 }).await);
     assert_eq!(route_get(route, "/").await.status, 200);
     assert!(closed_by_server(&mut victim, Duration::from_secs(1)).await);
     assert_eq!(downstream_closed(&tether, "evicted"), 1.0);
@@ -504,7 +513,7 @@ async fn shutdown_does_not_wait_for_a_half_sent_head() {
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    assert!(eventually(WAIT, || async { tether.shared.downstream.open() == 1 }).await);
+    assert!(eventually(WAIT, || async { tether.shared.downstream().open() == 1 }).await);
     let cut = tokio::time::timeout(WAIT, tether.shutdown())
         .await
         .expect("shutdown does not wait for the head");

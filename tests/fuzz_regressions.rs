@@ -52,3 +52,9 @@ fn config_regressions_and_seeds_pass() {
     replay("regressions", "config", checks::config);
     assert!(replay("seeds", "config", checks::config) > 0);
 }
+
+#[test]
+fn request_head_regressions_and_seeds_pass() {
+    replay("regressions", "request_head", checks::request_head);
+    assert!(replay("seeds", "request_head", checks::request_head) > 0);
+}

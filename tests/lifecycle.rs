@@ -167,7 +167,7 @@ async fn shutdown_lets_in_flight_requests_finish_and_closes_idle_sockets_at_once
         eventually(WAIT, || async { origin.open() == 1 }).await,
         "the idle socket closed at once"
     );
-    assert!(!shared.ready.load(std::sync::atomic::Ordering::Acquire));
+    assert!(!shared.is_ready());
     let reply = slow.await.unwrap();
     assert_eq!(reply.status, 200, "the in-flight request completed");
     assert_eq!(shutdown.await.unwrap(), 0, "nothing had to be cut");

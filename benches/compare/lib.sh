@@ -252,7 +252,7 @@ start_nginx_proxy() { # NAME PORT WORKERS
     wait_port "$port" "$PROXY_PID" "$dir/error.log"
 }
 
-start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT
+start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT [BINARY, default $TETHER_BIN]
     local port=$2 dir="$WORK/$1"
     mkdir -p "$dir"
     LISTEN_PORT=$port PROXY_PORT=$3 ADMIN_PORT=$4 MAX_CLIENT_CONNECTIONS=$MAX_CLIENTS \
@@ -260,14 +260,14 @@ start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT
     # tether merges every TETHER_* environment variable into its config (figment,
     # unknown keys are errors), so the bench's own TETHER_BIN/TETHER_LOG and any
     # stray overrides are kept out of its environment: the file is the whole config.
-    local -a clean=(-u TETHER_BIN -u TETHER_LOG)
+    local -a clean=(-u TETHER_BIN -u TETHER_BASE_BIN -u TETHER_LOG)
     local v
     for v in $(compgen -e); do
         if [[ $v == TETHER_* ]]; then clean+=(-u "$v"); fi
     done
     # Quiet logging so per-request log lines do not cost throughput.
     start_bg "$dir/tether.log" env "${clean[@]}" RUST_LOG="${TETHER_LOG:-warn}" \
-        "$TETHER_BIN" run --config "$dir/tether.toml"
+        "${5:-$TETHER_BIN}" run --config "$dir/tether.toml"
     PROXY_PID=$BG_PID
     wait_port "$port" "$PROXY_PID" "$dir/tether.log"
     wait_port "$4" "$PROXY_PID" "$dir/tether.log"

@@ -4,6 +4,9 @@
 //! and a leaky client that imitates the Dragonfly manager (a new HTTP client per job,
 //! never closed). They bind `127.0.0.1:0`, unless a test that made its own network
 //! namespace gives them an address there.
+//!
+//! Behind the `testkit` feature, so the proxy's own build and dependency tree hold
+//! none of it: the package's dev-dependency on itself turns it on for `cargo test`.
 
 pub mod leaky;
 pub mod listening;

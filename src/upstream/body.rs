@@ -32,8 +32,9 @@ pin_project! {
         // Taken only by a drain, in drop.
         inner: Option<Incoming>,
         pooled: Option<Pooled>,
-        // Keep the connection after the body ends (no `Connection: close`).
-        reusable: bool,
+        // Why the connection closes after the body ends, if it does
+        // ([`super::close_after`]); `None` keeps it.
+        close: Option<CloseReason>,
         deadline_at: Instant,
         #[pin]
         deadline: Sleep,
@@ -43,24 +44,21 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let (Some(pooled), Some(inner)) = (this.pooled.take(), this.inner.take()) {
-                settle(inner, pooled, *this.reusable, *this.deadline_at);
+                settle(inner, pooled, *this.close, *this.deadline_at);
             }
         }
     }
 }
 
 /// Settles the socket of a response nobody reads any more: back to the pool when the
-/// body is complete and the connection reusable, or after reading a short remainder
-/// in the background (within [`DRAIN_MAX_TIME`], never past `deadline`); otherwise
-/// closed.
-fn settle(body: Incoming, pooled: Pooled, reusable: bool, deadline: Instant) {
+/// body is complete and nothing asks to `close` it, or after reading a short
+/// remainder in the background (within [`DRAIN_MAX_TIME`], never past `deadline`);
+/// otherwise closed.
+fn settle(body: Incoming, pooled: Pooled, close: Option<CloseReason>, deadline: Instant) {
     if body.is_end_stream() {
-        return match reusable {
-            true => pooled.check_in(),
-            false => pooled.discard(CloseReason::RemoteClosed),
-        };
+        return finish(pooled, close);
     }
-    if !(reusable && drainable(&body, &pooled)) {
+    if !(close.is_none() && drainable(&body, &pooled)) {
         return pooled.discard(CloseReason::Error);
     }
     match tokio::runtime::Handle::try_current() {
@@ -139,8 +137,8 @@ impl Drop for InFlight {
         runtime.spawn(async move {
             match tokio::time::timeout_at(until, exchange).await {
                 Ok(Ok(resp)) => {
-                    let reusable = !super::wants_close(resp.headers());
-                    settle(resp.into_body(), pooled, reusable, until);
+                    let close = super::close_after(resp.headers());
+                    settle(resp.into_body(), pooled, close, until);
                 }
                 _ => pooled.discard(CloseReason::Error),
             }
@@ -163,17 +161,30 @@ async fn drain(mut rest: Incoming, pooled: Pooled, until: Instant) {
     }
 }
 
+/// A complete exchange's socket: back to the pool, or closed for `close`.
+fn finish(pooled: Pooled, close: Option<CloseReason>) {
+    match close {
+        None => pooled.check_in(),
+        Some(reason) => pooled.discard(reason),
+    }
+}
+
 /// The request deadline passed while the body was still streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream response did not finish before the request timeout")]
 pub struct BodyTimeout;
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, pooled: Pooled, reusable: bool, deadline: Instant) -> UpstreamBody {
+    pub fn new(
+        inner: Incoming,
+        pooled: Pooled,
+        close: Option<CloseReason>,
+        deadline: Instant,
+    ) -> UpstreamBody {
         UpstreamBody {
             inner: Some(inner),
             pooled: Some(pooled),
-            reusable,
+            close,
             deadline_at: deadline,
             deadline: tokio::time::sleep_until(deadline),
         }
@@ -195,11 +206,7 @@ impl Body for UpstreamBody {
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 if let Some(pooled) = this.pooled.take() {
-                    if *this.reusable {
-                        pooled.check_in();
-                    } else {
-                        pooled.discard(CloseReason::RemoteClosed);
-                    }
+                    finish(pooled, *this.close);
                 }
                 Poll::Ready(None)
             }

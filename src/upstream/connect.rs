@@ -212,10 +212,8 @@ impl Connector {
         if self.deny_private {
             if let Some(refused) = first_refused(addrs.iter().map(SocketAddr::ip)) {
                 return Err(ProxyError::DeniedPrivate {
-                    // The error has no field for the reason; riding with the origin,
-                    // it reaches the client's body and the log line alike.
-                    origin: format!("{origin} ({refused})"),
-                    addr: refused.addr,
+                    origin: origin.to_string(),
+                    refusal: refused.to_string(),
                 });
             }
         }

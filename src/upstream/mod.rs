@@ -217,19 +217,26 @@ impl Upstream {
                     let metrics = self.pool.metrics();
                     metrics.duration.record(sent_at.elapsed().as_secs_f64());
                     metrics.request(resp.status(), reused);
-                    let reusable = !wants_close(resp.headers());
+                    let close = close_after(resp.headers());
                     if let Some((timeout, max)) = keep_alive_params(resp.headers()) {
                         self.pool.advertised_keepalive(pooled.id(), timeout, max);
                     }
-                    if !reusable {
+                    if let Some(reason) = close {
                         // Known now, before the driver sees the close.
-                        self.pool
-                            .close_reason(pooled.id(), CloseReason::RemoteClosed);
+                        self.pool.close_reason(pooled.id(), reason);
                     }
-                    let (parts, body) = resp.into_parts();
+                    let (mut parts, body) = resp.into_parts();
+                    if framed_twice(&parts.headers) {
+                        // hyper reads the body by its Transfer-Encoding (chunked, or
+                        // to the close) but leaves the length in the map; forwarded,
+                        // it would frame the client's copy (RFC 9112 §6.3). Without
+                        // it, the body's unknown size makes hyper's server chunk it
+                        // to the client afresh.
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                    }
                     return Ok(Response::from_parts(
                         parts,
-                        UpstreamBody::new(body, pooled, reusable, deadline),
+                        UpstreamBody::new(body, pooled, close, deadline),
                     ));
                 }
                 Err(mut e) => match e.take_message() {
@@ -241,11 +248,13 @@ impl Upstream {
                         self.pool.metrics().stale_retries.increment(1);
                     }
                     _ => {
-                        pooled.discard(CloseReason::Error);
-                        return Err(ProxyError::Upstream {
-                            origin: origin(),
-                            source: e.into_error(),
+                        let error = ProxyError::exchange(origin(), e.into_error());
+                        // The client's own failure still leaves this socket half-written.
+                        pooled.discard(match error {
+                            ProxyError::RequestBody { .. } => CloseReason::RequestAborted,
+                            _ => CloseReason::Error,
                         });
+                        return Err(error);
                     }
                 },
             }
@@ -302,38 +311,94 @@ impl Upstream {
     /// (a route listener's usual case) goes to HTTP/1.1 as it is.
     fn request_form(&self, req: &mut Request<Incoming>, h2: bool) -> Result<(), ProxyError> {
         let uri = req.uri();
+        let bad = |e: http::Error| ProxyError::BadTarget(e.to_string());
         if h2 {
-            let path = uri.path_and_query().map_or("/", |p| p.as_str());
-            let path = if path.is_empty() { "/" } else { path };
-            let absolute = format!(
-                "{}://{}{}",
-                self.pool.connector().scheme(),
-                self.origin,
-                path
-            );
-            *req.uri_mut() = absolute
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| ProxyError::BadTarget(e.to_string()))?;
+            *req.uri_mut() = Uri::builder()
+                .scheme(self.pool.connector().scheme())
+                .authority(self.origin.to_string())
+                .path_and_query(forwarded_path(uri)?)
+                .build()
+                .map_err(bad)?;
             *req.version_mut() = http::Version::HTTP_2;
             return Ok(());
         }
-        let origin_form = uri.scheme().is_none()
-            && uri.authority().is_none()
-            && uri
-                .path_and_query()
-                .is_some_and(|p| p.as_str().starts_with('/'));
-        if !origin_form {
-            let path = match uri.path_and_query() {
-                Some(p) if !p.as_str().is_empty() => p.clone(),
-                _ => PathAndQuery::from_static("/"),
-            };
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(path);
-            *req.uri_mut() =
-                Uri::from_parts(parts).map_err(|e| ProxyError::BadTarget(e.to_string()))?;
-        }
-        *req.version_mut() = http::Version::HTTP_11;
-        Ok(())
+        h1_form(req)
+    }
+}
+
+/// Puts `req` in the form tether sends over HTTP/1.1: the target ([`h1_target`]),
+/// the version, and the framing of a body of unknown length. Public so the
+/// `request_head` fuzz check runs the very transformation the request path does.
+pub fn h1_form<B: http_body::Body>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    if let Some(target) = h1_target(req.uri())? {
+        *req.uri_mut() = target;
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    // A body of unknown length came chunked, and tether removed the client's
+    // Transfer-Encoding with the other hop-by-hop headers. hyper's client chunks such
+    // a body itself, except for GET, HEAD and CONNECT, where it assumes there is
+    // none and sends no body unless the header is set.
+    let body = req.body();
+    if !body.is_end_stream() && body.size_hint().exact().is_none() {
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    Ok(())
+}
+
+/// The target an HTTP/1.1 request for `uri` carries, when it is not `uri` itself: a
+/// client's origin-form target goes as it is (`None`); any other becomes
+/// [`forwarded_path`].
+pub fn h1_target(uri: &Uri) -> Result<Option<Uri>, ProxyError> {
+    let origin_form = uri.scheme().is_none()
+        && uri.authority().is_none()
+        && uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().starts_with('/'));
+    if origin_form {
+        return Ok(None);
+    }
+    Uri::builder()
+        .path_and_query(forwarded_path(uri)?)
+        .build()
+        .map(Some)
+        .map_err(|e| ProxyError::BadTarget(e.to_string()))
+}
+
+/// [`target_path`] for a target that names a resource: absolute-form with an http or
+/// https scheme, origin-form or asterisk-form. Any other is refused rather than sent
+/// upstream as `/` or as its bare path, a resource the client never asked for:
+/// authority-form (`GET host:port`, CONNECT's alone, RFC 9112 §3.2.3; `proxy`
+/// refuses it first, this is the last step before the bytes are written) and other
+/// schemes, which `http::Uri` accepts even empty (`://host/path`).
+fn forwarded_path(uri: &Uri) -> Result<PathAndQuery, ProxyError> {
+    let absolute = uri
+        .scheme()
+        .is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS)
+        && uri.authority().is_some();
+    let bare = uri.scheme().is_none() && uri.authority().is_none();
+    if !(absolute || bare) {
+        return Err(ProxyError::BadTarget(format!(
+            "{uri} is not an origin-form, absolute-form (http or https) or * target"
+        )));
+    }
+    target_path(uri).map_err(|e| ProxyError::BadTarget(e.to_string()))
+}
+
+/// A target's path and query as an origin server is sent them: an empty path as `/`
+/// (RFC 9112 §3.2.1), also before a query; the asterisk-form stays `*`. `http` reads
+/// an empty path as `/` but writes it as nothing, so `http://host#x` (its fragment
+/// dropped by the parser) went out as `GET  HTTP/1.1`: such a path is rebuilt.
+fn target_path(uri: &Uri) -> Result<PathAndQuery, http::uri::InvalidUri> {
+    match uri.path_and_query() {
+        Some(p) if p.path() != "/" => Ok(p.clone()),
+        Some(p) => match p.query() {
+            Some(query) => format!("/?{query}").parse(),
+            None => Ok(PathAndQuery::from_static("/")),
+        },
+        None => Ok(PathAndQuery::from_static("/")),
     }
 }
 
@@ -378,6 +443,29 @@ fn keep_alive_params(
         }
     }
     (timeout.is_some() || max.is_some()).then_some((timeout, max))
+}
+
+/// Why the connection must close once this response's body has been read, if it
+/// must: the upstream said so, or it framed the response with both
+/// `Transfer-Encoding` and `Content-Length`. hyper's client lets the first win and
+/// would keep the connection, but two framings are how responses are split (RFC 9112
+/// §6.3), and which one the upstream meant cannot be known, so its next bytes are
+/// not trusted to start a response. Counted as `error`: the upstream broke HTTP's
+/// rules, the way a malformed head that hyper rejects is counted.
+pub(super) fn close_after(headers: &http::HeaderMap) -> Option<CloseReason> {
+    if framed_twice(headers) {
+        Some(CloseReason::Error)
+    } else if wants_close(headers) {
+        Some(CloseReason::RemoteClosed)
+    } else {
+        None
+    }
+}
+
+/// Both `Transfer-Encoding` and `Content-Length`: hyper's client reads the body by
+/// the former and leaves the latter in the header map.
+fn framed_twice(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
 }
 
 fn wants_close(headers: &http::HeaderMap) -> bool {
@@ -559,5 +647,99 @@ impl Upstreams {
         let mut all: Vec<_> = self.unlisted.lock().values().cloned().collect();
         all.extend(retired.iter().cloned());
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(lines: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        lines
+            .iter()
+            .map(|(n, v)| {
+                (
+                    http::HeaderName::from_static(n),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_response_framed_one_way_keeps_its_socket_unless_it_asks_to_close() {
+        assert_eq!(close_after(&headers(&[("content-length", "2")])), None);
+        assert_eq!(
+            close_after(&headers(&[("transfer-encoding", "chunked")])),
+            None
+        );
+        assert_eq!(
+            close_after(&headers(&[("connection", "keep-alive, close")])),
+            Some(CloseReason::RemoteClosed)
+        );
+    }
+
+    fn target(uri: &str) -> Result<Option<String>, ProxyError> {
+        h1_target(&uri.parse().unwrap()).map(|t| t.map(|u| u.to_string()))
+    }
+
+    #[test]
+    fn an_origin_form_target_goes_as_it_is_and_an_absolute_one_as_its_path() {
+        assert_eq!(target("/v2/?n=1").unwrap(), None);
+        assert_eq!(target("//x/y").unwrap(), None);
+        assert_eq!(
+            target("http://a:80/v2/?n=1").unwrap().as_deref(),
+            Some("/v2/?n=1")
+        );
+        assert_eq!(target("HTTPS://a").unwrap().as_deref(), Some("/"));
+        assert_eq!(target("http://a?q=1").unwrap().as_deref(), Some("/?q=1"));
+        assert_eq!(target("*").unwrap().as_deref(), Some("*"));
+    }
+
+    #[test]
+    fn an_absolute_target_with_only_a_fragment_after_the_host_goes_as_slash() {
+        // `http::Uri` gives it an empty path that prints as an empty target (#16.2).
+        assert_eq!(target("http://a#frag").unwrap().as_deref(), Some("/"));
+        assert_eq!(target("http://a:8#0").unwrap().as_deref(), Some("/"));
+    }
+
+    #[test]
+    fn a_target_that_names_no_resource_is_refused() {
+        for uri in ["a.com:80", "h", "://b/c", "ftp://a/b"] {
+            assert!(
+                matches!(target(uri), Err(ProxyError::BadTarget(_))),
+                "{uri}: {:?}",
+                target(uri)
+            );
+        }
+    }
+
+    #[test]
+    fn a_get_with_a_body_of_unknown_length_goes_chunked() {
+        let body = http_body_util::StreamBody::new(futures_util::stream::empty::<
+            Result<http_body::Frame<bytes::Bytes>, std::io::Error>,
+        >());
+        let mut req = Request::get("/").body(body).unwrap();
+        h1_form(&mut req).unwrap();
+        assert_eq!(req.headers()[header::TRANSFER_ENCODING], "chunked");
+
+        // A known length (hyper writes Content-Length) or no body at all: no header.
+        let sized = http_body_util::Full::new(bytes::Bytes::from_static(b"ab"));
+        let mut req = Request::post("/").body(sized).unwrap();
+        h1_form(&mut req).unwrap();
+        assert!(!req.headers().contains_key(header::TRANSFER_ENCODING));
+        let mut req = Request::get("/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        h1_form(&mut req).unwrap();
+        assert!(!req.headers().contains_key(header::TRANSFER_ENCODING));
+    }
+
+    #[test]
+    fn a_response_framed_twice_closes_its_socket_as_an_error_whatever_else_it_says() {
+        let twice = [("transfer-encoding", "chunked"), ("content-length", "3")];
+        assert_eq!(close_after(&headers(&twice)), Some(CloseReason::Error));
+        let closing = [twice[0], twice[1], ("connection", "close")];
+        assert_eq!(close_after(&headers(&closing)), Some(CloseReason::Error));
     }
 }

@@ -71,11 +71,15 @@ pub enum CloseReason {
     Error,
     Evicted,
     Shutdown,
+    /// The request it carried failed on the client's side (a malformed or cut-off
+    /// body) after its head may have gone out: the socket is closed, and it is not
+    /// the upstream's error.
+    RequestAborted,
 }
 
 impl CloseReason {
     /// Every reason, in declaration order.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::IdleTimeout,
         CloseReason::MaxLifetime,
         CloseReason::MaxRequests,
@@ -84,6 +88,7 @@ impl CloseReason {
         CloseReason::Error,
         CloseReason::Evicted,
         CloseReason::Shutdown,
+        CloseReason::RequestAborted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +101,7 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::Evicted => "evicted",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::RequestAborted => "request_aborted",
         }
     }
 }
@@ -235,7 +241,7 @@ pub(super) fn state_gauges(telemetry: &Telemetry, upstream: &str) -> PerLabel<Co
 /// the connection table, which moves them with the states they count.
 pub struct PoolMetrics {
     pub(super) opened: Counter,
-    closed: PerLabel<CloseReason, Tallied, 8>,
+    closed: PerLabel<CloseReason, Tallied, 9>,
     /// `[status class 1xx..5xx][reused]`.
     requests: [[Counter; 2]; 5],
     pub duration: Histogram,

@@ -10,8 +10,8 @@
 use http::header::{self, HeaderMap, HeaderValue};
 use http::Uri;
 
-use crate::policy::{Decision, Origin};
-use crate::proxy::Mode;
+use crate::policy::Origin;
+use crate::route::{self, Mode};
 use crate::Table;
 
 /// Rewrites `WWW-Authenticate` Bearer realms and `Location` in place.
@@ -70,9 +70,7 @@ fn rewrite_url(table: &Table, mode: Mode, client_host: Option<&str>, url: &str) 
         host: authority.host().to_ascii_lowercase(),
         port: authority.port_u16().unwrap_or(default_port),
     };
-    let Decision::Upstream(target) = table.policy.decide(&origin) else {
-        return None;
-    };
+    let target = route::listed(table, &origin)?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     match mode {
         Mode::Route(_) => {

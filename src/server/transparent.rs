@@ -16,7 +16,7 @@
 //! counted as `tether_downstream_connections_closed_total{reason="denied"}`.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,13 +25,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::error::ProxyError;
-use crate::listener::{self, ClientClose, ClientConn, ClientIo};
-use crate::policy::{Decision, Origin};
-use crate::proxy::Mode;
+use super::{accept_admitted, serve_io, ClientIo};
+use crate::downstream::{ClientClose, ClientConn};
+use crate::route::{self, Mode};
 use crate::telemetry::Throttle;
 use crate::upstream::{CloseReason, Upstream};
-use crate::{Shared, Table};
+use crate::Shared;
 
 /// Accepts redirected connections on `listener` until `stop` fires.
 pub async fn accept_loop(
@@ -41,9 +40,7 @@ pub async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let refusals = Arc::new(Refusals::default());
-    while let Some((stream, conn)) =
-        crate::listener::accept_admitted(&listener, &shared, &stop).await
-    {
+    while let Some((stream, conn)) = accept_admitted(&listener, &shared, &stop).await {
         let io = ClientIo::new(stream, conn.clone());
         let serve = serve(io, conn, shared.clone(), stop.clone(), refusals.clone());
         tracker.spawn(async move {
@@ -97,7 +94,7 @@ async fn serve(
         }
     };
     let table = shared.table();
-    let upstream = match upstream_for(&shared, &table, destination).await {
+    let upstream = match route::by_destination(&shared, &table, destination).await {
         Ok(upstream) => upstream,
         Err(e) => {
             conn.set_reason(ClientClose::Denied);
@@ -120,7 +117,7 @@ async fn serve(
         Ok(Kind::Http) => {
             tracing::debug!(%client, %destination, upstream = %upstream.name, "intercepted plain HTTP");
             drop(upstream); // matched again per request, so a reload applies
-            return Some(listener::serve_io(
+            return Some(serve_io(
                 io,
                 conn,
                 shared,
@@ -153,7 +150,7 @@ async fn tunnel(
         Ok(upstream_io) => upstream_io,
         Err(e) => {
             let (_, code) = e.classify();
-            shared.downstream.reject(code);
+            shared.downstream().reject(code);
             conn.set_reason(if code == "denied" {
                 ClientClose::Denied
             } else {
@@ -174,41 +171,6 @@ async fn tunnel(
             conn.set_reason(ClientClose::Shutdown);
         }
     }
-}
-
-/// The upstream a connection redirected from `destination` belongs to: a listed
-/// upstream whose origin is that address (or a name resolving to it), else — if an
-/// `[egress] allow` pattern matches it or `allow_unlisted` is set — the `unlisted`
-/// pool of that destination.
-pub async fn upstream_for(
-    shared: &Shared,
-    table: &Table,
-    destination: SocketAddr,
-) -> Result<Arc<Upstream>, ProxyError> {
-    let origin = Origin {
-        host: match destination.ip() {
-            IpAddr::V4(ip) => ip.to_string(),
-            IpAddr::V6(ip) => format!("[{ip}]"),
-        },
-        port: destination.port(),
-    };
-    let decision = table.policy.decide(&origin);
-    if let Decision::Upstream(i) = decision {
-        return Ok(table.listed[i].clone());
-    }
-    for upstream in table.listed.iter().filter(|u| u.origin.port == origin.port) {
-        if upstream.origin.ip().is_none() && upstream.resolves_to(destination.ip()).await {
-            return Ok(upstream.clone());
-        }
-    }
-    if decision == Decision::Allowed || table.config.transparent.allow_unlisted {
-        return Ok(shared
-            .upstreams
-            .unlisted(&origin, !table.policy.allow_private));
-    }
-    Err(ProxyError::Denied {
-        origin: origin.to_string(),
-    })
 }
 
 /// The destination the client dialled before iptables redirected it here. A
@@ -370,6 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_listed_host_name_matches_the_addresses_it_resolves_to() {
+        use crate::policy::Origin;
         use crate::upstream::connect::Connector;
         let upstream = |host: &str| {
             let origin = Origin::parse_authority(host).unwrap();

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::downstream::RequestGuard;
 use crate::error::BoxError;
-use crate::listener::RequestGuard;
 use crate::upstream::UpstreamBody;
 
 pin_project! {

@@ -1,0 +1,424 @@
+//! A client connection's state and the guards that keep its accounting true: the
+//! registry of open connections ([`Downstream`]), each connection's clocks and
+//! in-flight count ([`ClientConn`]), a request in flight ([`RequestGuard`]), and the
+//! guard that rides inside the socket and deregisters it when the socket drops.
+//!
+//! Invariant: a connection is in `Downstream::conns` exactly while its socket exists
+//! (the [`ClientGuard`] inside the socket's IO removes it), and it is counted in the
+//! `active` or the `idle` gauge, never both, switching under its `in_flight` count.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge};
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::telemetry::{self as t, Telemetry};
+
+/// Why a client connection closed: the `reason` label of the closed counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClientClose {
+    ClientClosed = 0,
+    IdleTimeout = 1,
+    HeaderTimeout = 2,
+    Evicted = 3,
+    Shutdown = 4,
+    Error = 5,
+    /// Refused at accept: `max_client_connections` reached and none idle.
+    Limit = 6,
+    /// A redirected connection whose original destination the egress policy does
+    /// not allow (or that was not redirected at all): closed without a byte.
+    Denied = 7,
+}
+
+impl ClientClose {
+    /// Every reason, in discriminant order: the counters are built from it.
+    pub const ALL: [ClientClose; 8] = [
+        ClientClose::ClientClosed,
+        ClientClose::IdleTimeout,
+        ClientClose::HeaderTimeout,
+        ClientClose::Evicted,
+        ClientClose::Shutdown,
+        ClientClose::Error,
+        ClientClose::Limit,
+        ClientClose::Denied,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientClose::ClientClosed => "client_closed",
+            ClientClose::IdleTimeout => "idle_timeout",
+            ClientClose::HeaderTimeout => "header_timeout",
+            ClientClose::Evicted => "evicted",
+            ClientClose::Shutdown => "shutdown",
+            ClientClose::Error => "error",
+            ClientClose::Limit => "limit",
+            ClientClose::Denied => "denied",
+        }
+    }
+
+    fn from_u8(n: u8) -> ClientClose {
+        Self::ALL
+            .get(n as usize)
+            .copied()
+            .unwrap_or(ClientClose::Error)
+    }
+}
+
+/// Downstream accounting shared by all listeners.
+pub struct Downstream {
+    pub(super) active: Gauge,
+    pub(super) idle: Gauge,
+    /// Idle connections held as bare sockets (a subset of `idle`).
+    pub(super) parked: Gauge,
+    pub(super) opened: Counter,
+    /// One per [`ClientClose`], in [`ClientClose::ALL`] order.
+    closed: [Counter; 8],
+    rejected: Mutex<HashMap<&'static str, Counter>>,
+    telemetry: Arc<Telemetry>,
+    pub(super) conns: Mutex<HashMap<u64, Arc<ClientConn>>>,
+    /// Woken whenever a client socket drops: admission waits on it for its victim.
+    pub(super) freed: Notify,
+    ids: AtomicU64,
+    /// Per-client-address counters for leak diagnosis.
+    pub clients: crate::diagnosis::Clients,
+}
+
+/// Set in [`ClientConn::in_flight`] when the socket drops: the request guards still
+/// alive (hyper may drop a response body after the socket) then leave the gauges alone.
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
+/// One client connection's shared state.
+pub struct ClientConn {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub(super) base: Instant,
+    /// Requests in flight, plus [`CLOSED`] once the socket has dropped.
+    pub(super) in_flight: AtomicUsize,
+    /// Milliseconds since `base` when the connection last went idle.
+    pub(super) idle_since: AtomicU64,
+    /// Milliseconds since `base` (+1, 0 = none) when the first byte of a request
+    /// head arrived on an idle connection.
+    pub(super) head_started: AtomicU64,
+    pub(super) reason: AtomicU8,
+    /// Chosen as an eviction victim: never chosen again.
+    pub(super) evicting: AtomicBool,
+    /// Woken when the last request in flight ends: the parking countdown starts.
+    pub(super) request_ended: Notify,
+    pub(super) kill: Notify,
+    pub(super) downstream: Arc<Downstream>,
+    /// A CONNECT answered `200`: the tunnel to run once hyper hands the socket back.
+    handoff: Handoff,
+    /// The socket while it is parked: no task and no HTTP state, only this slot and
+    /// the reactor's wake-up (see `server::park`).
+    pub(super) parked: Mutex<Option<Box<dyn Parked>>>,
+}
+
+/// A client socket parked with no task (see `server::park`): what the connection's
+/// state needs of it, without knowing its type.
+pub(crate) trait Parked: Send {
+    /// The listener it came from has stopped (a route removed by a reload).
+    fn listener_stopped(&self) -> bool;
+    /// Serves it again on a new task: the reactor reported it readable.
+    fn resume(self: Box<Self>, conn: Arc<ClientConn>);
+}
+
+/// What a client socket becomes after `CONNECT`: the other end and the tunnel governor.
+pub struct TunnelJob {
+    pub tunnels: crate::upstream::tunnel::Tunnels,
+    pub upstream: crate::upstream::Tracked<TcpStream>,
+    /// Keeps the client connection counted as active for the tunnel's life.
+    pub busy: RequestGuard,
+}
+
+/// The CONNECT hand-off between the request path and the server side. The request
+/// path answers `CONNECT` with `200` and fills the connection's [`Handoff`] with the
+/// governed upstream socket; hyper writes the response and, seeing the connection
+/// end, hands the client socket back to the server side, which drains the hand-off
+/// and runs the tunnel on the same task. A filled hand-off is also how the watcher
+/// knows the socket is to become a tunnel rather than be parked or closed.
+///
+/// One connection's slot: filled at most once, by the request path.
+#[derive(Default)]
+pub struct Handoff(Mutex<Option<Box<TunnelJob>>>);
+
+impl Handoff {
+    /// Hands `job` over: the connection turns into its tunnel once the `200` is
+    /// written.
+    pub fn fill(&self, job: TunnelJob) {
+        *self.0.lock() = Some(Box::new(job));
+    }
+
+    /// A tunnel is waiting for the socket.
+    pub fn is_filled(&self) -> bool {
+        self.0.lock().is_some()
+    }
+
+    /// The tunnel waiting for the socket, if any.
+    pub fn take(&self) -> Option<Box<TunnelJob>> {
+        self.0.lock().take()
+    }
+}
+
+impl Downstream {
+    pub fn new(telemetry: Arc<Telemetry>) -> Arc<Downstream> {
+        Arc::new(Downstream {
+            active: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "active")]),
+            idle: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "idle")]),
+            parked: telemetry.gauge(t::DOWNSTREAM_PARKED, &[]),
+            opened: telemetry.counter(t::DOWNSTREAM_OPENED, &[]),
+            closed: ClientClose::ALL
+                .map(|r| telemetry.counter(t::DOWNSTREAM_CLOSED, &[("reason", r.as_str())])),
+            rejected: Mutex::default(),
+            telemetry,
+            conns: Mutex::default(),
+            freed: Notify::new(),
+            ids: AtomicU64::new(1),
+            clients: Default::default(),
+        })
+    }
+
+    /// Counts a request refused before it reached an upstream, by its error code.
+    pub fn reject(&self, code: &'static str) {
+        self.rejected
+            .lock()
+            .entry(code)
+            .or_insert_with(|| {
+                self.telemetry
+                    .counter(t::DOWNSTREAM_REJECTED, &[("reason", code)])
+            })
+            .increment(1);
+    }
+
+    pub fn open(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    /// A new connection's state, counted as opened and idle; the caller inserts it
+    /// into `conns`.
+    pub(super) fn new_conn(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
+        let base = Instant::now();
+        let conn = Arc::new(ClientConn {
+            id: self.ids.fetch_add(1, Ordering::Relaxed),
+            peer,
+            base,
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            // A new connection is reading its first head from the start, so a client
+            // that connects and sends nothing is closed after header_read_timeout.
+            head_started: AtomicU64::new(1),
+            reason: AtomicU8::new(ClientClose::ClientClosed as u8),
+            evicting: AtomicBool::new(false),
+            request_ended: Notify::new(),
+            kill: Notify::new(),
+            downstream: self.clone(),
+            handoff: Handoff::default(),
+            parked: Mutex::new(None),
+        });
+        self.opened.increment(1);
+        self.idle.increment(1.0);
+        conn
+    }
+
+    /// Registers a connection with no limit (unit tests).
+    #[cfg(test)]
+    pub(crate) fn register(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
+        let conn = self.new_conn(peer);
+        self.conns.lock().insert(conn.id, conn.clone());
+        conn
+    }
+
+    /// Counts a client connection closed for `reason`.
+    pub(super) fn count_close(&self, reason: ClientClose) {
+        self.closed[reason as usize].increment(1);
+    }
+}
+
+impl ClientConn {
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// A request is in flight.
+    pub(crate) fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) & !CLOSED > 0
+    }
+
+    pub(crate) fn idle_for(&self) -> Duration {
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.idle_since.load(Ordering::Relaxed)),
+        )
+    }
+
+    pub(crate) fn set_reason(&self, reason: ClientClose) {
+        self.reason.store(reason as u8, Ordering::Relaxed);
+    }
+
+    /// The reason the connection will be counted under when it closes.
+    pub(crate) fn reason(&self) -> ClientClose {
+        ClientClose::from_u8(self.reason.load(Ordering::Relaxed))
+    }
+
+    /// Closes the connection for `reason`: at once if it is parked, otherwise its
+    /// task closes it gracefully (an in-flight response is finished first).
+    pub(crate) fn close(&self, reason: ClientClose) {
+        self.set_reason(reason);
+        self.kill.notify_one();
+        // Dropped outside the slot's lock: the socket's guard deregisters it.
+        let parked = self.unpark();
+        drop(parked);
+    }
+
+    /// The clock of a request head that has begun to arrive: milliseconds (as
+    /// [`ClientConn::now_ms`]) + 1, or 0 when none has.
+    pub(crate) fn head_started(&self) -> u64 {
+        self.head_started.load(Ordering::Relaxed)
+    }
+
+    /// A request head begins to arrive now: its clock starts.
+    pub(crate) fn head_starting(&self) {
+        self.head_started
+            .store(self.now_ms() + 1, Ordering::Relaxed);
+    }
+
+    /// Resolves when the connection is asked to close (eviction, shutdown).
+    pub(crate) fn close_requested(&self) -> tokio::sync::futures::Notified<'_> {
+        self.kill.notified()
+    }
+
+    /// Resolves when the last request in flight ends.
+    pub(crate) fn request_ended(&self) -> tokio::sync::futures::Notified<'_> {
+        self.request_ended.notified()
+    }
+
+    /// Where a CONNECT's tunnel waits for this connection's socket.
+    pub fn handoff(&self) -> &Handoff {
+        &self.handoff
+    }
+
+    /// Parks `socket` in the connection's slot, unless `readable` says it already
+    /// is (then it comes back). `readable` runs under the slot's lock, so that a
+    /// wake-up it registers, firing on another thread, finds the socket in place.
+    pub(crate) fn park<P: Parked + 'static>(
+        &self,
+        socket: P,
+        readable: impl FnOnce(&P) -> bool,
+    ) -> Option<P> {
+        let mut slot = self.parked.lock();
+        if readable(&socket) {
+            return Some(socket);
+        }
+        *slot = Some(Box::new(socket));
+        self.downstream.parked.increment(1.0);
+        None
+    }
+
+    /// The socket is parked.
+    #[cfg(test)]
+    pub(crate) fn is_parked(&self) -> bool {
+        self.parked.lock().is_some()
+    }
+
+    /// Takes the parked socket, if there is one, out of its slot.
+    pub(super) fn unpark(&self) -> Option<Box<dyn Parked>> {
+        let socket = self.parked.lock().take();
+        if socket.is_some() {
+            self.downstream.parked.decrement(1.0);
+        }
+        socket
+    }
+
+    /// Marks a request in flight until the returned guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        self.head_started.store(0, Ordering::Relaxed);
+        self.downstream.clients.request(self.peer.ip());
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.downstream.idle.decrement(1.0);
+            self.downstream.active.increment(1.0);
+        }
+        RequestGuard { conn: self.clone() }
+    }
+
+    pub(crate) fn bytes_read(&self) {
+        if !self.busy() && self.head_started.load(Ordering::Relaxed) == 0 {
+            self.head_started
+                .store(self.now_ms() + 1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The reactor's wake-up for a parked socket: serve it again.
+impl std::task::Wake for ClientConn {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(socket) = self.unpark() {
+            socket.resume(self.clone());
+        } // else: already woken, or closed
+    }
+}
+
+/// A request in flight on a client connection; dropped when its response is done.
+pub struct RequestGuard {
+    conn: Arc<ClientConn>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let conn = &self.conn;
+        conn.idle_since.store(conn.now_ms(), Ordering::Relaxed);
+        // Only while the socket is open: once it has dropped (a client that left
+        // mid-request), its guard took the connection out of the gauges.
+        if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            conn.downstream.active.decrement(1.0);
+            conn.downstream.idle.increment(1.0);
+            conn.request_ended.notify_one();
+        }
+    }
+}
+
+/// Lives inside the client socket's IO: deregisters and counts the close when the
+/// socket is dropped.
+pub(crate) struct ClientGuard {
+    pub(crate) conn: Arc<ClientConn>,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let conn = &self.conn;
+        let d = &conn.downstream;
+        d.conns.lock().remove(&conn.id);
+        d.clients.closed(conn.peer.ip());
+        if conn.in_flight.fetch_or(CLOSED, Ordering::AcqRel) & !CLOSED > 0 {
+            d.active.decrement(1.0);
+        } else {
+            d.idle.decrement(1.0);
+        }
+        d.count_close(conn.reason());
+        d.freed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_are_listed_in_discriminant_order() {
+        for (i, reason) in ClientClose::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "{}", reason.as_str());
+            assert_eq!(ClientClose::from_u8(i as u8), reason);
+        }
+    }
+}

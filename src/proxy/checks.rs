@@ -1,0 +1,136 @@
+//! What tether refuses before it picks an upstream: a missing or doubled `Host`, a
+//! request-target in the wrong form for the listener, and framing it could not
+//! forward faithfully. hyper has already refused what HTTP/1.1 itself forbids; these
+//! are the rules a proxy adds, re-framing the request for another hop.
+
+use http::header::{self, HeaderMap};
+use http::uri::Authority;
+use http::{Method, Request, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::error::ProxyError;
+use crate::route::Mode;
+
+/// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without `Host`,
+/// and to any request with more than one or with one that is not `host[:port]`
+/// (empty is allowed). Filling in or choosing a Host would let tether and the next
+/// hop disagree about which site a request is for.
+pub(super) fn check_host(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        )),
+        (None, _) => Ok(()),
+        (Some(_), Some(_)) => Err(ProxyError::BadRequest("more than one Host header")),
+        (Some(host), None) if is_host_and_port(host.as_bytes()) => Ok(()),
+        (Some(_), None) => Err(ProxyError::BadRequest("the Host header is not host[:port]")),
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 9112 §3.2), where an empty reg-name is a host. An
+/// authority with userinfo is not.
+fn is_host_and_port(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    match Authority::try_from(value) {
+        Ok(a) => {
+            !a.as_str().contains('@') && (a.host().len() == a.as_str().len() || a.port().is_some())
+        }
+        Err(_) => false,
+    }
+}
+
+/// The request-target forms a listener takes (RFC 9112 §3.2). The forward proxy
+/// takes absolute-form. A route or intercepted connection stands in for the origin:
+/// origin-form, absolute-form (which a server MUST accept, §3.2.2; the route, not
+/// the target's authority, picks the upstream, as it does for Host), and the
+/// asterisk-form for OPTIONS only (§3.2.4). The authority-form is CONNECT's alone
+/// (§3.2.3), and CONNECT never comes here.
+pub(super) fn check_target(method: &Method, uri: &Uri, mode: Mode) -> Result<(), ProxyError> {
+    let bad = |why: &str| Err(ProxyError::BadTarget(why.into()));
+    let asterisk = uri.scheme().is_none() && uri.authority().is_none() && uri.path() == "*";
+    match mode {
+        Mode::Forward if uri.scheme().is_some() => Ok(()),
+        _ if uri.scheme().is_none() && uri.authority().is_some() => {
+            bad("an authority-form target (host:port) is only for CONNECT")
+        }
+        Mode::Forward if asterisk => bad("the forward proxy is no origin: OPTIONS * needs a route listener"),
+        Mode::Forward => bad("an origin-form request reached the forward proxy; send absolute-form (HTTP_PROXY) or use a route listener"),
+        _ if asterisk && method != Method::OPTIONS => bad("the asterisk-form target * is only for OPTIONS"),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses framing tether cannot forward faithfully. hyper has already refused what
+/// leaves a body's length unknown (RFC 9112 §6.3: differing lengths, a final coding
+/// other than chunked) and, for a request framed by both `Content-Length` and
+/// `Transfer-Encoding`, let the coding win, dropped the length and marked the client
+/// connection to close after the response; tether re-frames the body upstream.
+///
+/// Left to tether is what re-framing would lose. hyper decodes one chunked layer and
+/// reads only the last `Transfer-Encoding` line, and tether drops the header (it is
+/// hop-by-hop): a coding before chunked (`gzip, chunked`, or `gzip` on a line of its
+/// own) would reach the upstream undeclared, and HTTP/2 upstreams have no transfer
+/// codings at all. RFC 9112 §6.1: a coding the server does not understand SHOULD get
+/// 501. Chunked twice is a malformed message (a sender MUST NOT, §7): 400.
+pub(super) fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next() {
+        if lengths.any(|other| other != first) {
+            return Err(ProxyError::BadRequest("conflicting Content-Length headers"));
+        }
+    }
+    let mut chunked = 0;
+    let mut other = false;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        // Not text: no coding tether knows (hyper refuses it before this anyway).
+        let list = value.to_str().unwrap_or("?");
+        // Empty list elements are ignored (RFC 9110 §5.6.1).
+        for coding in list.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if coding.eq_ignore_ascii_case("chunked") {
+                chunked += 1;
+            } else {
+                other = true;
+            }
+        }
+    }
+    if chunked > 1 {
+        return Err(ProxyError::BadRequest("chunked is applied more than once"));
+    }
+    if other {
+        return Err(ProxyError::UnsupportedCoding);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_header_is_a_host_with_an_optional_port() {
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "10.0.0.5:32402",
+            "[::1]",
+            "[::1]:80",
+            "",
+        ] {
+            assert!(is_host_and_port(ok.as_bytes()), "{ok:?} is a Host");
+        }
+        for bad in [
+            "user@example.com",
+            "a b",
+            "example.com:port",
+            "example.com:99999",
+            "[::1",
+            "a/b",
+            "a?b",
+        ] {
+            assert!(!is_host_and_port(bad.as_bytes()), "{bad:?} is no Host");
+        }
+    }
+}
