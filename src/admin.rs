@@ -1,13 +1,13 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`,
 //! `/debug/pools` and `/debug/clients` (JSON), and the status page at `/`.
 //!
-//! The status page is rendered here from the same document `/debug/pools` serves, so
-//! it is a complete snapshot without JavaScript; its inline script re-renders the
-//! table from `/debug/pools` every second. Close and rejection totals are read back
-//! from the Prometheus exposition, so the page, `/debug/pools` and `/metrics` cannot
-//! disagree about them.
+//! The status page is rendered here from the same typed snapshots `/debug/pools`
+//! serialises ([`Status`]), so it is a complete snapshot without JavaScript; its inline
+//! script re-renders the table from `/debug/pools` every second. Close and rejection
+//! totals are each pool's own, counted alongside the `/metrics` counters; `/metrics`
+//! sums the pools that share an `upstream` label (unlisted origins, say).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -18,10 +18,11 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::telemetry as t;
+use crate::upstream::PoolSnapshot;
 use crate::Shared;
 
 const STATUS_PAGE: &str = include_str!("status.html");
@@ -60,106 +61,50 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             shared.telemetry().render(),
             "text/plain; version=0.0.4; charset=utf-8",
         ),
-        "/debug/pools" => json(&pools_json(shared)),
+        "/debug/pools" => json(&status(shared)),
         "/debug/clients" => json(&serde_json::json!({
             "clients": shared.downstream().clients.top(&shared.table().config.diagnosis)
         })),
-        "/" => with_type(status_page(&pools_json(shared)), "text/html; charset=utf-8"),
+        "/" => with_type(status_page(&status(shared)), "text/html; charset=utf-8"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-/// Every pool: limits, counts by state, queue depth, one entry per socket, and the
-/// `closed` (by reason) and `rejected` (by reason) totals of its upstream label.
-/// Pools of unlisted origins share the label `unlisted`, so they share those totals.
-pub fn pools_json(shared: &Shared) -> serde_json::Value {
-    let text = shared.telemetry().render();
-    let closed = totals(&text, t::UPSTREAM_CLOSED, "reason");
-    let rejected = totals(&text, t::UPSTREAM_REJECTED, "reason");
-    let pools: Vec<_> = shared
-        .all_upstreams()
-        .iter()
-        .map(|u| {
-            let mut pool = serde_json::to_value(u.pool.snapshot()).expect("json");
-            let of = |t: &HashMap<String, BTreeMap<String, u64>>| {
-                serde_json::json!(t.get(&*u.name).cloned().unwrap_or_default())
-            };
-            pool["closed"] = of(&closed);
-            pool["rejected"] = of(&rejected);
-            pool
-        })
-        .collect();
-    serde_json::json!({
-        "downstream": { "open": shared.downstream().open() },
-        "pools": pools,
-    })
+/// What `/debug/pools` serves and the status page shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub downstream: Downstream,
+    pub pools: Vec<PoolSnapshot>,
 }
 
-/// The samples of counter `name` in a Prometheus text exposition, summed by their
-/// `upstream` label and then by their `by` label.
-fn totals(text: &str, name: &str, by: &str) -> HashMap<String, BTreeMap<String, u64>> {
-    let mut out: HashMap<String, BTreeMap<String, u64>> = HashMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let labels = parse_labels(labels);
-        let find = |key: &str| labels.iter().find(|(k, _)| k == key).map(|(_, v)| v);
-        let (Some(upstream), Some(key), Ok(value)) =
-            (find("upstream"), find(by), value.trim().parse::<f64>())
-        else {
-            continue;
-        };
-        *out.entry(upstream.clone())
-            .or_default()
-            .entry(key.clone())
-            .or_default() += value as u64;
-    }
-    out
+#[derive(Debug, Serialize)]
+pub struct Downstream {
+    pub open: usize,
 }
 
-/// `a="x",b="y\"z"` into pairs, undoing the exposition's escapes.
-fn parse_labels(s: &str) -> Vec<(String, String)> {
-    let mut pairs = Vec::new();
-    let mut chars = s.chars();
-    loop {
-        let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
-        if key.is_empty() || chars.next() != Some('"') {
-            return pairs;
-        }
-        let mut value = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '"' => break,
-                '\\' => match chars.next() {
-                    Some('n') => value.push('\n'),
-                    Some(other) => value.push(other),
-                    None => break,
-                },
-                c => value.push(c),
-            }
-        }
-        pairs.push((key.trim_start_matches(',').trim().to_string(), value));
+/// Every pool: limits and the cap in force, counts by state, queue depth, one entry
+/// per socket, and its `closed` and `rejected` totals by reason.
+pub fn status(shared: &Shared) -> Status {
+    Status {
+        downstream: Downstream {
+            open: shared.downstream().open(),
+        },
+        pools: shared
+            .all_upstreams()
+            .iter()
+            .map(|u| u.pool.snapshot())
+            .collect(),
     }
 }
 
-/// The status page with the table rendered from `pools` (a `/debug/pools` document).
-fn status_page(pools: &serde_json::Value) -> String {
-    let rows: String = match pools["pools"].as_array() {
-        Some(list) if !list.is_empty() => list.iter().map(pool_row).collect(),
-        _ => EMPTY_ROW.to_string(),
+/// The status page with the table rendered from `status`.
+fn status_page(status: &Status) -> String {
+    let rows: String = match status.pools.as_slice() {
+        [] => EMPTY_ROW.to_string(),
+        pools => pools.iter().map(pool_row).collect(),
     };
     STATUS_PAGE
-        .replace(
-            "<!--DOWNSTREAM-->",
-            &pools["downstream"]["open"]
-                .as_u64()
-                .unwrap_or(0)
-                .to_string(),
-        )
+        .replace("<!--DOWNSTREAM-->", &status.downstream.open.to_string())
         .replace("<!--ROWS-->", &rows)
 }
 
@@ -167,11 +112,11 @@ const EMPTY_ROW: &str = r#"<tr><td colspan="10">no upstreams</td></tr>"#;
 
 /// One upstream's row. The inline script's `row()` builds the same markup; the data
 /// attributes are what the browser test reads.
-fn pool_row(p: &serde_json::Value) -> String {
-    let n = |key: &str| p["counts"][key].as_u64().unwrap_or(0);
-    let cap = p["limits"]["max_connections"].as_u64().unwrap_or(0);
-    let tunnels = n("tunnels_active") + n("tunnels_idle");
-    let width = |count: u64| {
+fn pool_row(p: &PoolSnapshot) -> String {
+    let c = &p.counts;
+    let cap = p.cap;
+    let tunnels = c.tunnels_active + c.tunnels_idle;
+    let width = |count: usize| {
         if cap == 0 {
             0.0
         } else {
@@ -180,9 +125,9 @@ fn pool_row(p: &serde_json::Value) -> String {
     };
     let mut bar = String::new();
     for (class, count) in [
-        ("connecting", n("connecting")),
-        ("active", n("active")),
-        ("idle", n("idle")),
+        ("connecting", c.connecting),
+        ("active", c.active),
+        ("idle", c.idle),
         ("tunnels", tunnels),
     ] {
         let _ = write!(
@@ -191,7 +136,7 @@ fn pool_row(p: &serde_json::Value) -> String {
             width(count)
         );
     }
-    let name = esc(p["upstream"].as_str().unwrap_or(""));
+    let name = esc(&p.upstream);
     format!(
         concat!(
             r#"<tr class="pool" data-upstream="{name}">"#,
@@ -208,28 +153,29 @@ fn pool_row(p: &serde_json::Value) -> String {
             "</tr>"
         ),
         name = name,
-        origin = esc(p["origin"].as_str().unwrap_or("")),
-        open = p["open"].as_u64().unwrap_or(0),
+        origin = esc(&p.origin),
+        open = p.open,
         cap = cap,
         bar = bar,
-        connecting = n("connecting"),
-        active = n("active"),
-        idle = n("idle"),
+        connecting = c.connecting,
+        active = c.active,
+        idle = c.idle,
         tunnels = tunnels,
-        queued = n("queued"),
-        rejected = reasons(&p["rejected"], "rejected"),
-        closed = reasons(&p["closed"], "closed"),
+        queued = c.queued,
+        rejected = reasons(&p.rejected, "rejected"),
+        closed = reasons(&p.closed, "closed"),
     )
 }
 
 /// The non-zero entries of a `{reason: count}` map, each count tagged `data-{attr}`.
-fn reasons(map: &serde_json::Value, attr: &str) -> String {
+fn reasons(map: &BTreeMap<&'static str, u64>, attr: &str) -> String {
     let items: Vec<String> = map
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| v.as_u64().filter(|&v| v > 0).map(|v| (esc(k), v)))
-        .map(|(k, v)| format!(r#"<span class="reason">{k} <b data-{attr}="{k}">{v}</b></span>"#))
+        .iter()
+        .filter(|(_, &v)| v > 0)
+        .map(|(k, v)| {
+            let k = esc(k);
+            format!(r#"<span class="reason">{k} <b data-{attr}="{k}">{v}</b></span>"#)
+        })
         .collect();
     if items.is_empty() {
         r#"<span class="none">none</span>"#.to_string()
@@ -253,7 +199,7 @@ fn esc(s: &str) -> String {
     out
 }
 
-fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
     with_type(
         serde_json::to_string_pretty(value).expect("json"),
         "application/json",
@@ -276,55 +222,41 @@ fn with_type(body: String, content_type: &'static str) -> Response<Full<Bytes>> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn totals_sum_counters_by_upstream_and_label() {
-        let text = "\
-# TYPE tether_upstream_connections_closed_total counter
-tether_upstream_connections_closed_total{upstream=\"registry\",reason=\"idle_timeout\"} 3
-tether_upstream_connections_closed_total{reason=\"error\",upstream=\"registry\"} 1
-tether_upstream_connections_closed_total{upstream=\"auth\",reason=\"idle_timeout\"} 0
-tether_upstream_connections_closed_totals{upstream=\"auth\",reason=\"idle_timeout\"} 9
-tether_upstream_connections_opened_total{upstream=\"auth\"} 4
-";
-        let t = totals(text, t::UPSTREAM_CLOSED, "reason");
-        assert_eq!(t["registry"]["idle_timeout"], 3);
-        assert_eq!(t["registry"]["error"], 1);
-        assert_eq!(t["auth"].len(), 1);
-        assert_eq!(t["auth"]["idle_timeout"], 0);
-    }
-
-    #[test]
-    fn label_values_are_unescaped() {
-        assert_eq!(
-            parse_labels(r#"a="x",b="say \"hi\"\\n""#),
-            [
-                ("a".into(), "x".into()),
-                ("b".into(), "say \"hi\"\\n".into())
-            ]
-        );
-    }
+    use crate::config::PoolConfig;
+    use crate::upstream::PoolCounts;
 
     #[test]
     fn the_page_escapes_names_and_lists_only_nonzero_reasons() {
-        let doc = serde_json::json!({
-            "downstream": { "open": 2 },
-            "pools": [{
-                "upstream": "<x>", "origin": "a:1", "open": 1,
-                "limits": { "max_connections": 4 },
-                "counts": { "connecting": 0, "active": 1, "idle": 0,
-                            "tunnels_active": 0, "tunnels_idle": 0, "queued": 0 },
-                "closed": { "error": 0, "idle_timeout": 2 },
-                "rejected": { "queue_full": 0 },
+        let doc = Status {
+            downstream: Downstream { open: 2 },
+            pools: vec![PoolSnapshot {
+                upstream: "<x>".into(),
+                origin: "a:1".into(),
+                open: 1,
+                limits: PoolConfig {
+                    max_connections: 4,
+                    ..PoolConfig::default()
+                },
+                cap: 4,
+                counts: PoolCounts {
+                    active: 1,
+                    ..PoolCounts::default()
+                },
+                connections: Vec::new(),
+                closed: BTreeMap::from([("error", 0), ("idle_timeout", 2)]),
+                rejected: BTreeMap::from([("queue_full", 0)]),
             }],
-        });
+        };
         let page = status_page(&doc);
         assert!(page.contains(r#"<tr class="pool" data-upstream="&lt;x&gt;">"#));
         assert!(page.contains(r#"<b data-closed="idle_timeout">2</b>"#));
         assert!(!page.contains(r#"data-closed="error""#));
         assert!(page.contains(r#"style="width:25.0%" title="active 1""#));
         assert!(page.contains(r#"<b id="downstream">2</b>"#));
-        let empty = status_page(&serde_json::json!({ "downstream": { "open": 0 }, "pools": [] }));
+        let empty = status_page(&Status {
+            downstream: Downstream { open: 0 },
+            pools: Vec::new(),
+        });
         assert!(empty.contains("no upstreams"));
     }
 }

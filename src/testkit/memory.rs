@@ -2,7 +2,7 @@
 //! benches: the pool's bookkeeping runs exactly as with sockets, but nothing touches
 //! the network and no clock but tokio's matters.
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::DuplexStream;
 
 use crate::upstream::pool::{Client, ConnState};
@@ -25,6 +25,26 @@ pub async fn connect(pool: &Pool, slot: Slot) -> (Pooled, DuplexStream) {
         driver_pool.driver_ended(id, result.is_err());
     });
     (pool.fresh(id, Client::H1(send)), far)
+}
+
+/// Opens an HTTP/2 "connection" for `slot` over an in-memory pipe, with no server
+/// at the far end: the client preface fits in the pipe and nothing is ever sent, which
+/// is all the pool's stream sharing needs. Returns the checked-out first stream and
+/// the far end of the pipe; dropping the far end is the upstream closing.
+pub async fn connect_h2(pool: &Pool, slot: Slot) -> (Pooled, DuplexStream) {
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let id = slot.id();
+    pool.connected(id, 0, ConnState::Active);
+    let io = TokioIo::new(Tracked::new(near, slot));
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .expect("the client preface fits in the pipe");
+    let driver_pool = pool.clone();
+    tokio::spawn(async move {
+        let result = conn.await;
+        driver_pool.driver_ended(id, result.is_err());
+    });
+    (pool.fresh(id, Client::H2(send)), far)
 }
 
 /// Fills `pool` with `n` idle connections; returns the far ends to keep them open.

@@ -142,7 +142,7 @@ impl Upstream {
     /// socket or tunnel idle longest when at it, then TCP within `connect_timeout`.
     pub async fn open_tunnel(&self) -> Result<Tracked<TcpStream>, ProxyError> {
         let config = self.pool.config();
-        let slot = self.pool.checkout_tunnel(&self.tunnels).await?;
+        let slot = self.tunnels.checkout().await?;
         // On error the slot drops here: never opened, nothing counted.
         let tcp = self
             .pool

@@ -1,7 +1,11 @@
 //! Governed CONNECT tunnels. tether cannot pool inside a tunnel, but it counts each
 //! one against its upstream's cap, closes it after `tunnel_idle_timeout` without a
-//! byte either way, and — when a new CONNECT arrives at the cap — closes the tunnel
-//! idle longest instead of making the new client wait.
+//! byte either way, and — when a new CONNECT arrives at the cap — closes an idle
+//! pooled socket or the tunnel idle longest instead of making the new client wait.
+//!
+//! Tunnels own their eviction and use only the pool's public face: a place under its
+//! cap ([`Pool::checkout_slot`]), its idle sockets ([`Pool::evict_idle`]), and the
+//! state and close reason of their own sockets.
 
 use std::collections::HashMap;
 use std::io;
@@ -17,7 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::pool::{CloseReason, Pool};
+use super::pool::{CloseReason, Pool, Slot};
+use crate::error::ProxyError;
 
 /// The live tunnels of one upstream, for idle-first eviction.
 #[derive(Clone)]
@@ -69,6 +74,24 @@ impl Tunnels {
             pool,
             live: Arc::default(),
         }
+    }
+
+    /// A place under the upstream's cap for a new tunnel: at once under the cap; at
+    /// it, by closing an idle pooled socket, else the tunnel idle longest (at least
+    /// `min_idle_for_eviction`), tried again while the request waits in the queue.
+    pub async fn checkout(&self) -> Result<Slot, ProxyError> {
+        let config = self.pool.config();
+        let tick = (config.min_idle_for_eviction / 4)
+            .clamp(Duration::from_millis(5), Duration::from_millis(250));
+        let make_room = async {
+            loop {
+                if !self.pool.evict_idle() {
+                    self.evict_longest_idle(config.min_idle_for_eviction);
+                }
+                tokio::time::sleep(tick).await;
+            }
+        };
+        self.pool.checkout_slot(make_room).await
     }
 
     /// Closes the tunnel idle longest, if it has been idle at least `min_idle`.
@@ -129,7 +152,7 @@ impl Tunnels {
             if now_idle != marked_idle {
                 marked_idle = now_idle;
                 activity.idle.store(now_idle, Ordering::Release);
-                self.pool.inner().set_tunnel_idle(id, now_idle);
+                self.pool.set_tunnel_idle(id, now_idle);
             }
             let next = if now_idle {
                 config.tunnel_idle_timeout - idle_for

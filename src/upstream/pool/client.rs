@@ -1,0 +1,49 @@
+//! The client half of a pooled connection, HTTP/1.1 or HTTP/2, behind one type.
+
+use futures_util::future::Either;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+
+/// The client half of a pooled connection: HTTP/1.1 (one exchange at a time) or
+/// HTTP/2 (shared by up to `max_streams_per_connection` streams).
+pub enum Client {
+    H1(http1::SendRequest<Incoming>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+impl Client {
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Client::H1(c) => c.is_closed(),
+            Client::H2(c) => c.is_closed(),
+        }
+    }
+
+    pub fn is_h2(&self) -> bool {
+        matches!(self, Client::H2(_))
+    }
+
+    /// Waits until the connection can take a request; an error means it closed.
+    pub async fn ready(&mut self) -> Result<(), hyper::Error> {
+        match self {
+            Client::H1(c) => c.ready().await,
+            Client::H2(c) => c.ready().await,
+        }
+    }
+
+    /// Sends `req`; on failure before any byte was written the request comes back.
+    pub fn try_send_request(
+        &mut self,
+        req: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Result<Response<Incoming>, TrySendError<Request<Incoming>>>>
+    {
+        match self {
+            Client::H1(c) => Either::Left(c.try_send_request(req)),
+            Client::H2(c) => Either::Right(c.try_send_request(req)),
+        }
+    }
+}
+
+/// The HTTP/1.1 sender kept on the idle list.
+pub type SendRequest = Client;

@@ -1,0 +1,222 @@
+//! The pool's state machine in paused time, over in-memory connections. The helpers
+//! serve the tests of the other files of the pool too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::policy::Origin;
+use crate::telemetry::Telemetry;
+use crate::testkit::memory::{connect, fill_idle};
+use crate::testkit::metric;
+
+pub(super) fn pool(f: impl FnOnce(&mut PoolConfig)) -> (Pool, Arc<Telemetry>) {
+    let mut config = PoolConfig::default();
+    f(&mut config);
+    let telemetry = Telemetry::new();
+    let origin = Origin::parse_authority("upstream.test:80").unwrap();
+    let pool = Pool::new("up", Connector::plain(origin, false), config, &telemetry);
+    (pool, telemetry)
+}
+
+pub(super) fn closed(telemetry: &Telemetry, reason: &str) -> f64 {
+    let text = telemetry.render();
+    metric(
+        &text,
+        "tether_upstream_connections_closed_total",
+        &[("upstream", "up"), ("reason", reason)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Lets connection drivers observe dropped handles.
+pub(super) async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+pub(super) async fn slot(pool: &Pool) -> Slot {
+    match pool.checkout().await.unwrap() {
+        Checkout::Connect(slot) => slot,
+        Checkout::Reused(_) => panic!("expected a fresh slot"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_reaper_closes_only_connections_idle_past_idle_timeout() {
+    let (pool, telemetry) = pool(|c| c.idle_timeout = Duration::from_secs(30));
+    let _held = fill_idle(&pool, 3).await;
+    tokio::time::advance(Duration::from_secs(29)).await;
+    assert_eq!(pool.reap(), 0);
+    // One is used again: its idle clock restarts.
+    let Checkout::Reused(p) = pool.checkout().await.unwrap() else {
+        panic!()
+    };
+    p.check_in();
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(pool.reap(), 2);
+    settle().await;
+    assert_eq!(pool.counts().open(), 1);
+    assert_eq!(closed(&telemetry, "idle_timeout"), 2.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_lifetime_closes_a_busy_connection_at_check_in() {
+    let (pool, telemetry) = pool(|c| {
+        c.max_lifetime = Duration::from_secs(600);
+        c.idle_timeout = Duration::from_secs(3600);
+    });
+    let _held = fill_idle(&pool, 1).await;
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_secs(100)).await;
+        let Checkout::Reused(mut p) = pool.checkout().await.unwrap() else {
+            panic!()
+        };
+        p.send();
+        p.check_in();
+        assert_eq!(pool.reap(), 0, "used every 100 s: never idle long");
+    }
+    tokio::time::advance(Duration::from_secs(100)).await;
+    let Checkout::Reused(mut p) = pool.checkout().await.unwrap() else {
+        panic!()
+    };
+    p.send();
+    p.check_in();
+    settle().await;
+    assert_eq!(pool.counts().open(), 0);
+    assert_eq!(closed(&telemetry, "max_lifetime"), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_reaper_closes_idle_connections_past_max_lifetime() {
+    let (pool, telemetry) = pool(|c| {
+        c.max_lifetime = Duration::from_secs(60);
+        c.idle_timeout = Duration::from_secs(3600);
+    });
+    let _held = fill_idle(&pool, 2).await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(pool.reap(), 2);
+    settle().await;
+    assert_eq!(closed(&telemetry, "max_lifetime"), 2.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_requests_closes_at_check_in() {
+    let (pool, telemetry) = pool(|c| c.max_requests_per_connection = 3);
+    let _held = fill_idle(&pool, 1).await;
+    for _ in 0..3 {
+        let Checkout::Reused(mut p) = pool.checkout().await.unwrap() else {
+            panic!()
+        };
+        p.send();
+        p.check_in();
+    }
+    settle().await;
+    assert_eq!(pool.counts().open(), 0);
+    assert_eq!(closed(&telemetry, "max_requests"), 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn check_ins_beyond_max_idle_are_closed() {
+    let (pool, telemetry) = pool(|c| {
+        c.max_connections = 4;
+        c.max_idle = Some(2);
+    });
+    let _held = fill_idle(&pool, 4).await;
+    settle().await;
+    assert_eq!(pool.counts().idle, 2);
+    assert_eq!(pool.counts().open(), 2);
+    assert_eq!(closed(&telemetry, "max_idle"), 2.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_oldest_first_by_hand_off() {
+    let (pool, _) = pool(|c| c.max_connections = 1);
+    let (first, _far) = connect(&pool, slot(&pool).await).await;
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for n in 0..3 {
+        let (pool, order) = (pool.clone(), order.clone());
+        waiters.push(tokio::spawn(async move {
+            let Checkout::Reused(p) = pool.checkout().await.unwrap() else {
+                panic!()
+            };
+            order.lock().push(n);
+            p.check_in();
+        }));
+        settle().await; // queue them in a known order
+    }
+    assert_eq!(pool.counts().queued, 3);
+    first.check_in();
+    for w in waiters {
+        w.await.unwrap();
+    }
+    assert_eq!(*order.lock(), vec![0, 1, 2]);
+    assert_eq!(pool.counts().open(), 1, "one connection served everyone");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freed_place_goes_to_the_oldest_waiter_who_then_connects() {
+    let (pool, _) = pool(|c| c.max_connections = 1);
+    let (first, _far) = connect(&pool, slot(&pool).await).await;
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { matches!(pool.checkout().await.unwrap(), Checkout::Connect(_)) }
+    });
+    settle().await;
+    first.discard(CloseReason::Error); // the socket closes: its place is freed
+    assert!(waiter.await.unwrap(), "the waiter got the right to connect");
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_limit_and_queue_timeout_bound_the_wait() {
+    let (pool, _) = pool(|c| {
+        c.max_connections = 1;
+        c.queue_limit = 1;
+        c.queue_timeout = Duration::from_secs(5);
+    });
+    let (_held, _far) = connect(&pool, slot(&pool).await).await;
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.checkout().await.err().map(|e| e.classify().1) }
+    });
+    settle().await;
+    let full = pool.checkout().await.err().map(|e| e.classify().1);
+    assert_eq!(full, Some("queue_full"));
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(waiting.await.unwrap(), Some("queue_timeout"));
+    assert_eq!(
+        pool.counts().queued,
+        0,
+        "the timed-out waiter left the queue"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cap_holds_under_concurrent_checkouts() {
+    let (pool, _) = pool(|c| c.max_connections = 3);
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (pool, peak) = (pool.clone(), peak.clone());
+            tokio::spawn(async move {
+                let (mut p, far) = match pool.checkout().await.unwrap() {
+                    Checkout::Connect(slot) => connect(&pool, slot).await,
+                    Checkout::Reused(p) => (p, tokio::io::duplex(1).0),
+                };
+                peak.fetch_max(pool.counts().open(), std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                p.send();
+                p.check_in();
+                far
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(t.await.unwrap());
+    }
+    assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+    assert!(pool.counts().open() <= 3);
+}
