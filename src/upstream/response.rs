@@ -1,0 +1,99 @@
+//! What a response head says about its socket: close it after this exchange (it
+//! asked to, or its framing was ambiguous), or keep it for the advertised
+//! `Keep-Alive` parameters.
+
+use http::header;
+
+use super::CloseReason;
+
+/// `Keep-Alive: timeout=N, max=M` (RFC 2068 §19.7.1, still what servers send).
+pub(super) fn keep_alive_params(
+    headers: &http::HeaderMap,
+) -> Option<(Option<std::time::Duration>, Option<u64>)> {
+    let value = headers.get("keep-alive")?.to_str().ok()?;
+    let mut timeout = None;
+    let mut max = None;
+    for param in value.split(',') {
+        let Some((name, v)) = param.split_once('=') else {
+            continue;
+        };
+        let v = v.trim().trim_matches('"');
+        match name.trim().to_ascii_lowercase().as_str() {
+            "timeout" => timeout = v.parse::<u64>().ok().map(std::time::Duration::from_secs),
+            "max" => max = v.parse::<u64>().ok(),
+            _ => {}
+        }
+    }
+    (timeout.is_some() || max.is_some()).then_some((timeout, max))
+}
+
+/// Why the connection must close once this response's body has been read, if it
+/// must: the upstream said so, or it framed the response with both
+/// `Transfer-Encoding` and `Content-Length`. hyper's client lets the first win and
+/// would keep the connection, but two framings are how responses are split (RFC 9112
+/// §6.3), and which one the upstream meant cannot be known, so its next bytes are
+/// not trusted to start a response. Counted as `error`: the upstream broke HTTP's
+/// rules, the way a malformed head that hyper rejects is counted.
+pub(super) fn close_after(headers: &http::HeaderMap) -> Option<CloseReason> {
+    if framed_twice(headers) {
+        Some(CloseReason::Error)
+    } else if wants_close(headers) {
+        Some(CloseReason::RemoteClosed)
+    } else {
+        None
+    }
+}
+
+/// Both `Transfer-Encoding` and `Content-Length`: hyper's client reads the body by
+/// the former and leaves the latter in the header map.
+pub(super) fn framed_twice(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
+}
+
+fn wants_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(lines: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        lines
+            .iter()
+            .map(|(n, v)| {
+                (
+                    http::HeaderName::from_static(n),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_response_framed_one_way_keeps_its_socket_unless_it_asks_to_close() {
+        assert_eq!(close_after(&headers(&[("content-length", "2")])), None);
+        assert_eq!(
+            close_after(&headers(&[("transfer-encoding", "chunked")])),
+            None
+        );
+        assert_eq!(
+            close_after(&headers(&[("connection", "keep-alive, close")])),
+            Some(CloseReason::RemoteClosed)
+        );
+    }
+
+    #[test]
+    fn a_response_framed_twice_closes_its_socket_as_an_error_whatever_else_it_says() {
+        let twice = [("transfer-encoding", "chunked"), ("content-length", "3")];
+        assert_eq!(close_after(&headers(&twice)), Some(CloseReason::Error));
+        let closing = [twice[0], twice[1], ("connection", "close")];
+        assert_eq!(close_after(&headers(&closing)), Some(CloseReason::Error));
+    }
+}
