@@ -87,25 +87,6 @@ async fn without_adaptive_keepalive_the_upstream_closes_first() {
 }
 
 /// Log lines captured from this test's thread.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
@@ -149,7 +130,7 @@ async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
             .unwrap();
     }
 
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = String::from_utf8(logs.bytes()).unwrap();
     let warnings: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("new HTTP client per job"))

@@ -97,26 +97,6 @@ fn iptables_print_takes_the_ports_from_the_config_and_needs_a_uid() {
     assert!(String::from_utf8_lossy(&no_uid.stderr).contains("--uid"));
 }
 
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
-
 /// Any local process can reach the transparent listener without being redirected:
 /// a flood of such connections is counted in full, but logged once per interval.
 #[tokio::test(flavor = "current_thread")]
@@ -147,7 +127,7 @@ async fn a_flood_of_connections_that_were_not_redirected_logs_one_warning() {
         )
     };
     assert!(eventually(WAIT, || async { denied() == Some(FLOOD as f64) }).await);
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = String::from_utf8(logs.bytes()).unwrap();
     let warnings = text
         .lines()
         .filter(|l| l.contains(" WARN ") && l.contains("did not redirect"))
