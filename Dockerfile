@@ -33,13 +33,17 @@ RUN mkdir -p src benches \
     && cargo build --release --locked \
     && rm -rf src
 
-# 2. The real sources. config/ is copied because the default configuration is
+# 2. The real sources and build.rs. config/ is copied because the default configuration is
 #    compiled into the binary. COPY keeps the files' own mtimes, which can be
 #    older than the stub build above, so touch them: otherwise cargo could
 #    consider the stub `tether` crate fresh and ship an empty binary.
+# The commit `tether --version` names (build.rs): the context has no .git, so pass
+# it, e.g. --build-arg BUILD_COMMIT=$(git rev-parse --short=12 HEAD).
+ARG BUILD_COMMIT=unknown
+COPY build.rs ./
 COPY src ./src
 COPY config ./config
-RUN find src -type f -exec touch {} + \
+RUN find src build.rs -type f -exec touch {} + \
     && cargo build --release --locked \
     && install -D -m 0755 target/release/tether /out/tether
 

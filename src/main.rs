@@ -13,7 +13,7 @@ const EXIT_CONFIG: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "tether",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TETHER_COMMIT"), ")"),
     about = "A connection-governing egress proxy"
 )]
 struct Cli {

@@ -316,3 +316,32 @@ fn the_transparent_section_can_be_set_from_the_environment() {
         Ok(())
     });
 }
+
+/// `tether --version` names the commit it was built from, so an operator can tell
+/// which code a running binary is.
+#[test]
+fn the_version_names_the_commit_the_binary_was_built_from() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        version.starts_with(&format!("tether {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    match head {
+        Ok(head) if head.status.success() => {
+            let head = String::from_utf8(head.stdout).unwrap();
+            assert!(
+                version.contains(&format!("(commit {}", head.trim())),
+                "{version} names HEAD {head}"
+            );
+        }
+        _ => eprintln!("no git checkout here: the commit itself is not checked"),
+    }
+}
