@@ -376,20 +376,21 @@ async fn a_clean_response_leaves_its_socket_for_the_next_request() {
     }
 }
 
-#[tokio::test]
-async fn a_bad_status_line_is_502_upstream_error_and_its_socket_is_closed() {
+/// The hostile response `response` gets 502 `upstream_error` through both listeners,
+/// and its socket is closed: the next request gets a fresh one.
+async fn refused_as_upstream_error(response: &[u8]) {
     for via in BOTH {
-        let case = Case::start(
-            via,
-            b"HTTP/1.1 2x0 OK\r\ncontent-length: 2\r\n\r\nok",
-            Then::Serve,
-        )
-        .await;
+        let case = Case::start(via, response, Then::Serve).await;
         let reply = case.get("/").await;
         assert_eq!(reply.status, 502, "{via:?}: {reply:?}");
         assert_eq!(reply.tether_error().as_deref(), Some("upstream_error"));
         case.assert_next_request_gets_a_fresh_socket("error").await;
     }
+}
+
+#[tokio::test]
+async fn a_bad_status_line_is_502_upstream_error_and_its_socket_is_closed() {
+    refused_as_upstream_error(b"HTTP/1.1 2x0 OK\r\ncontent-length: 2\r\n\r\nok").await;
 }
 
 /// RFC 9112 §6.3: `Transfer-Encoding` overrides `Content-Length`, and the length must
@@ -438,13 +439,7 @@ async fn a_response_with_a_long_content_length_and_chunked_reaches_the_client_in
 #[tokio::test]
 async fn differing_content_lengths_are_502_upstream_error_and_the_socket_is_closed() {
     let hostile = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nokk";
-    for via in BOTH {
-        let case = Case::start(via, hostile, Then::Serve).await;
-        let reply = case.get("/").await;
-        assert_eq!(reply.status, 502, "{via:?}: {reply:?}");
-        assert_eq!(reply.tether_error().as_deref(), Some("upstream_error"));
-        case.assert_next_request_gets_a_fresh_socket("error").await;
-    }
+    refused_as_upstream_error(hostile).await;
 }
 
 /// Repeating one length is not ambiguous (RFC 9110 §8.6 lets a recipient take it as
@@ -517,13 +512,7 @@ async fn a_response_with_too_many_headers_is_502_and_its_socket_is_closed() {
         hostile.extend_from_slice(format!("x-h{i}: {i}\r\n").as_bytes());
     }
     hostile.extend_from_slice(b"\r\nok");
-    for via in BOTH {
-        let case = Case::start(via, &hostile, Then::Serve).await;
-        let reply = case.get("/").await;
-        assert_eq!(reply.status, 502, "{via:?}: {reply:?}");
-        assert_eq!(reply.tether_error().as_deref(), Some("upstream_error"));
-        case.assert_next_request_gets_a_fresh_socket("error").await;
-    }
+    refused_as_upstream_error(&hostile).await;
 }
 
 /// A head longer than hyper's client buffers (about 400 KiB).
@@ -532,13 +521,7 @@ async fn a_response_head_larger_than_the_read_buffer_is_502_and_its_socket_is_cl
     let mut hostile = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-big: ".to_vec();
     hostile.resize(hostile.len() + 1024 * 1024, b'a');
     hostile.extend_from_slice(b"\r\n\r\nok");
-    for via in BOTH {
-        let case = Case::start(via, &hostile, Then::Serve).await;
-        let reply = case.get("/").await;
-        assert_eq!(reply.status, 502, "{via:?}: {reply:?}");
-        assert_eq!(reply.tether_error().as_deref(), Some("upstream_error"));
-        case.assert_next_request_gets_a_fresh_socket("error").await;
-    }
+    refused_as_upstream_error(&hostile).await;
 }
 
 /// The head went out before the upstream broke off; the client must see the break,
