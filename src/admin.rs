@@ -62,9 +62,19 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         "/debug/pools" => json(&status(shared)),
-        "/debug/clients" => json(&serde_json::json!({
-            "clients": shared.downstream().clients.top(&shared.table().config.diagnosis)
-        })),
+        "/debug/clients" => {
+            let config = &shared.table().config;
+            let downstream = shared.downstream();
+            json(&serde_json::json!({
+                "clients": downstream.clients.top(&config.diagnosis),
+                // Bounded like `clients`: the top `diagnosis.top_clients` by open
+                // connections, with the per-client limit and their evictions.
+                "by_connections": downstream.top_by_connections(
+                    config.diagnosis.top_clients,
+                    config.proxy.max_connections_per_client,
+                ),
+            }))
+        }
         "/" => with_type(status_page(&status(shared)), "text/html; charset=utf-8"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

@@ -192,6 +192,20 @@ fn max_header_bytes_too_small_for_ordinary_requests_is_refused_naming_the_minimu
 }
 
 #[test]
+fn max_connections_per_client_is_unset_by_default_and_at_least_1_when_set() {
+    assert_eq!(Config::default().proxy.max_connections_per_client, None);
+    let err = Config::from_toml("[proxy]\nmax_connections_per_client = 0\n").unwrap_err();
+    assert!(
+        err.0
+            .iter()
+            .any(|p| p.path == "proxy.max_connections_per_client"),
+        "0 not refused: {err}"
+    );
+    let config = Config::from_toml("[proxy]\nmax_connections_per_client = 1\n").unwrap();
+    assert_eq!(config.proxy.max_connections_per_client, Some(1));
+}
+
+#[test]
 fn check_config_prints_every_error_and_exits_64() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");

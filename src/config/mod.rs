@@ -263,6 +263,8 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     pub max_client_connections: usize,
+    /// Client connections one client (peer IP) may hold; `None`: no per-client limit.
+    pub max_connections_per_client: Option<usize>,
     pub max_header_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -275,6 +277,7 @@ impl Default for ProxyConfig {
             client_idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_client_connections: DEFAULT_MAX_CLIENT_CONNECTIONS,
+            max_connections_per_client: None,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }

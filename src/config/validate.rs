@@ -19,6 +19,12 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
+        if self.proxy.max_connections_per_client == Some(0) {
+            problem(
+                "proxy.max_connections_per_client".into(),
+                "must be at least 1 when set (leave it unset for no per-client limit)".into(),
+            );
+        }
         if self.proxy.max_header_bytes < MIN_MAX_HEADER_BYTES {
             problem(
                 "proxy.max_header_bytes".into(),

@@ -1,16 +1,17 @@
-//! Admission under `max_client_connections`: the check and the registration under
-//! one lock, eviction of a connection with no request in flight to make room, and
+//! Admission under `max_client_connections` and `max_connections_per_client`: the
+//! check and the registration under one lock, eviction of a connection with no
+//! request in flight to make room (the heaviest client's, or at the per-client
+//! limit the client's own), and
 //! closing connections in bulk (parked ones past their idle timeout, all at shutdown).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::conn::{ClientClose, ClientConn, Downstream};
+use super::conn::{ClientClose, ClientConn, Downstream, Registry};
 
 /// How long a connection admitted at `max_client_connections` waits for its
 /// eviction victim to close before it is refused instead. A victim with no request
@@ -34,54 +35,99 @@ impl Downstream {
         config: &crate::config::Config,
     ) -> Option<Arc<ClientConn>> {
         let limit = config.proxy.max_client_connections;
+        let per_client = config.proxy.max_connections_per_client;
+        let ip = peer.ip();
         let deadline = Instant::now() + EVICTION_WAIT;
         loop {
             // Armed before the count is read, so a place freed in between is seen.
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let (victim, pending) = {
-                let mut conns = self.conns.lock();
-                if conns.len() < limit {
+            let (victim, pending, refusal) = {
+                let mut reg = self.conns.lock();
+                let client_full = per_client.is_some_and(|l| reg.open_from(ip) >= l);
+                if !client_full && reg.len() < limit {
                     let conn = self.new_conn(peer);
-                    conns.insert(conn.id, conn.clone());
-                    drop(conns);
-                    self.clients.opened(peer.ip(), &config.diagnosis);
+                    reg.insert(conn.clone());
+                    drop(reg);
+                    self.clients.opened(ip, &config.diagnosis);
                     return Some(conn);
                 }
-                let victim = Self::victim(&conns);
-                let pending = conns.values().any(|c| c.evicting.load(Ordering::Relaxed));
-                (victim, pending)
+                if client_full {
+                    // The client makes room from its own connections, whatever the
+                    // others hold.
+                    let victim = Self::own_victim(&mut reg, ip);
+                    let pending = reg
+                        .values()
+                        .any(|c| c.peer.ip() == ip && c.evicting.load(Ordering::Relaxed));
+                    (victim, pending, ClientClose::ClientLimit)
+                } else {
+                    let victim = Self::victim(&mut reg);
+                    let pending = reg.values().any(|c| c.evicting.load(Ordering::Relaxed));
+                    (victim, pending, ClientClose::Limit)
+                }
             };
             match victim {
                 // Closed outside the lock: a parked victim's socket drops right here,
                 // and its guard takes the lock to deregister.
                 Some(victim) => victim.close(ClientClose::Evicted),
                 None if pending => {} // an earlier victim is still closing: wait for it
-                None => return self.refuse(peer, limit),
+                None => return self.refuse(peer, refusal, config),
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return self.refuse(peer, limit);
+                return self.refuse(peer, refusal, config);
             }
         }
     }
 
-    fn refuse(&self, peer: SocketAddr, limit: usize) -> Option<Arc<ClientConn>> {
-        self.count_close(ClientClose::Limit);
-        tracing::warn!(client = %peer, limit, "max_client_connections reached and no idle client to close: refusing");
+    fn refuse(
+        &self,
+        peer: SocketAddr,
+        reason: ClientClose,
+        config: &crate::config::Config,
+    ) -> Option<Arc<ClientConn>> {
+        self.count_close(reason);
+        if reason == ClientClose::ClientLimit {
+            let limit = config.proxy.max_connections_per_client;
+            tracing::warn!(client = %peer, limit, "client at max_connections_per_client and none of its connections idle: refusing");
+        } else {
+            let limit = config.proxy.max_client_connections;
+            tracing::warn!(client = %peer, limit, "max_client_connections reached and no idle client to close: refusing");
+        }
         None
     }
 
-    /// The connection to evict to make room, marked so that it is never chosen
-    /// twice: one with no request in flight, idle longest (a half-sent head counts
-    /// as idle since its last request; it holds nothing a client is waiting for).
-    fn victim(conns: &HashMap<u64, Arc<ClientConn>>) -> Option<Arc<ClientConn>> {
-        let victim = conns
+    /// The connection to evict to make room under `max_client_connections`, marked
+    /// so that it is never chosen twice: one with no request in flight (a half-sent
+    /// head counts as idle since its last request; it holds nothing a client is
+    /// waiting for), of the client that holds the most connections, and among
+    /// those the one idle longest. One leaky client so pays for its own leak.
+    fn victim(reg: &mut Registry) -> Option<Arc<ClientConn>> {
+        let victim = reg
             .values()
-            .filter(|c| !c.busy() && !c.evicting.load(Ordering::Relaxed))
-            .max_by_key(|c| c.idle_for())?;
+            .filter(|c| evictable(c))
+            .max_by_key(|c| (reg.open_from(c.peer.ip()), c.idle_for()))?
+            .clone();
+        Some(Self::mark(reg, victim))
+    }
+
+    /// `ip`'s own longest-idle connection with no request in flight, marked: the
+    /// victim when `ip` is at `max_connections_per_client`.
+    fn own_victim(reg: &mut Registry, ip: IpAddr) -> Option<Arc<ClientConn>> {
+        let victim = reg
+            .values()
+            .filter(|c| c.peer.ip() == ip && evictable(c))
+            .max_by_key(|c| c.idle_for())?
+            .clone();
+        Some(Self::mark(reg, victim))
+    }
+
+    fn mark(reg: &mut Registry, victim: Arc<ClientConn>) -> Arc<ClientConn> {
         victim.evicting.store(true, Ordering::Relaxed);
-        Some(victim.clone())
+        if let Some(c) = reg.clients.get_mut(&victim.peer.ip()) {
+            c.evicted += 1;
+        }
+        victim
     }
 
     /// Asks every idle client connection to close (shutdown).
@@ -118,6 +164,11 @@ impl Downstream {
     }
 }
 
+/// No request in flight and not already chosen.
+fn evictable(c: &ClientConn) -> bool {
+    !c.busy() && !c.evicting.load(Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,9 +180,10 @@ mod tests {
         let (a, b) = (downstream.register(peer), downstream.register(peer));
         let busy = downstream.register(peer);
         let _request = busy.begin_request();
-        let chosen: Vec<u64> = std::iter::from_fn(|| Downstream::victim(&downstream.conns.lock()))
-            .map(|c| c.id)
-            .collect();
+        let chosen: Vec<u64> =
+            std::iter::from_fn(|| Downstream::victim(&mut downstream.conns.lock()))
+                .map(|c| c.id)
+                .collect();
         let mut expected = vec![a.id, b.id];
         let mut got = chosen.clone();
         got.sort_unstable();
@@ -140,5 +192,45 @@ mod tests {
             got, expected,
             "each idle connection once, never the busy one"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_victim_at_the_global_limit_is_the_heaviest_clients_longest_idle() {
+        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
+        let polite: SocketAddr = "127.0.0.3:1".parse().unwrap();
+        let leaky: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        // The polite client's connection has been idle longest...
+        let polite_conn = downstream.register(polite);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let oldest_leak = downstream.register(leaky);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let leaks: Vec<_> = (0..2).map(|_| downstream.register(leaky)).collect();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // ...but the leaky client holds the most: its longest-idle goes first.
+        let first = Downstream::victim(&mut downstream.conns.lock()).unwrap();
+        assert_eq!(first.id, oldest_leak.id);
+        // A busy connection of the heaviest client is never chosen; its idle ones are.
+        let _busy = leaks[1].begin_request();
+        let second = Downstream::victim(&mut downstream.conns.lock()).unwrap();
+        assert_eq!(second.id, leaks[0].id);
+        // The leaky client still holds the most, but nothing of it is evictable.
+        let third = Downstream::victim(&mut downstream.conns.lock()).unwrap();
+        assert_eq!(third.id, polite_conn.id);
+        assert_eq!(downstream.top_by_connections(1, None)[0].evicted, 2);
+        assert_eq!(downstream.open_from(leaky.ip()), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_per_client_limit_the_victim_is_the_clients_own() {
+        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
+        let polite: SocketAddr = "127.0.0.3:1".parse().unwrap();
+        let leaky: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        let _polite_conn = downstream.register(polite);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let _newer = downstream.register(polite);
+        let _leak = downstream.register(leaky);
+        let victim = Downstream::own_victim(&mut downstream.conns.lock(), leaky.ip()).unwrap();
+        assert_eq!(victim.peer, leaky);
+        assert!(Downstream::own_victim(&mut downstream.conns.lock(), leaky.ip()).is_none());
     }
 }

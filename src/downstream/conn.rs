@@ -8,7 +8,7 @@
 //! `active` or the `idle` gauge, never both, switching under its `in_flight` count.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,11 +36,14 @@ pub enum ClientClose {
     /// A redirected connection whose original destination the egress policy does
     /// not allow (or that was not redirected at all): closed without a byte.
     Denied = 7,
+    /// Refused at accept: the client is at `max_connections_per_client` and none of
+    /// its connections is idle.
+    ClientLimit = 8,
 }
 
 impl ClientClose {
     /// Every reason, in discriminant order: the counters are built from it.
-    pub const ALL: [ClientClose; 8] = [
+    pub const ALL: [ClientClose; 9] = [
         ClientClose::ClientClosed,
         ClientClose::IdleTimeout,
         ClientClose::HeaderTimeout,
@@ -49,6 +52,7 @@ impl ClientClose {
         ClientClose::Error,
         ClientClose::Limit,
         ClientClose::Denied,
+        ClientClose::ClientLimit,
     ];
 
     /// The `reason` label value.
@@ -62,6 +66,7 @@ impl ClientClose {
             ClientClose::Error => "error",
             ClientClose::Limit => "limit",
             ClientClose::Denied => "denied",
+            ClientClose::ClientLimit => "client_limit",
         }
     }
 
@@ -81,15 +86,75 @@ pub struct Downstream {
     pub(super) parked: Gauge,
     pub(super) opened: Counter,
     /// One per [`ClientClose`], in [`ClientClose::ALL`] order.
-    closed: [Counter; 8],
+    closed: [Counter; 9],
     rejected: Mutex<HashMap<&'static str, Counter>>,
     telemetry: Arc<Telemetry>,
-    pub(super) conns: Mutex<HashMap<u64, Arc<ClientConn>>>,
+    pub(super) conns: Mutex<Registry>,
     /// Woken whenever a client socket drops: admission waits on it for its victim.
     pub(super) freed: Notify,
     ids: AtomicU64,
     /// Per-client-address counters for leak diagnosis.
     pub clients: crate::diagnosis::Clients,
+}
+
+/// The open client connections, and how many each client (peer IP) holds: both
+/// change together under one lock, so admission's per-client count is exact.
+#[derive(Default)]
+pub(super) struct Registry {
+    pub(super) conns: HashMap<u64, Arc<ClientConn>>,
+    /// Only clients with a connection open: bounded by the open connections.
+    pub(super) clients: HashMap<IpAddr, ClientCount>,
+}
+
+/// One client's open connections and the evictions they have suffered.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct ClientCount {
+    pub(super) open: usize,
+    pub(super) evicted: u64,
+}
+
+impl Registry {
+    pub(super) fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Arc<ClientConn>> {
+        self.conns.values()
+    }
+
+    /// Connections `ip` holds.
+    pub(super) fn open_from(&self, ip: IpAddr) -> usize {
+        self.clients.get(&ip).map_or(0, |c| c.open)
+    }
+
+    pub(super) fn insert(&mut self, conn: Arc<ClientConn>) {
+        self.clients.entry(conn.peer.ip()).or_default().open += 1;
+        self.conns.insert(conn.id, conn);
+    }
+
+    fn remove(&mut self, conn: &ClientConn) {
+        if self.conns.remove(&conn.id).is_none() {
+            return;
+        }
+        let ip = conn.peer.ip();
+        if let Some(c) = self.clients.get_mut(&ip) {
+            c.open -= 1;
+            if c.open == 0 {
+                self.clients.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One client in `/debug/clients`' fair-share table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientShare {
+    pub address: String,
+    pub connections_open: usize,
+    /// `max_connections_per_client` in force (`null`: no per-client limit).
+    pub limit: Option<usize>,
+    /// Its connections evicted to make room since it last had none open.
+    pub evicted: u64,
 }
 
 /// Set in [`ClientConn::in_flight`] when the socket drops: the request guards still
@@ -202,6 +267,33 @@ impl Downstream {
         self.conns.lock().len()
     }
 
+    /// Client connections open from `ip` (what `max_connections_per_client` limits).
+    pub fn open_from(&self, ip: IpAddr) -> usize {
+        self.conns.lock().open_from(ip)
+    }
+
+    /// The `n` clients holding the most connections, with `limit` (the
+    /// `max_connections_per_client` in force) and their evictions.
+    pub fn top_by_connections(&self, n: usize, limit: Option<usize>) -> Vec<ClientShare> {
+        let mut all: Vec<(IpAddr, ClientCount)> = self
+            .conns
+            .lock()
+            .clients
+            .iter()
+            .map(|(ip, c)| (*ip, *c))
+            .collect();
+        all.sort_by(|a, b| b.1.open.cmp(&a.1.open).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        all.into_iter()
+            .map(|(ip, c)| ClientShare {
+                address: ip.to_string(),
+                connections_open: c.open,
+                limit,
+                evicted: c.evicted,
+            })
+            .collect()
+    }
+
     /// A new connection's state, counted as opened and idle; the caller inserts it
     /// into `conns`.
     pub(super) fn new_conn(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
@@ -232,7 +324,7 @@ impl Downstream {
     #[cfg(test)]
     pub(crate) fn register(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
         let conn = self.new_conn(peer);
-        self.conns.lock().insert(conn.id, conn.clone());
+        self.conns.lock().insert(conn.clone());
         conn
     }
 
@@ -398,7 +490,7 @@ impl Drop for ClientGuard {
     fn drop(&mut self) {
         let conn = &self.conn;
         let d = &conn.downstream;
-        d.conns.lock().remove(&conn.id);
+        d.conns.lock().remove(conn);
         d.clients.closed(conn.peer.ip());
         if conn.in_flight.fetch_or(CLOSED, Ordering::AcqRel) & !CLOSED > 0 {
             d.active.decrement(1.0);

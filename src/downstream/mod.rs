@@ -7,5 +7,7 @@
 mod admission;
 mod conn;
 
-pub use conn::{ClientClose, ClientConn, Downstream, Handoff, RequestGuard, TunnelJob};
+pub use conn::{
+    ClientClose, ClientConn, ClientShare, Downstream, Handoff, RequestGuard, TunnelJob,
+};
 pub(crate) use conn::{ClientGuard, Parked};
