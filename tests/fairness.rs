@@ -289,3 +289,40 @@ async fn at_max_connections_per_client_a_client_evicts_its_own_oldest_idle_then_
     let top = admin(&tether, "/debug/clients").await.text();
     assert!(top.contains("\"by_connections\""), "{top}");
 }
+
+#[tokio::test]
+async fn max_connections_per_client_is_reloadable() {
+    let origin = Origin::start().await;
+    let tether = routed(&origin, |_| {}).await;
+    let route = tether.route_addrs[0];
+    let downstream = tether.shared.downstream().clone();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut c = Conn::open(ip(LEAKY), route).await;
+        assert_eq!(c.get("/").await, Some(200));
+        held.push(c);
+    }
+    assert_eq!(downstream.open_from(ip(LEAKY)), 5, "no per-client limit");
+
+    let mut cfg = tether.shared.table().config.as_ref().clone();
+    cfg.proxy.max_connections_per_client = Some(2);
+    tether.reload(cfg).await.unwrap();
+    // The next connection is admitted under the new limit: it evicts its own
+    // idle connections until the client holds 2.
+    let mut c = Conn::open(ip(LEAKY), route).await;
+    assert_eq!(c.get("/").await, Some(200));
+    held.push(c);
+    assert!(downstream.open_from(ip(LEAKY)) <= 2);
+    assert!(
+        eventually(WAIT, || async {
+            held.iter().filter(|c| !c.closed()).count() <= 2
+        })
+        .await
+    );
+    let clients = admin(&tether, "/debug/clients").await.text();
+    let clients: serde_json::Value = serde_json::from_str(&clients).unwrap();
+    let top = &clients["by_connections"][0];
+    assert_eq!(top["address"], LEAKY, "{clients}");
+    assert_eq!(top["limit"], 2, "{clients}");
+    assert!(top["evicted"].as_u64().unwrap() >= 1, "{clients}");
+}
