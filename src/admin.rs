@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::downstream::ClientShare;
 use crate::upstream::PoolSnapshot;
 use crate::Shared;
 
@@ -69,10 +70,7 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
                 "clients": downstream.clients.top(&config.diagnosis),
                 // Bounded like `clients`: the top `diagnosis.top_clients` by open
                 // connections, with the per-client limit and their evictions.
-                "by_connections": downstream.top_by_connections(
-                    config.diagnosis.top_clients,
-                    config.proxy.max_connections_per_client,
-                ),
+                "by_connections": top_clients(shared),
             }))
         }
         "/" => with_type(status_page(&status(shared)), "text/html; charset=utf-8"),
@@ -85,6 +83,8 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
 pub struct Status {
     pub downstream: Downstream,
     pub pools: Vec<PoolSnapshot>,
+    /// The top `diagnosis.top_clients` clients by connections open (bounded).
+    pub clients: Vec<ClientShare>,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,7 +104,16 @@ pub fn status(shared: &Shared) -> Status {
             .iter()
             .map(|u| u.pool.snapshot())
             .collect(),
+        clients: top_clients(shared),
     }
+}
+
+fn top_clients(shared: &Shared) -> Vec<ClientShare> {
+    let config = &shared.table().config;
+    shared.downstream().top_by_connections(
+        config.diagnosis.top_clients,
+        config.proxy.max_connections_per_client,
+    )
 }
 
 /// The status page with the table rendered from `status`.
@@ -113,9 +122,36 @@ fn status_page(status: &Status) -> String {
         [] => EMPTY_ROW.to_string(),
         pools => pools.iter().map(pool_row).collect(),
     };
+    let clients: String = match status.clients.as_slice() {
+        [] => EMPTY_CLIENTS.to_string(),
+        clients => clients.iter().map(client_row).collect(),
+    };
     STATUS_PAGE
         .replace("<!--DOWNSTREAM-->", &status.downstream.open.to_string())
         .replace("<!--ROWS-->", &rows)
+        .replace("<!--CLIENTS-->", &clients)
+}
+
+const EMPTY_CLIENTS: &str = r#"<tr><td colspan="4">no client connections</td></tr>"#;
+
+/// One client's row in the fair-share table; the inline script's `client()` builds
+/// the same markup.
+fn client_row(c: &ClientShare) -> String {
+    let limit = c.limit.map_or("none".to_string(), |l| l.to_string());
+    format!(
+        concat!(
+            r#"<tr class="client" data-client="{address}">"#,
+            r#"<td>{address}</td>"#,
+            r#"<td data-field="open">{open}</td>"#,
+            r#"<td data-field="limit">{limit}</td>"#,
+            r#"<td data-field="evicted">{evicted}</td>"#,
+            "</tr>"
+        ),
+        address = esc(&c.address),
+        open = c.connections_open,
+        limit = limit,
+        evicted = c.evicted,
+    )
 }
 
 const EMPTY_ROW: &str = r#"<tr><td colspan="10">no upstreams</td></tr>"#;
@@ -256,6 +292,12 @@ mod tests {
                 closed: BTreeMap::from([("error", 0), ("idle_timeout", 2)]),
                 rejected: BTreeMap::from([("queue_full", 0)]),
             }],
+            clients: vec![ClientShare {
+                address: "127.0.0.2".into(),
+                connections_open: 20,
+                limit: Some(20),
+                evicted: 80,
+            }],
         };
         let page = status_page(&doc);
         assert!(page.contains(r#"<tr class="pool" data-upstream="&lt;x&gt;">"#));
@@ -263,10 +305,14 @@ mod tests {
         assert!(!page.contains(r#"data-closed="error""#));
         assert!(page.contains(r#"style="width:25.0%" title="active 1""#));
         assert!(page.contains(r#"<b id="downstream">2</b>"#));
+        assert!(page.contains(r#"<tr class="client" data-client="127.0.0.2">"#));
+        assert!(page.contains(r#"<td data-field="evicted">80</td>"#));
         let empty = status_page(&Status {
             downstream: Downstream { open: 0 },
             pools: Vec::new(),
+            clients: Vec::new(),
         });
         assert!(empty.contains("no upstreams"));
+        assert!(empty.contains("no client connections"));
     }
 }
