@@ -5,6 +5,7 @@
 //! [`crate::server`] drive it.
 
 mod admission;
+mod close;
 mod conn;
 
 pub use conn::{

@@ -162,7 +162,9 @@ pub async fn assert_sockets(
 }
 
 /// A log writer that keeps what it is given, for tests that read tether's log lines
-/// (install it with `tracing::subscriber::set_default` on a current-thread runtime).
+/// (install it with `tracing::subscriber::set_default` on a current-thread runtime,
+/// in a test binary where no other test reaches the same log line concurrently:
+/// tracing caches each callsite's interest process-wide).
 #[derive(Clone, Default)]
 pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
