@@ -90,12 +90,7 @@ async fn without_adaptive_keepalive_the_upstream_closes_first() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
-    let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::install();
 
     let origin = Origin::start().await;
     let mut cfg = config(&[("up", &origin)]);

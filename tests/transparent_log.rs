@@ -13,12 +13,7 @@ use tokio::net::TcpStream;
 /// a flood of such connections is counted in full, but logged once per interval.
 #[tokio::test(flavor = "current_thread")]
 async fn a_flood_of_connections_that_were_not_redirected_logs_one_warning() {
-    let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::install();
     let origin = Origin::start().await;
     let mut cfg = config(&[("up", &origin)]);
     cfg.transparent.enabled = true;
