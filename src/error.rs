@@ -63,29 +63,153 @@ pub enum ProxyError {
     ShuttingDown,
 }
 
-impl ProxyError {
-    /// The status and `x-tether-error` code for this error. The single place where
-    /// failures are classified.
-    pub fn classify(&self) -> (StatusCode, &'static str) {
-        use ProxyError::*;
+/// What kind of failure an error is: the `kind` label of the per-upstream response
+/// and error counters, and the `error` field of the access log. Coarser than the
+/// `x-tether-error` code, and bounded: every value is in [`ErrorKind::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request was refused as malformed, or cannot be forwarded faithfully.
+    BadRequest,
+    /// Refused by the egress policy.
+    Denied,
+    /// The pool's queue was full.
+    QueueFull,
+    /// No socket came free within `queue_timeout`.
+    QueueTimeout,
+    /// TCP to the origin failed (refused, unreachable).
+    Connect,
+    /// TCP to the origin took longer than `connect_timeout`.
+    ConnectTimeout,
+    /// The TLS handshake with the origin failed.
+    Tls,
+    /// The origin cannot speak the configured protocol, or sent an unparsable response.
+    Protocol,
+    /// No response head within `response_header_timeout`, or the exchange outlived
+    /// `request_timeout` (also mid-body).
+    Timeout,
+    /// The origin closed or reset the connection mid-exchange.
+    Reset,
+    /// The client's side failed: its request body broke off, or it left before the
+    /// response was complete.
+    ClientAborted,
+    /// tether is shutting down.
+    ShuttingDown,
+}
+
+impl ErrorKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ErrorKind; 12] = [
+        ErrorKind::BadRequest,
+        ErrorKind::Denied,
+        ErrorKind::QueueFull,
+        ErrorKind::QueueTimeout,
+        ErrorKind::Connect,
+        ErrorKind::ConnectTimeout,
+        ErrorKind::Tls,
+        ErrorKind::Protocol,
+        ErrorKind::Timeout,
+        ErrorKind::Reset,
+        ErrorKind::ClientAborted,
+        ErrorKind::ShuttingDown,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
         match self {
-            BadTarget(_) => (StatusCode::BAD_REQUEST, "bad_target"),
-            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            UnsupportedCoding => (StatusCode::NOT_IMPLEMENTED, "unsupported_transfer_coding"),
-            MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            Denied { .. } | DeniedPrivate { .. } => (StatusCode::FORBIDDEN, "denied"),
-            QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
-            QueueTimeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_timeout"),
-            ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout"),
-            Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream_connect"),
-            Tls { .. } => (StatusCode::BAD_GATEWAY, "upstream_tls"),
-            Protocol { .. } => (StatusCode::BAD_GATEWAY, "upstream_protocol"),
-            ResponseHeaderTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-            RequestTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "request_timeout"),
-            RequestBody { .. } => (StatusCode::BAD_REQUEST, "bad_request_body"),
-            Upstream { .. } | UpstreamClosed { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),
-            ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Denied => "denied",
+            ErrorKind::QueueFull => "queue_full",
+            ErrorKind::QueueTimeout => "queue_timeout",
+            ErrorKind::Connect => "connect",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::Tls => "tls",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Reset => "reset",
+            ErrorKind::ClientAborted => "client_aborted",
+            ErrorKind::ShuttingDown => "shutting_down",
         }
+    }
+
+    /// The status class (1..=5) tether answers a failure of this kind with, when it
+    /// answers before any response head went out. [`ProxyError::classify`] keeps to
+    /// it (a test checks every variant), so the per-upstream response counter needs
+    /// one series per kind, not one per kind and class.
+    pub fn status_class(self) -> usize {
+        match self {
+            ErrorKind::BadRequest | ErrorKind::Denied | ErrorKind::ClientAborted => 4,
+            _ => 5,
+        }
+    }
+}
+
+/// What [`ProxyError::classify`] says of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub status: StatusCode,
+    /// The `x-tether-error` code.
+    pub code: &'static str,
+    pub kind: ErrorKind,
+}
+
+impl ProxyError {
+    /// Every `x-tether-error` code [`ProxyError::classify`] gives, for counters
+    /// registered at zero.
+    pub const CODES: [&'static str; 16] = [
+        "bad_target",
+        "bad_request",
+        "unsupported_transfer_coding",
+        "method_not_allowed",
+        "denied",
+        "queue_full",
+        "queue_timeout",
+        "upstream_connect_timeout",
+        "upstream_connect",
+        "upstream_tls",
+        "upstream_protocol",
+        "upstream_timeout",
+        "request_timeout",
+        "bad_request_body",
+        "upstream_error",
+        "shutting_down",
+    ];
+
+    /// The status, `x-tether-error` code and kind of this error. The single place
+    /// where failures are classified.
+    pub fn classify(&self) -> Class {
+        use ErrorKind as K;
+        use ProxyError::*;
+        use StatusCode as S;
+        let (status, code, kind) = match self {
+            BadTarget(_) => (S::BAD_REQUEST, "bad_target", K::BadRequest),
+            BadRequest(_) => (S::BAD_REQUEST, "bad_request", K::BadRequest),
+            UnsupportedCoding => (
+                S::NOT_IMPLEMENTED,
+                "unsupported_transfer_coding",
+                K::BadRequest,
+            ),
+            MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method_not_allowed", K::BadRequest),
+            Denied { .. } | DeniedPrivate { .. } => (S::FORBIDDEN, "denied", K::Denied),
+            QueueFull { .. } => (S::SERVICE_UNAVAILABLE, "queue_full", K::QueueFull),
+            QueueTimeout { .. } => (S::SERVICE_UNAVAILABLE, "queue_timeout", K::QueueTimeout),
+            ConnectTimeout { .. } => (
+                S::GATEWAY_TIMEOUT,
+                "upstream_connect_timeout",
+                K::ConnectTimeout,
+            ),
+            Connect { .. } => (S::BAD_GATEWAY, "upstream_connect", K::Connect),
+            Tls { .. } => (S::BAD_GATEWAY, "upstream_tls", K::Tls),
+            Protocol { .. } => (S::BAD_GATEWAY, "upstream_protocol", K::Protocol),
+            ResponseHeaderTimeout { .. } => (S::GATEWAY_TIMEOUT, "upstream_timeout", K::Timeout),
+            RequestTimeout { .. } => (S::GATEWAY_TIMEOUT, "request_timeout", K::Timeout),
+            RequestBody { .. } => (S::BAD_REQUEST, "bad_request_body", K::ClientAborted),
+            Upstream { source, .. } if source.is_parse() => {
+                (S::BAD_GATEWAY, "upstream_error", K::Protocol)
+            }
+            Upstream { .. } | UpstreamClosed { .. } => (S::BAD_GATEWAY, "upstream_error", K::Reset),
+            ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down", K::ShuttingDown),
+        };
+        Class { status, code, kind }
     }
 
     /// A failed HTTP exchange with `origin`, by whose fault it failed. hyper's client
@@ -105,7 +229,7 @@ impl ProxyError {
 
     /// The response the client sees.
     pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
-        let (status, code) = self.classify();
+        let Class { status, code, .. } = self.classify();
         let mut body = self.to_string();
         body.push('\n');
         let mut resp = Response::new(B::from(Bytes::from(body)));
@@ -134,4 +258,70 @@ fn root_cause<'a>(
         e = cause;
     }
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of each error a request can meet once its upstream is chosen (the
+    /// hyper-error variants aside: they cannot be built outside hyper).
+    fn at_an_upstream() -> Vec<ProxyError> {
+        let origin = || "o:1".to_string();
+        let timeout = Duration::from_secs(1);
+        vec![
+            ProxyError::BadTarget("x".into()),
+            ProxyError::QueueFull { upstream: origin() },
+            ProxyError::QueueTimeout {
+                upstream: origin(),
+                timeout,
+            },
+            ProxyError::ConnectTimeout {
+                origin: origin(),
+                timeout,
+            },
+            ProxyError::Connect {
+                origin: origin(),
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            },
+            ProxyError::Tls {
+                origin: origin(),
+                reason: "x".into(),
+            },
+            ProxyError::Protocol {
+                origin: origin(),
+                reason: "x".into(),
+            },
+            ProxyError::ResponseHeaderTimeout {
+                origin: origin(),
+                timeout,
+            },
+            ProxyError::RequestTimeout {
+                origin: origin(),
+                timeout,
+            },
+            ProxyError::UpstreamClosed { origin: origin() },
+            ProxyError::ShuttingDown,
+        ]
+    }
+
+    #[test]
+    fn each_kind_is_answered_with_the_status_class_its_counter_is_registered_under() {
+        for e in at_an_upstream() {
+            let class = e.classify();
+            assert_eq!(
+                (class.status.as_u16() / 100) as usize,
+                class.kind.status_class(),
+                "{e}"
+            );
+            assert!(ProxyError::CODES.contains(&class.code), "{}", class.code);
+        }
+    }
+
+    #[test]
+    fn error_kinds_are_listed_in_declaration_order() {
+        for (i, kind) in ErrorKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i, "{}", kind.as_str());
+        }
+    }
 }

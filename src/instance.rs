@@ -154,7 +154,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         running.admin_stop.clone(),
     ));
     shared.set_ready(true);
-    tracing::info!(%proxy_addr, %admin_addr, routes = ?running.route_addrs, transparent = ?transparent_addr, "tether is ready");
+    tracing::info!(
+        %proxy_addr,
+        %admin_addr,
+        routes = %Joined(&running.route_addrs),
+        transparent = transparent_addr.map(tracing::field::display),
+        version = telemetry::VERSION,
+        commit = telemetry::COMMIT,
+        "tether is ready"
+    );
     Ok(running)
 }
 
@@ -248,10 +256,12 @@ impl Running {
         match &result {
             Ok(()) => {
                 self.reloads[0].increment(1);
+                self.shared.telemetry().reload_finished(true);
                 tracing::info!("configuration reloaded");
             }
             Err(e) => {
                 self.reloads[1].increment(1);
+                self.shared.telemetry().reload_finished(false);
                 match e {
                     StartError::Config(errors) => {
                         for problem in &errors.0 {
@@ -276,6 +286,7 @@ impl Running {
             Err(e) => {
                 let e = StartError::Config(e);
                 self.reloads[1].increment(1);
+                self.shared.telemetry().reload_finished(false);
                 if let StartError::Config(errors) = &e {
                     for problem in &errors.0 {
                         tracing::error!(
@@ -366,6 +377,22 @@ impl Running {
             .iter()
             .find(|u| &*u.name == name)
             .map(|u| u.pool.counts())
+    }
+}
+
+/// Addresses as one comma-separated log value (a log field is a string or a
+/// number, not Rust's debug text of a list).
+struct Joined<'a>(&'a [SocketAddr]);
+
+impl std::fmt::Display for Joined<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, addr) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{addr}")?;
+        }
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@
 //! the hot path touches only atomics.
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
@@ -22,6 +22,9 @@ pub const UPSTREAM_REQUEST_DURATION: &str = "tether_upstream_request_duration_se
 pub const UPSTREAM_QUEUE_DEPTH: &str = "tether_upstream_queue_depth";
 pub const UPSTREAM_QUEUE_WAIT: &str = "tether_upstream_queue_wait_seconds";
 pub const UPSTREAM_REJECTED: &str = "tether_upstream_rejected_total";
+pub const UPSTREAM_RESPONSES: &str = "tether_upstream_responses_total";
+pub const UPSTREAM_ERRORS: &str = "tether_upstream_errors_total";
+pub const UPSTREAM_MAX_CONNECTIONS: &str = "tether_upstream_max_connections";
 pub const UPSTREAM_STALE_RETRIES: &str = "tether_upstream_stale_retries_total";
 pub const TUNNELS: &str = "tether_tunnels";
 pub const TUNNEL_BYTES: &str = "tether_tunnel_bytes_total";
@@ -31,7 +34,12 @@ pub const DOWNSTREAM_OPENED: &str = "tether_downstream_connections_opened_total"
 pub const DOWNSTREAM_CLOSED: &str = "tether_downstream_connections_closed_total";
 pub const DOWNSTREAM_REJECTED: &str = "tether_downstream_requests_rejected_total";
 pub const CONFIG_RELOADS: &str = "tether_config_reloads_total";
+pub const CONFIG_LAST_RELOAD_OK: &str = "tether_config_last_reload_successful";
+pub const CONFIG_LAST_RELOAD_TIME: &str = "tether_config_last_reload_success_timestamp_seconds";
 pub const BUDGET_CONNECTIONS: &str = "tether_budget_connections";
+pub const BUDGET_MAX_CONNECTIONS: &str = "tether_budget_max_connections";
+pub const BUILD_INFO: &str = "tether_build_info";
+pub const START_TIME: &str = "tether_start_time_seconds";
 
 /// Label value for traffic to origins matched by an allow pattern rather than a
 /// listed upstream: labels stay bounded by the config, never raw hosts.
@@ -40,14 +48,37 @@ pub const UNLISTED: &str = "unlisted";
 const DESCRIPTIONS: &[(&str, &str, Option<Unit>)] = &[
     (
         UPSTREAM_CONNECTIONS,
-        "Sockets open to an upstream, by state (connecting, active, idle).",
+        "Sockets open to an upstream now, by state (connecting, active, idle); tunnels are in tether_tunnels.",
         None,
     ),
-    (UPSTREAM_OPENED, "Upstream sockets opened.", None),
-    (UPSTREAM_CLOSED, "Upstream sockets closed, by reason.", None),
+    (
+        UPSTREAM_MAX_CONNECTIONS,
+        "The cap in force on an upstream's sockets (connecting + active + idle + tunnels): max_connections, or less when a share lowers it.",
+        None,
+    ),
+    (
+        UPSTREAM_OPENED,
+        "Upstream sockets opened (TCP established, and TLS when originated).",
+        None,
+    ),
+    (
+        UPSTREAM_CLOSED,
+        "Upstream sockets closed, by the reason tether closed them or saw them close.",
+        None,
+    ),
     (
         UPSTREAM_REQUESTS,
-        "Requests forwarded to an upstream, by status class and whether the socket was reused.",
+        "Requests an upstream answered with a response head, by status class and whether the socket was reused.",
+        None,
+    ),
+    (
+        UPSTREAM_RESPONSES,
+        "Responses sent to clients for an upstream, by status class and kind: kind=\"none\" when the upstream answered, else the failure tether answered itself (connect, tls, timeout, reset, queue_full, ...).",
+        None,
+    ),
+    (
+        UPSTREAM_ERRORS,
+        "Failed exchanges with an upstream, by kind: those tether answered itself and responses that broke off after their head.",
         None,
     ),
     (
@@ -57,17 +88,17 @@ const DESCRIPTIONS: &[(&str, &str, Option<Unit>)] = &[
     ),
     (
         UPSTREAM_QUEUE_DEPTH,
-        "Requests waiting for an upstream socket.",
+        "Requests waiting now for an upstream socket.",
         None,
     ),
     (
         UPSTREAM_QUEUE_WAIT,
-        "Time requests waited for an upstream socket.",
+        "Time queued requests waited for an upstream socket (granted or timed out).",
         Some(Unit::Seconds),
     ),
     (
         UPSTREAM_REJECTED,
-        "Requests refused before reaching the upstream, by reason.",
+        "Requests for an upstream refused by its pool without reaching it, by reason.",
         None,
     ),
     (
@@ -77,17 +108,17 @@ const DESCRIPTIONS: &[(&str, &str, Option<Unit>)] = &[
     ),
     (
         TUNNELS,
-        "CONNECT tunnels open, by state (active, idle).",
+        "CONNECT and intercepted tunnels open now, by state (active, idle); they count against the upstream's cap.",
         None,
     ),
     (
         TUNNEL_BYTES,
-        "Bytes relayed through CONNECT tunnels, by direction.",
+        "Bytes relayed through tunnels, by direction (upstream: client to origin; downstream: origin to client).",
         Some(Unit::Bytes),
     ),
     (
         DOWNSTREAM_CONNECTIONS,
-        "Client connections open, by state (active, idle).",
+        "Client connections open now, by state (active: a request or tunnel in flight; idle).",
         None,
     ),
     (
@@ -103,14 +134,43 @@ const DESCRIPTIONS: &[(&str, &str, Option<Unit>)] = &[
     ),
     (
         DOWNSTREAM_REJECTED,
-        "Client requests refused before upstream selection, by reason.",
+        "Requests tether answered with an error of its own, by x-tether-error code, whether refused before routing (denied, bad_target) or failed at a known upstream (which tether_upstream_responses_total also counts, by upstream).",
         None,
     ),
-    (CONFIG_RELOADS, "Configuration reloads, by result.", None),
+    (
+        CONFIG_RELOADS,
+        "Configuration reloads attempted, by result.",
+        None,
+    ),
+    (
+        CONFIG_LAST_RELOAD_OK,
+        "Whether the last configuration reload succeeded (1) or was refused (0); 1 at start.",
+        None,
+    ),
+    (
+        CONFIG_LAST_RELOAD_TIME,
+        "When the configuration in force was loaded: the start, or the last successful reload (Unix time).",
+        Some(Unit::Seconds),
+    ),
     (
         BUDGET_CONNECTIONS,
-        "The shared connection budget: sockets open across all upstreams, and the limit.",
+        "Sockets open now across every upstream sharing the [budget].",
         None,
+    ),
+    (
+        BUDGET_MAX_CONNECTIONS,
+        "The [budget] max_connections in force: the most sockets all upstreams together may open.",
+        None,
+    ),
+    (
+        BUILD_INFO,
+        "Always 1; its labels say which tether this is (version, commit).",
+        None,
+    ),
+    (
+        START_TIME,
+        "When this tether instance started (Unix time).",
+        Some(Unit::Seconds),
     ),
 ];
 
@@ -128,6 +188,34 @@ static METADATA: Metadata<'static> =
 pub struct Telemetry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// The `process_*` series (open and max fds, RSS, CPU seconds, start time),
+    /// read from the OS at each render.
+    process: metrics_process::Collector,
+    started: SystemTime,
+    reload: parking_lot::Mutex<ReloadStatus>,
+    reload_ok: Gauge,
+    reload_time: Gauge,
+}
+
+/// The version and commit of this build (the commit from `build.rs`, as
+/// `tether --version` shows it).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("TETHER_COMMIT");
+
+/// How the last configuration reload went, for the status page.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ReloadStatus {
+    /// The last reload succeeded (true at start, before any).
+    pub last_successful: bool,
+    /// When the configuration in force was loaded (Unix seconds).
+    pub last_success_unix: f64,
+    /// Reloads refused since start.
+    pub failures: u64,
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Telemetry {
@@ -143,7 +231,54 @@ impl Telemetry {
             recorder.describe_gauge(key, *unit, help);
         }
         let handle = recorder.handle();
-        Arc::new(Telemetry { recorder, handle })
+        let process = metrics_process::Collector::default();
+        metrics::with_local_recorder(&recorder, || process.describe());
+        let started = SystemTime::now();
+        let gauge = |name, labels: &[(&'static str, &str)]| {
+            recorder.register_gauge(&key(name, labels), &METADATA)
+        };
+        gauge(BUILD_INFO, &[("version", VERSION), ("commit", COMMIT)]).set(1.0);
+        gauge(START_TIME, &[]).set(unix(started));
+        let reload_ok = gauge(CONFIG_LAST_RELOAD_OK, &[]);
+        let reload_time = gauge(CONFIG_LAST_RELOAD_TIME, &[]);
+        reload_ok.set(1.0);
+        reload_time.set(unix(started));
+        Arc::new(Telemetry {
+            recorder,
+            handle,
+            process,
+            started,
+            reload: parking_lot::Mutex::new(ReloadStatus {
+                last_successful: true,
+                last_success_unix: unix(started),
+                failures: 0,
+            }),
+            reload_ok,
+            reload_time,
+        })
+    }
+
+    /// A configuration reload finished: `ok` if it is now in force.
+    pub fn reload_finished(&self, ok: bool) {
+        let mut status = self.reload.lock();
+        status.last_successful = ok;
+        self.reload_ok.set(if ok { 1.0 } else { 0.0 });
+        if ok {
+            status.last_success_unix = unix(SystemTime::now());
+            self.reload_time.set(status.last_success_unix);
+        } else {
+            status.failures += 1;
+        }
+    }
+
+    /// How the last reload went.
+    pub fn reload_status(&self) -> ReloadStatus {
+        *self.reload.lock()
+    }
+
+    /// How long this instance has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed().unwrap_or_default()
     }
 
     pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
@@ -160,8 +295,9 @@ impl Telemetry {
             .register_histogram(&key(name, labels), &METADATA)
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text exposition of every metric, the process's own read now.
     pub fn render(&self) -> String {
+        metrics::with_local_recorder(&self.recorder, || self.process.collect());
         self.handle.render()
     }
 
@@ -193,6 +329,12 @@ pub async fn upkeep(telemetry: Weak<Telemetry>, stop: CancellationToken) {
             },
         }
     }
+}
+
+/// A duration in milliseconds rounded to microseconds, for log fields: `2020.744`,
+/// not `2020.7442219999998`.
+pub fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {

@@ -274,7 +274,7 @@ async fn under_a_shared_budget_each_upstream_gets_its_floor() {
     let open = metric(&text, "tether_budget_connections", &[("state", "open")]).unwrap();
     assert_eq!(open as usize, a.open() + b.open());
     assert_eq!(
-        metric(&text, "tether_budget_connections", &[("state", "limit")]),
+        metric(&text, "tether_budget_max_connections", &[]),
         Some(4.0)
     );
 }

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use super::close::ClientClose;
+use crate::error::ProxyError;
 use crate::telemetry::{self as t, Telemetry};
 
 /// Downstream accounting shared by all listeners.
@@ -146,6 +147,8 @@ pub struct TunnelJob {
     pub upstream: crate::upstream::Tracked<TcpStream>,
     /// Keeps the client connection counted as active for the tunnel's life.
     pub busy: RequestGuard,
+    /// What the tunnel's access-log line names.
+    pub log: crate::upstream::tunnel::TunnelLog,
 }
 
 /// The CONNECT hand-off between the request path and the server side. The request
@@ -186,7 +189,17 @@ impl Downstream {
             opened: telemetry.counter(t::DOWNSTREAM_OPENED, &[]),
             closed: ClientClose::ALL
                 .map(|r| telemetry.counter(t::DOWNSTREAM_CLOSED, &[("reason", r.as_str())])),
-            rejected: Mutex::default(),
+            // Every code at zero from the start, so `rate()` sees the first one.
+            rejected: Mutex::new(
+                ProxyError::CODES
+                    .iter()
+                    .map(|&code| {
+                        let counter =
+                            telemetry.counter(t::DOWNSTREAM_REJECTED, &[("reason", code)]);
+                        (code, counter)
+                    })
+                    .collect(),
+            ),
             telemetry,
             conns: Mutex::default(),
             freed: Notify::new(),
@@ -195,7 +208,8 @@ impl Downstream {
         })
     }
 
-    /// Counts a request refused before it reached an upstream, by its error code.
+    /// Counts a request tether answered with an error of its own, by its
+    /// `x-tether-error` code.
     pub fn reject(&self, code: &'static str) {
         self.rejected
             .lock()

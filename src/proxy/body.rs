@@ -1,6 +1,7 @@
 //! The body of every response tether sends to a client: a streamed upstream body or
 //! a small one tether wrote itself, plus the guard that marks the client connection
-//! idle again when the response is done.
+//! idle again when the response is done, and the exchange whose access-log line it
+//! writes then (finished, broken off, or abandoned by the client).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,8 +10,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::access::Exchange;
 use crate::downstream::RequestGuard;
-use crate::error::BoxError;
+use crate::error::{BoxError, ErrorKind};
+use crate::upstream::body::BodyTimeout;
 use crate::upstream::UpstreamBody;
 
 pin_project! {
@@ -18,6 +21,20 @@ pin_project! {
         #[pin]
         kind: Kind,
         guard: Option<RequestGuard>,
+        exchange: Option<Exchange>,
+    }
+
+    impl PinnedDrop for ProxyBody {
+        fn drop(this: Pin<&mut Self>) {
+            let ended = this.is_end_stream();
+            let this = this.project();
+            if let Some(exchange) = this.exchange.as_mut() {
+                if !ended {
+                    exchange.broke_off(ErrorKind::ClientAborted);
+                }
+                exchange.finish();
+            }
+        }
     }
 }
 
@@ -34,6 +51,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Upstream { body },
             guard: None,
+            exchange: None,
         }
     }
 
@@ -43,11 +61,18 @@ impl ProxyBody {
                 data: (!data.is_empty()).then_some(data),
             },
             guard: None,
+            exchange: None,
         }
     }
 
     pub fn empty() -> ProxyBody {
         ProxyBody::full(Bytes::new())
+    }
+
+    /// Writes `exchange`'s access-log line when the body is finished or dropped.
+    pub(super) fn with_exchange(mut self, exchange: Exchange) -> ProxyBody {
+        self.exchange = Some(exchange);
+        self
     }
 
     /// Holds `guard` until the body is finished or dropped.
@@ -82,8 +107,30 @@ impl Body for ProxyBody {
             KindProj::Upstream { body } => body.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         };
-        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = polled {
-            this.guard.take();
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(exchange), Some(data)) = (this.exchange.as_mut(), frame.data_ref()) {
+                    exchange.response_bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(mut exchange) = this.exchange.take() {
+                    exchange.broke_off(if e.is::<BodyTimeout>() {
+                        ErrorKind::Timeout
+                    } else {
+                        ErrorKind::Reset
+                    });
+                    exchange.finish();
+                }
+                this.guard.take();
+            }
+            Poll::Ready(None) => {
+                if let Some(exchange) = this.exchange.take() {
+                    exchange.finish();
+                }
+                this.guard.take();
+            }
+            Poll::Pending => {}
         }
         polled
     }

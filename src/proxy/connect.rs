@@ -7,12 +7,13 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use super::access::Exchange;
 use super::body::ProxyBody;
-use super::Handled;
 use crate::downstream::{ClientConn, TunnelJob};
 use crate::error::ProxyError;
 use crate::policy::Origin;
 use crate::route::{self, Mode};
+use crate::upstream::tunnel::TunnelLog;
 use crate::Shared;
 
 /// `CONNECT host:port`: a governed byte tunnel to an allowed origin.
@@ -21,7 +22,8 @@ pub(super) async fn connect(
     shared: &Shared,
     mode: Mode,
     client: Arc<ClientConn>,
-) -> Result<Handled, ProxyError> {
+    exchange: &mut Exchange,
+) -> Result<Response<ProxyBody>, ProxyError> {
     if mode != Mode::Forward {
         return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
     }
@@ -38,6 +40,7 @@ pub(super) async fn connect(
         .ok_or_else(|| ProxyError::BadTarget("CONNECT needs a host:port target".into()))?;
     let origin = Origin::parse_authority(authority.as_str()).map_err(ProxyError::BadTarget)?;
     let upstream = route::by_policy(shared, &shared.table(), &origin)?;
+    exchange.upstream = Some(upstream.clone());
     let upstream_io = upstream.open_tunnel().await?;
     // The client connection stays "active" for the tunnel's lifetime; the listener
     // runs the tunnel once hyper has written the 200 and handed the socket back.
@@ -45,8 +48,14 @@ pub(super) async fn connect(
         tunnels: upstream.tunnels.clone(),
         upstream: upstream_io,
         busy: client.begin_request(),
+        log: TunnelLog {
+            client: client.peer,
+            target: origin.to_string(),
+            upstream: upstream.name.clone(),
+            started: exchange.started(),
+        },
     });
     let mut response = Response::new(ProxyBody::empty());
     *response.status_mut() = StatusCode::OK;
-    Ok((response, Some(upstream.name.clone())))
+    Ok(response)
 }

@@ -4,6 +4,7 @@
 //! rewrite the response head for the client ([`rewrite`]); `CONNECT` opens a governed
 //! tunnel instead ([`connect`]). Every response body is a [`body::ProxyBody`].
 
+mod access;
 pub mod body;
 mod checks;
 mod connect;
@@ -18,6 +19,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use access::Exchange;
 use body::ProxyBody;
 pub use checks::check_framing;
 use checks::{check_host, check_target};
@@ -27,60 +29,58 @@ use headers::{prepare_request, VIA};
 use crate::downstream::ClientConn;
 use crate::error::ProxyError;
 use crate::route::{self, Mode};
+use crate::upstream::RequestBody;
 use crate::Shared;
 
-/// Handles one request from a client connection.
+/// Handles one request from a client connection. Its access-log line is written by
+/// the response body when the exchange ends ([`access`]).
 pub async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
     mode: Mode,
     client: Arc<ClientConn>,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let method = req.method().clone();
-    // Only the path is logged: query strings carry tokens. (A clone of the URI
-    // shares its bytes; copying the path would cost an allocation per request.)
-    let uri = req.uri().clone();
-    let path = uri.path();
+    let mut exchange = Exchange::new(&req, client.peer, Instant::now());
+    let connect = req.method() == Method::CONNECT;
     let result = match check_host(&req) {
         Err(e) => Err(e),
-        Ok(()) if method == Method::CONNECT => {
-            connect::connect(req, &shared, mode, client.clone()).await
+        Ok(()) if connect => {
+            connect::connect(req, &shared, mode, client.clone(), &mut exchange).await
         }
-        Ok(()) => forward(req, &shared, mode).await,
+        Ok(()) => forward(req, &shared, mode, &mut exchange).await,
     };
-    let (response, upstream) = match result {
-        Ok(ok) => ok,
+    match result {
+        // A tunnel's line is written when it closes.
+        Ok(response) if connect => {
+            exchange.head(response.status(), None);
+            response
+        }
+        Ok(response) => {
+            exchange.head(response.status(), None);
+            response.map(|body| body.with_exchange(exchange))
+        }
         Err(e) => {
-            let (status, code) = e.classify();
-            shared.downstream().reject(code);
-            tracing::warn!(client = %client.peer, %method, path, status = status.as_u16(), error = %e, "request refused");
-            (e.to_response(), None)
+            let class = e.classify();
+            shared.downstream().reject(class.code);
+            let upstream = exchange.upstream.as_ref().map(|u| &*u.name);
+            tracing::warn!(client = %client.peer, upstream, status = class.status.as_u16(), error = %e, "request refused");
+            exchange.head(class.status, Some(class.kind));
+            e.to_response::<ProxyBody>()
+                .map(|body| body.with_exchange(exchange))
         }
-    };
-    tracing::info!(
-        target: "tether::access",
-        client = %client.peer,
-        upstream = upstream.as_deref().unwrap_or("-"),
-        %method,
-        path,
-        status = response.status().as_u16(),
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-    );
-    response
+    }
 }
-
-/// A response and the name of the upstream it came from (for the access log).
-type Handled = (Response<ProxyBody>, Option<Arc<str>>);
 
 async fn forward(
     mut req: Request<Incoming>,
     shared: &Shared,
     mode: Mode,
-) -> Result<Handled, ProxyError> {
+    exchange: &mut Exchange,
+) -> Result<Response<ProxyBody>, ProxyError> {
     check_target(req.method(), req.uri(), mode)?;
     let table = shared.table();
     let upstream = route::upstream(shared, &table, mode, req.uri()).await?;
+    exchange.upstream = Some(upstream.clone());
     // The host the client addressed, to point rewritten URLs back at: the target's
     // authority when it has one, which wins over Host (RFC 9112 §3.2.2).
     let client_host = match req.uri().authority() {
@@ -89,14 +89,17 @@ async fn forward(
     };
     let keep_host = matches!(mode, Mode::Intercept(_));
     prepare_request(&mut req, &upstream, keep_host)?;
-    let mut response = upstream.send(req).await?;
+    let (parts, body) = req.into_parts();
+    let (body, bytes) = RequestBody::counted(body);
+    exchange.request_bytes = bytes;
+    let req = Request::from_parts(parts, body);
+    let mut response = upstream.send(req, &mut exchange.timing).await?;
     strip_hop_by_hop(response.headers_mut());
     response.headers_mut().append(header::VIA, VIA);
     if upstream.rewrite_realm {
         rewrite::response_headers(&table, mode, client_host.as_ref(), response.headers_mut());
     }
-    let name = upstream.name.clone();
-    Ok((response.map(ProxyBody::upstream), Some(name)))
+    Ok(response.map(ProxyBody::upstream))
 }
 
 /// A plain-text response tether writes itself.

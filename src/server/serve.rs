@@ -148,8 +148,9 @@ async fn serve_http(
                 tunnels,
                 upstream,
                 busy,
+                log,
             } = *job;
-            tunnels.run(io, upstream).await;
+            tunnels.run(io, upstream, log).await;
             drop(busy);
             None
         }

@@ -27,8 +27,10 @@ use tokio_util::task::TaskTracker;
 
 use super::{accept_admitted, serve_io, ClientIo};
 use crate::downstream::{ClientClose, ClientConn};
+use crate::error::ErrorKind;
 use crate::route::{self, Mode};
 use crate::telemetry::Throttle;
+use crate::upstream::tunnel::TunnelLog;
 use crate::upstream::{CloseReason, Upstream};
 use crate::Shared;
 
@@ -146,12 +148,14 @@ async fn tunnel(
     destination: SocketAddr,
     stop: CancellationToken,
 ) {
+    let started = Instant::now();
     let upstream_io = match upstream.open_tunnel().await {
         Ok(upstream_io) => upstream_io,
         Err(e) => {
-            let (_, code) = e.classify();
-            shared.downstream().reject(code);
-            conn.set_reason(if code == "denied" {
+            let class = e.classify();
+            shared.downstream().reject(class.code);
+            upstream.pool.metrics().error(class.kind);
+            conn.set_reason(if class.kind == ErrorKind::Denied {
                 ClientClose::Denied
             } else {
                 ClientClose::Error
@@ -161,11 +165,17 @@ async fn tunnel(
         }
     };
     let id = upstream_io.slot().id();
+    let log = TunnelLog {
+        client: conn.peer,
+        target: destination.to_string(),
+        upstream: upstream.name.clone(),
+        started,
+    };
     tracing::debug!(client = %conn.peer, %destination, upstream = %upstream.name, "intercepted connection tunnelled");
     // The client connection stays "active" for the tunnel's lifetime.
     let _busy = conn.begin_request();
     tokio::select! {
-        () = upstream.tunnels.run(io, upstream_io) => {}
+        () = upstream.tunnels.run(io, upstream_io, log) => {}
         _ = stop.cancelled() => {
             upstream.pool.close_reason(id, CloseReason::Shutdown);
             conn.set_reason(ClientClose::Shutdown);

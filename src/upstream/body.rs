@@ -20,6 +20,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::pool::{CloseReason, Pooled};
+use super::request::RequestBody;
 use crate::error::BoxError;
 
 /// The most of an abandoned response tether reads to keep its socket.
@@ -92,7 +93,7 @@ pub(super) struct InFlight {
 }
 
 type Exchange =
-    Result<http::Response<Incoming>, hyper::client::conn::TrySendError<http::Request<Incoming>>>;
+    Result<http::Response<Incoming>, hyper::client::conn::TrySendError<http::Request<RequestBody>>>;
 
 impl InFlight {
     pub(super) fn new(

@@ -73,7 +73,7 @@ impl Budget {
                 members: Vec::new(),
             }),
             open: telemetry.gauge(t::BUDGET_CONNECTIONS, &[("state", "open")]),
-            limit: telemetry.gauge(t::BUDGET_CONNECTIONS, &[("state", "limit")]),
+            limit: telemetry.gauge(t::BUDGET_MAX_CONNECTIONS, &[]),
         });
         budget.limit.set(max as f64);
         budget

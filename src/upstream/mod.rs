@@ -10,6 +10,7 @@ pub mod budget;
 pub mod connect;
 pub mod pool;
 mod registry;
+mod request;
 mod response;
 mod target;
 mod tracked;
@@ -22,7 +23,6 @@ use std::time::Duration;
 
 use http::header::HeaderValue;
 use http::{header, Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
@@ -32,6 +32,7 @@ pub use body::UpstreamBody;
 use connect::Connector;
 pub use pool::{Checkout, Client, CloseReason, Pool, PoolCounts, PoolSnapshot, Pooled, Slot};
 pub use registry::Upstreams;
+pub use request::{BodyBytes, RequestBody};
 use response::{close_after, framed_twice, keep_alive_params};
 use target::forwarded_path;
 pub use target::{h1_form, h1_target};
@@ -58,6 +59,17 @@ pub struct Upstream {
     addresses: Mutex<Option<(Instant, Arc<[IpAddr]>)>>,
     /// The `Host` requests to this origin carry (the port left out when it is 80).
     host: Result<HeaderValue, http::header::InvalidHeaderValue>,
+}
+
+/// Where an exchange's time went before its response head, for the access log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timing {
+    /// Waiting for a socket (or the right to open one), retries included.
+    pub queue: Duration,
+    /// Opening a socket (TCP, and TLS when originated), when one was opened.
+    pub connect: Option<Duration>,
+    /// Whether the request went on a pooled socket, once one was had.
+    pub reused: Option<bool>,
 }
 
 /// How long a resolution of an upstream's host is trusted when matching redirected
@@ -159,10 +171,12 @@ impl Upstream {
     }
 
     /// Sends `req` (already in origin form, hop-by-hop headers removed) and returns
-    /// the response with a body that returns the connection to the pool.
+    /// the response with a body that returns the connection to the pool. `timing`
+    /// says where the time went, also when it fails.
     pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
+        timing: &mut Timing,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let config = self.pool.config();
         let started = Instant::now();
@@ -172,9 +186,17 @@ impl Upstream {
         // handed back unsent), so retrying is always safe; bound it by the cap anyway.
         let mut stale_budget = config.max_connections + 1;
         loop {
-            let mut pooled = match self.pool.checkout().await? {
+            let queued_at = Instant::now();
+            let checkout = self.pool.checkout().await;
+            timing.queue += queued_at.elapsed();
+            let mut pooled = match checkout? {
                 Checkout::Reused(p) => p,
-                Checkout::Connect(slot) => self.connect(slot, &config).await?,
+                Checkout::Connect(slot) => {
+                    let connecting_at = Instant::now();
+                    let connected = self.connect(slot, &config).await;
+                    timing.connect = Some(connecting_at.elapsed());
+                    connected?
+                }
             };
             if pooled.ready().await.is_err() {
                 pooled.discard(CloseReason::RemoteClosed);
@@ -186,6 +208,7 @@ impl Upstream {
                 continue;
             }
             let reused = pooled.reused;
+            timing.reused = Some(reused);
             self.request_form(&mut req, pooled.is_h2())?;
             let sent_at = Instant::now();
             let wait = config
@@ -312,7 +335,7 @@ impl Upstream {
     /// HTTP/1.1 takes an origin-form target and `Host`; HTTP/2 an absolute URI, from
     /// which hyper writes `:scheme` and `:authority`. A client's origin-form target
     /// (a route listener's usual case) goes to HTTP/1.1 as it is.
-    fn request_form(&self, req: &mut Request<Incoming>, h2: bool) -> Result<(), ProxyError> {
+    fn request_form(&self, req: &mut Request<RequestBody>, h2: bool) -> Result<(), ProxyError> {
         let uri = req.uri();
         let bad = |e: http::Error| ProxyError::BadTarget(e.to_string());
         if h2 {

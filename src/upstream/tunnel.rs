@@ -40,6 +40,8 @@ pub struct Activity {
     idle: AtomicBool,
     wake: Notify,
     kill: Notify,
+    /// Bytes relayed: `[client→upstream, upstream→client]`.
+    bytes: [AtomicU64; 2],
 }
 
 impl Activity {
@@ -50,6 +52,7 @@ impl Activity {
             idle: AtomicBool::new(false),
             wake: Notify::new(),
             kill: Notify::new(),
+            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
         })
     }
 
@@ -116,8 +119,9 @@ impl Tunnels {
 
     /// Relays bytes between `client` and `upstream` until either side closes, the
     /// tunnel idles out, or it is evicted. Half-close is passed through: a client that
-    /// shuts down writing still receives the rest of the response.
-    pub async fn run<C, U>(&self, client: C, upstream: super::Tracked<U>)
+    /// shuts down writing still receives the rest of the response. One access-log
+    /// line says how it ended, also when this future is dropped (shutdown).
+    pub async fn run<C, U>(&self, client: C, upstream: super::Tracked<U>, log: TunnelLog)
     where
         C: AsyncRead + AsyncWrite + Unpin,
         U: AsyncRead + AsyncWrite + Unpin,
@@ -127,16 +131,23 @@ impl Tunnels {
         let activity = Activity::new();
         self.live.lock().insert(id, activity.clone());
         let _registered = Registered { tunnels: self, id };
+        let mut end = TunnelEnd {
+            log,
+            activity: activity.clone(),
+            reason: CloseReason::Shutdown,
+        };
         let metrics = self.pool.metrics();
         let mut client = Counted {
             io: client,
             activity: activity.clone(),
             bytes: metrics.tunnel_bytes[0].clone(),
+            direction: 0,
         };
         let mut upstream = Counted {
             io: upstream,
             activity: activity.clone(),
             bytes: metrics.tunnel_bytes[1].clone(),
+            direction: 1,
         };
         let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
@@ -146,6 +157,7 @@ impl Tunnels {
             let idle_for = activity.idle_for();
             if idle_for >= config.tunnel_idle_timeout {
                 pool.close_reason(id, CloseReason::IdleTimeout);
+                end.reason = CloseReason::IdleTimeout;
                 break;
             }
             let now_idle = idle_for >= config.min_idle_for_eviction;
@@ -163,13 +175,55 @@ impl Tunnels {
                 result = &mut copy => {
                     let reason = if result.is_ok() { CloseReason::RemoteClosed } else { CloseReason::Error };
                     pool.close_reason(id, reason);
+                    end.reason = reason;
                     break;
                 }
                 _ = tokio::time::sleep(next) => {}
                 _ = activity.wake.notified(), if now_idle => {}
-                _ = activity.kill.notified() => break,
+                _ = activity.kill.notified() => {
+                    end.reason = CloseReason::Evicted;
+                    break;
+                }
             }
         }
+    }
+}
+
+/// What the access-log line of a tunnel names, besides what the tunnel counts.
+pub struct TunnelLog {
+    pub client: std::net::SocketAddr,
+    /// The `host:port` the client asked for (CONNECT), or the address it dialled
+    /// (an intercepted connection).
+    pub target: String,
+    pub upstream: Arc<str>,
+    /// When the tunnel's request arrived.
+    pub started: Instant,
+}
+
+/// Writes a tunnel's access-log line when the tunnel ends, however it ends.
+struct TunnelEnd {
+    log: TunnelLog,
+    activity: Arc<Activity>,
+    /// Why it closed; a tunnel dropped from outside is one shut down.
+    reason: CloseReason,
+}
+
+impl Drop for TunnelEnd {
+    fn drop(&mut self) {
+        let [up, down] = &self.activity.bytes;
+        tracing::info!(
+            target: "tether::access",
+            client = %self.log.client,
+            upstream = &*self.log.upstream,
+            target = self.log.target.as_str(),
+            method = "CONNECT",
+            status = 200u16,
+            close = self.reason.as_str(),
+            duration_ms = crate::telemetry::millis(self.log.started.elapsed()),
+            bytes_in = up.load(Ordering::Relaxed),
+            bytes_out = down.load(Ordering::Relaxed),
+            "tunnel closed"
+        );
     }
 }
 
@@ -192,6 +246,8 @@ pin_project! {
         io: T,
         activity: Arc<Activity>,
         bytes: metrics::Counter,
+        // Index into `Activity::bytes`.
+        direction: usize,
     }
 }
 
@@ -208,6 +264,7 @@ impl<T: AsyncRead> AsyncRead for Counted<T> {
         if n > 0 {
             this.activity.touch();
             this.bytes.increment(n as u64);
+            this.activity.bytes[*this.direction].fetch_add(n as u64, Ordering::Relaxed);
         }
         result
     }

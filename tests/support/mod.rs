@@ -179,6 +179,16 @@ impl Captured {
         (logs, tracing::subscriber::set_default(subscriber))
     }
 
+    /// A capture of JSON lines (`--log-format json`), as [`Captured::install`].
+    pub fn install_json() -> (Captured, tracing::subscriber::DefaultGuard) {
+        let logs = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(logs.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
     /// Everything written so far.
     pub fn bytes(&self) -> Vec<u8> {
         self.0.lock().unwrap().clone()

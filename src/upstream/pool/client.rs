@@ -5,11 +5,13 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2, TrySendError};
 
+use crate::upstream::request::RequestBody;
+
 /// The client half of a pooled connection: HTTP/1.1 (one exchange at a time) or
 /// HTTP/2 (shared by up to `max_streams_per_connection` streams).
 pub enum Client {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
 }
 
 impl Client {
@@ -35,8 +37,8 @@ impl Client {
     /// Sends `req`; on failure before any byte was written the request comes back.
     pub fn try_send_request(
         &mut self,
-        req: Request<Incoming>,
-    ) -> impl std::future::Future<Output = Result<Response<Incoming>, TrySendError<Request<Incoming>>>>
+        req: Request<RequestBody>,
+    ) -> impl std::future::Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>
     {
         match self {
             Client::H1(c) => Either::Left(c.try_send_request(req)),

@@ -9,15 +9,15 @@
 //! These are the rules over the connection table; the pool applies them under its
 //! lock and wraps the streams in [`Pooled`](super::Pooled) handles.
 
-use hyper::body::Incoming;
 use hyper::client::conn::http2;
 
 use super::client::Client;
 use super::metrics::ConnState;
 use super::table::{Entry, Limits, Table};
+use crate::upstream::request::RequestBody;
 
 /// Fresh connection `id` speaks HTTP/2 and carries its first stream: share it.
-pub(super) fn share(table: &mut Table, id: u64, value: http2::SendRequest<Incoming>) {
+pub(super) fn share(table: &mut Table, id: u64, value: http2::SendRequest<RequestBody>) {
     table.share(id, value);
     if let Some(entry) = table.get_mut(id) {
         entry.streams = 1;

@@ -1,6 +1,8 @@
 //! The metric handles of one pool, registered once, and the typed label values
-//! they are registered under: every value of [`ConnState`], [`CloseReason`] and
-//! [`Rejection`] is named by its `as_str()`, never by a parallel array of strings.
+//! they are registered under: every value of [`ConnState`], [`CloseReason`],
+//! [`Rejection`] and [`ErrorKind`] is named by its `as_str()`, never by a parallel
+//! array of strings. Every label combination is registered when the pool is made,
+//! so each series starts at zero and `rate()` sees its first increment.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
 
+use crate::error::ErrorKind;
 use crate::telemetry::{self as t, Telemetry};
 
 /// What a socket is doing. Tunnels count against the same cap as pooled sockets.
@@ -160,7 +163,15 @@ macro_rules! label {
         }
     )*};
 }
-label!(ConnState, CloseReason, Rejection);
+label!(ConnState, CloseReason, Rejection, ErrorKind);
+
+/// The `code` label of a status class, 1 to 5.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The status class of `status` as an index into [`CLASSES`].
+fn class_index(status: http::StatusCode) -> usize {
+    (status.as_u16() / 100).clamp(1, 5) as usize - 1
+}
 
 /// One value (a metric handle, say) per value of a label enum, made by walking its
 /// `ALL` and looked up by the label value itself.
@@ -251,13 +262,22 @@ pub struct PoolMetrics {
     pub stale_retries: Counter,
     /// `[client→upstream, upstream→client]`.
     pub tunnel_bytes: [Counter; 2],
+    /// Responses the upstream gave (`kind="none"`), by status class.
+    answered: [Counter; 5],
+    /// Responses tether gave itself for this upstream, by kind (each kind is
+    /// answered with one status class, [`ErrorKind::status_class`]).
+    failed: PerLabel<ErrorKind, Counter, 12>,
+    /// Failed exchanges by kind: tether's own answers and bodies broken off.
+    errors: PerLabel<ErrorKind, Counter, 12>,
+    /// The cap in force; set only by `Pool::apply_limits`.
+    pub(super) max_connections: Gauge,
 }
 
 impl PoolMetrics {
     pub fn new(telemetry: &Telemetry, upstream: &str) -> PoolMetrics {
         let up = ("upstream", upstream);
         let class = |c: usize, reused: &str| {
-            let code = ["1xx", "2xx", "3xx", "4xx", "5xx"][c];
+            let code = CLASSES[c];
             telemetry.counter(
                 t::UPSTREAM_REQUESTS,
                 &[up, ("code", code), ("reused", reused)],
@@ -278,12 +298,46 @@ impl PoolMetrics {
             stale_retries: telemetry.counter(t::UPSTREAM_STALE_RETRIES, &[up]),
             tunnel_bytes: ["upstream", "downstream"]
                 .map(|d| telemetry.counter(t::TUNNEL_BYTES, &[up, ("direction", d)])),
+            answered: CLASSES.map(|code| {
+                telemetry.counter(
+                    t::UPSTREAM_RESPONSES,
+                    &[up, ("code", code), ("kind", "none")],
+                )
+            }),
+            failed: PerLabel::new(ErrorKind::ALL, |k| {
+                let code = CLASSES[k.status_class() - 1];
+                telemetry.counter(
+                    t::UPSTREAM_RESPONSES,
+                    &[up, ("code", code), ("kind", k.as_str())],
+                )
+            }),
+            errors: PerLabel::new(ErrorKind::ALL, |k| {
+                telemetry.counter(t::UPSTREAM_ERRORS, &[up, ("kind", k.as_str())])
+            }),
+            max_connections: telemetry.gauge(t::UPSTREAM_MAX_CONNECTIONS, &[up]),
         }
     }
 
+    /// A response went to a client for this upstream: the upstream's own (`None`),
+    /// or tether's for a failure of `kind` (also counted as an error).
+    pub fn responded(&self, status: http::StatusCode, kind: Option<ErrorKind>) {
+        match kind {
+            None => self.answered[class_index(status)].increment(1),
+            Some(kind) => {
+                self.failed.get(kind).increment(1);
+                self.error(kind);
+            }
+        }
+    }
+
+    /// An exchange with this upstream failed with `kind` (its response may have
+    /// been under way already).
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.get(kind).increment(1);
+    }
+
     pub fn request(&self, status: http::StatusCode, reused: bool) {
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.requests[class][reused as usize].increment(1);
+        self.requests[class_index(status)][reused as usize].increment(1);
     }
 
     pub fn reject(&self, why: Rejection) {
@@ -319,5 +373,6 @@ mod tests {
         check(&ConnState::ALL);
         check(&CloseReason::ALL);
         check(&Rejection::ALL);
+        check(&ErrorKind::ALL);
     }
 }

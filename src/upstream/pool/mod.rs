@@ -103,7 +103,6 @@ impl Pool {
         budget: Option<Arc<super::budget::Budget>>,
     ) -> Pool {
         let h2_known = connector.expects_h2();
-        let floor = config.min_connections;
         let metrics = PoolMetrics::new(telemetry, name);
         let inner = Arc::new(Inner {
             name: name.into(),
@@ -119,13 +118,15 @@ impl Pool {
             budget: budget.clone(),
             member: Default::default(),
         });
-        inner.member.floor.store(floor, Ordering::Relaxed);
+        let pool = Pool { inner };
+        pool.apply_limits(pool.inner.limits());
+        let inner = &pool.inner;
         if let Some(budget) = &budget {
-            let member: Weak<dyn BudgetMember> = Arc::downgrade(&inner) as _;
+            let member: Weak<dyn BudgetMember> = Arc::downgrade(inner) as _;
             budget.join(member, inner.member.clone());
         }
-        reap::spawn(Arc::downgrade(&inner));
-        Pool { inner }
+        reap::spawn(Arc::downgrade(inner));
+        pool
     }
 
     pub fn name(&self) -> &str {
@@ -363,8 +364,17 @@ impl Pool {
     /// Applies new limits to the live pool: surplus idle sockets close, a raised cap
     /// admits waiters. In-flight requests are untouched.
     pub fn reconfigure(&self, config: PoolConfig) {
-        let limits = Limits::new(config);
+        self.apply_limits(Limits::new(config));
+    }
+
+    /// Puts `limits` in force. The one place the limits (and so [`Limits::cap`])
+    /// change — construction, a reload, and whatever else lowers or raises the cap —
+    /// and so the one place `tether_upstream_max_connections` is set: call it, never
+    /// write `limits` directly. Surplus idle sockets close; a raised cap admits
+    /// waiters.
+    fn apply_limits(&self, limits: Limits) {
         *self.inner.limits.write() = limits.clone();
+        self.inner.metrics.max_connections.set(limits.cap() as f64);
         self.inner
             .member
             .floor

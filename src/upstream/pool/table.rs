@@ -19,7 +19,6 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use metrics::Gauge;
 use serde::Serialize;
@@ -28,6 +27,7 @@ use tokio::time::Instant;
 use super::client::Client;
 use super::metrics::{CloseReason, ConnState, PerLabel};
 use crate::config::PoolConfig;
+use crate::upstream::request::RequestBody;
 
 /// The limits a pool works under: its configuration, and the cap in force.
 #[derive(Clone)]
@@ -121,7 +121,7 @@ impl Entry {
     }
 
     /// The shared sender of an HTTP/2 connection, while it takes streams.
-    pub(super) fn shared(&self) -> Option<&http2::SendRequest<Incoming>> {
+    pub(super) fn shared(&self) -> Option<&http2::SendRequest<RequestBody>> {
         match &self.held {
             Some(Client::H2(value)) => Some(value),
             _ => None,
@@ -330,7 +330,7 @@ impl Table {
     }
 
     /// HTTP/2 connection `id` is shared: requests may open streams on it.
-    pub(super) fn share(&mut self, id: u64, value: http2::SendRequest<Incoming>) {
+    pub(super) fn share(&mut self, id: u64, value: http2::SendRequest<RequestBody>) {
         let Some(entry) = self.entries.get_mut(&id) else {
             return;
         };
@@ -345,7 +345,7 @@ impl Table {
     }
 
     /// The shared sender of HTTP/2 connection `id`, while it takes streams.
-    pub(super) fn shared(&self, id: u64) -> Option<&http2::SendRequest<Incoming>> {
+    pub(super) fn shared(&self, id: u64) -> Option<&http2::SendRequest<RequestBody>> {
         self.entries.get(&id)?.shared()
     }
 

@@ -179,10 +179,10 @@ async fn queue_limit_and_queue_timeout_bound_the_wait() {
     let (_held, _far) = connect(&pool, slot(&pool).await).await;
     let waiting = tokio::spawn({
         let pool = pool.clone();
-        async move { pool.checkout().await.err().map(|e| e.classify().1) }
+        async move { pool.checkout().await.err().map(|e| e.classify().code) }
     });
     settle().await;
-    let full = pool.checkout().await.err().map(|e| e.classify().1);
+    let full = pool.checkout().await.err().map(|e| e.classify().code);
     assert_eq!(full, Some("queue_full"));
     tokio::time::advance(Duration::from_secs(6)).await;
     assert_eq!(waiting.await.unwrap(), Some("queue_timeout"));
