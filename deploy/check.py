@@ -18,9 +18,15 @@ Checks, one line each (PASS / FAIL / SKIP), details indented below:
   kustomize DIR  `kubectl kustomize DIR` (or `kustomize build DIR`) renders,
                  and the rendered objects validate too. Skipped without
                  kubectl/kustomize.
-  dashboard      deploy/grafana/tether.json parses, uses the ${DS_PROMETHEUS}
-                 input, and the tether_* metric base names its queries use
+  dashboard      deploy/grafana/tether.json parses, has a `datasource` template
+                 variable that every panel and query uses (so it works from UI
+                 import and from file/ConfigMap provisioning alike, with no
+                 __inputs), and the tether_* metric base names its queries use
                  (_bucket/_sum/_count stripped) are listed.
+  alert rules    deploy/prometheus/rules.yaml passes `promtool check rules`,
+                 its unit tests `promtool test rules` pass, and
+                 deploy/gateway/prometheusrule.yaml carries the same groups.
+                 Fails without promtool (Debian's `prometheus` package).
   dashboard vs design
                  those names all appear in the Metrics table of DESIGN.md
                  (--design FILE, default ../shared/DESIGN.md beside the
@@ -179,7 +185,8 @@ def check_manifests(report: Report, versions: list[str]) -> None:
     except ImportError as e:
         report.line("FAIL", "manifests", f"{e}; install with: pip install kubernetes-validate")
         return
-    skip = kustomize_non_objects()
+    # Prometheus rule files and their unit tests are checked by check_rules.
+    skip = kustomize_non_objects() | {RULES.resolve(), RULE_TESTS.resolve()}
     files = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml") and p.resolve() not in skip)
     total_ok, errors, skipped = 0, [], []
     for f in files:
@@ -319,16 +326,20 @@ def check_dashboard(report: Report) -> tuple[dict | None, set[str]]:
         report.line("FAIL", "dashboard", f"{rel(DASHBOARD)} does not parse: {e}")
         return None, set()
     problems = []
-    inputs = {i.get("name") for i in dash.get("__inputs") or []}
-    if "DS_PROMETHEUS" not in inputs:
-        problems.append("no DS_PROMETHEUS entry in __inputs")
-    for p in iter_panels(dash.get("panels") or []):
+    if dash.get("__inputs"):
+        problems.append("__inputs present: file/ConfigMap provisioning cannot fill them")
+    variables = {v.get("name"): v for v in (dash.get("templating") or {}).get("list") or []}
+    ds_var = variables.get("datasource")
+    if ds_var is None or ds_var.get("type") != "datasource" or ds_var.get("query") != "prometheus":
+        problems.append("no `datasource` template variable of type datasource (prometheus)")
+    users = [v for v in variables.values() if v.get("type") == "query"]
+    for p in list(iter_panels(dash.get("panels") or [])) + users:
         if p.get("type") == "row":
             continue
         for obj in [p] + list(p.get("targets") or []):
             ds = obj.get("datasource")
-            if ds is not None and ds.get("uid") != "${DS_PROMETHEUS}":
-                problems.append(f"panel {p.get('title')!r}: datasource {ds} is not ${{DS_PROMETHEUS}}")
+            if ds is not None and ds.get("uid") != "${datasource}":
+                problems.append(f"{p.get('title') or p.get('name')!r}: datasource {ds} is not ${{datasource}}")
     queries = dashboard_queries(dash)
     names = metric_names(queries)
     if not names:
@@ -428,6 +439,40 @@ def check_promql(report: Report, dash: dict | None) -> None:
                     (proc.stdout + proc.stderr).strip().splitlines())
     else:
         report.line("PASS", name, f"{len(rules)} dashboard queries parse (promtool check rules)")
+
+
+RULES = DEPLOY / "prometheus" / "rules.yaml"
+RULE_TESTS = DEPLOY / "prometheus" / "rules.test.yaml"
+PROMETHEUS_RULE = DEPLOY / "gateway" / "prometheusrule.yaml"
+
+
+def check_rules(report: Report) -> None:
+    name = "alert rules"
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        report.line("FAIL", name, "promtool not on PATH (apt-get install prometheus)")
+        return
+    problems = []
+    for args in (["check", "rules", str(RULES)], ["test", "rules", str(RULE_TESTS)]):
+        proc = subprocess.run([promtool, *args], capture_output=True, text=True, cwd=RULES.parent)
+        if proc.returncode != 0:
+            problems.append(f"promtool {' '.join(args[:2])} failed:")
+            problems += (proc.stdout + proc.stderr).strip().splitlines()
+    try:
+        import yaml
+
+        rules = yaml.safe_load(RULES.read_text())
+        operator = yaml.safe_load(PROMETHEUS_RULE.read_text())
+        if operator.get("kind") != "PrometheusRule" or operator.get("spec") != rules:
+            problems.append(f"{rel(PROMETHEUS_RULE)}: spec differs from {rel(RULES)}")
+        n = sum(len(g.get("rules") or []) for g in rules.get("groups") or [])
+    except ImportError:
+        problems.append("PyYAML missing: cannot compare the PrometheusRule with rules.yaml")
+        n = 0
+    if problems:
+        report.line("FAIL", name, f"{rel(RULES)}", problems)
+    else:
+        report.line("PASS", name, f"{n} rules check, their unit tests pass, {rel(PROMETHEUS_RULE)} matches")
 
 
 # --------------------------------------------------------------------------
@@ -592,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     check_design(report, names, args.design or DEFAULT_DESIGN, explicit=args.design is not None)
     check_scrape(report, names, args.metrics_from)
     check_promql(report, dash)
+    check_rules(report)
     files = check_config_keys(report, DEFAULT_CONFIG)
     check_tether(report, args.tether, files)
     check_hadolint(report)

@@ -22,7 +22,9 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::diagnosis::ClientReport;
 use crate::downstream::ClientShare;
+use crate::telemetry::{ReloadStatus, COMMIT, VERSION};
 use crate::upstream::PoolSnapshot;
 use crate::Shared;
 
@@ -59,7 +61,12 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         "/readyz" if shared.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => with_type(
-            shared.telemetry().render(),
+            {
+                shared
+                    .downstream()
+                    .count_suspects(&shared.table().config.diagnosis);
+                shared.telemetry().render()
+            },
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         "/debug/pools" => json(&status(shared)),
@@ -81,10 +88,22 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
 /// What `/debug/pools` serves and the status page shows.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    pub instance: Instance,
     pub downstream: Downstream,
     pub pools: Vec<PoolSnapshot>,
     /// The top `diagnosis.top_clients` clients by connections open (bounded).
     pub clients: Vec<ClientShare>,
+    /// Clients the leak diagnosis suspects (of the top `diagnosis.top_clients`).
+    pub suspects: Vec<ClientReport>,
+}
+
+/// This tether: which build, how long up, how the last reload went.
+#[derive(Debug, Serialize)]
+pub struct Instance {
+    pub version: &'static str,
+    pub commit: &'static str,
+    pub uptime_seconds: u64,
+    pub reload: ReloadStatus,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,7 +114,22 @@ pub struct Downstream {
 /// Every pool: limits and the cap in force, counts by state, queue depth, one entry
 /// per socket, and its `closed` and `rejected` totals by reason.
 pub fn status(shared: &Shared) -> Status {
+    let telemetry = shared.telemetry();
+    let diagnosis = &shared.table().config.diagnosis;
     Status {
+        instance: Instance {
+            version: VERSION,
+            commit: COMMIT,
+            uptime_seconds: telemetry.uptime().as_secs(),
+            reload: telemetry.reload_status(),
+        },
+        suspects: shared
+            .downstream()
+            .clients
+            .top(diagnosis)
+            .into_iter()
+            .filter(|c| c.suspected_leak)
+            .collect(),
         downstream: Downstream {
             open: shared.downstream().open(),
         },
@@ -126,10 +160,44 @@ fn status_page(status: &Status) -> String {
         [] => EMPTY_CLIENTS.to_string(),
         clients => clients.iter().map(client_row).collect(),
     };
+    let suspects: String = match status.suspects.as_slice() {
+        [] => EMPTY_SUSPECTS.to_string(),
+        suspects => suspects.iter().map(suspect_row).collect(),
+    };
+    let i = &status.instance;
+    let reload = if i.reload.last_successful {
+        "ok"
+    } else {
+        "failed"
+    };
     STATUS_PAGE
+        .replace(
+            "<!--VERSION-->",
+            &format!("{} ({})", esc(i.version), esc(i.commit)),
+        )
+        .replace("<!--UPTIME-->", &i.uptime_seconds.to_string())
+        .replace("<!--RELOAD-->", reload)
+        .replace("<!--SUSPECTS-->", &suspects)
         .replace("<!--DOWNSTREAM-->", &status.downstream.open.to_string())
         .replace("<!--ROWS-->", &rows)
         .replace("<!--CLIENTS-->", &clients)
+}
+
+const EMPTY_SUSPECTS: &str = r#"<tr><td colspan="4">none suspected</td></tr>"#;
+
+/// One suspected leaking client; the inline script's `suspect()` builds the same.
+fn suspect_row(c: &ClientReport) -> String {
+    format!(
+        concat!(
+            r#"<tr class="suspect" data-client="{address}"><td>{address}</td>"#,
+            r#"<td data-field="opened">{opened}</td><td data-field="requests">{requests}</td>"#,
+            r#"<td data-field="open">{open}</td></tr>"#
+        ),
+        address = esc(&c.address),
+        opened = c.opened_in_window,
+        requests = c.requests_in_window,
+        open = c.connections_open,
+    )
 }
 
 const EMPTY_CLIENTS: &str = r#"<tr><td colspan="4">no client connections</td></tr>"#;
@@ -154,7 +222,7 @@ fn client_row(c: &ClientShare) -> String {
     )
 }
 
-const EMPTY_ROW: &str = r#"<tr><td colspan="10">no upstreams</td></tr>"#;
+const EMPTY_ROW: &str = r#"<tr><td colspan="13">no upstreams</td></tr>"#;
 
 /// One upstream's row. The inline script's `row()` builds the same markup; the data
 /// attributes are what the browser test reads.
@@ -194,6 +262,9 @@ fn pool_row(p: &PoolSnapshot) -> String {
             r#"<td data-field="idle">{idle}</td>"#,
             r#"<td data-field="tunnels">{tunnels}</td>"#,
             r#"<td data-field="queued">{queued}</td>"#,
+            r#"<td data-field="rate">-</td>"#,
+            r#"<td data-field="error_rate">-</td>"#,
+            r#"<td class="reasons">{errors}</td>"#,
             r#"<td class="reasons">{rejected}</td>"#,
             r#"<td class="reasons">{closed}</td>"#,
             "</tr>"
@@ -208,6 +279,7 @@ fn pool_row(p: &PoolSnapshot) -> String {
         idle = c.idle,
         tunnels = tunnels,
         queued = c.queued,
+        errors = reasons(&p.errors, "error"),
         rejected = reasons(&p.rejected, "rejected"),
         closed = reasons(&p.closed, "closed"),
     )
@@ -273,7 +345,26 @@ mod tests {
 
     #[test]
     fn the_page_escapes_names_and_lists_only_nonzero_reasons() {
+        let instance = || Instance {
+            version: "1.2.3",
+            commit: "abc",
+            uptime_seconds: 7,
+            reload: ReloadStatus {
+                last_successful: false,
+                last_success_unix: 0.0,
+                failures: 1,
+            },
+        };
         let doc = Status {
+            instance: instance(),
+            suspects: vec![ClientReport {
+                address: "127.0.0.9".into(),
+                connections_open: 30,
+                opened_in_window: 40,
+                requests_in_window: 40,
+                requests_per_connection: 1.0,
+                suspected_leak: true,
+            }],
             downstream: Downstream { open: 2 },
             pools: vec![PoolSnapshot {
                 upstream: "<x>".into(),
@@ -291,6 +382,8 @@ mod tests {
                 connections: Vec::new(),
                 closed: BTreeMap::from([("error", 0), ("idle_timeout", 2)]),
                 rejected: BTreeMap::from([("queue_full", 0)]),
+                responses: 9,
+                errors: BTreeMap::from([("connect", 3), ("tls", 0)]),
             }],
             clients: vec![ClientShare {
                 address: "127.0.0.2".into(),
@@ -307,7 +400,14 @@ mod tests {
         assert!(page.contains(r#"<b id="downstream">2</b>"#));
         assert!(page.contains(r#"<tr class="client" data-client="127.0.0.2">"#));
         assert!(page.contains(r#"<td data-field="evicted">80</td>"#));
+        assert!(page.contains(r#"<b data-error="connect">3</b>"#));
+        assert!(!page.contains(r#"data-error="tls""#));
+        assert!(page.contains(r#"<tr class="suspect" data-client="127.0.0.9">"#));
+        assert!(page.contains(r#"<b id="version">1.2.3 (abc)</b>"#));
+        assert!(page.contains(r#"<b id="reload">failed</b>"#));
         let empty = status_page(&Status {
+            instance: instance(),
+            suspects: Vec::new(),
             downstream: Downstream { open: 0 },
             pools: Vec::new(),
             clients: Vec::new(),

@@ -33,6 +33,7 @@ pub const DOWNSTREAM_PARKED: &str = "tether_downstream_parked_connections";
 pub const DOWNSTREAM_OPENED: &str = "tether_downstream_connections_opened_total";
 pub const DOWNSTREAM_CLOSED: &str = "tether_downstream_connections_closed_total";
 pub const DOWNSTREAM_REJECTED: &str = "tether_downstream_requests_rejected_total";
+pub const SUSPECTED_LEAKS: &str = "tether_suspected_leaking_clients";
 pub const CONFIG_RELOADS: &str = "tether_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_OK: &str = "tether_config_last_reload_successful";
 pub const CONFIG_LAST_RELOAD_TIME: &str = "tether_config_last_reload_success_timestamp_seconds";
@@ -127,6 +128,11 @@ const DESCRIPTIONS: &[(&str, &str, Option<Unit>)] = &[
         None,
     ),
     (DOWNSTREAM_OPENED, "Client connections accepted.", None),
+    (
+        SUSPECTED_LEAKS,
+        "Clients among the top diagnosis.top_clients that look like they leak connections (many opened, about one request each); /debug/clients names them.",
+        None,
+    ),
     (
         DOWNSTREAM_CLOSED,
         "Client connections closed, by reason.",

@@ -189,6 +189,15 @@ fn assert_page_matches(html: &str, pools: &serde_json::Value) {
         text_after(html, r#"id="downstream""#).as_deref(),
         Some(pools["downstream"]["open"].to_string().as_str())
     );
+    let instance = &pools["instance"];
+    let version = format!(
+        "{} ({})",
+        instance["version"].as_str().unwrap(),
+        instance["commit"].as_str().unwrap()
+    );
+    assert_eq!(text_after(html, r#"id="version""#), Some(version));
+    assert_eq!(text_after(html, r#"id="reload""#).as_deref(), Some("ok"));
+    assert!(html.contains(r#"<table id="suspects">"#));
     for p in list {
         let name = p["upstream"].as_str().unwrap();
         let row = &rows[name];
@@ -206,7 +215,21 @@ fn assert_page_matches(html: &str, pools: &serde_json::Value) {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        assert_eq!(row.fields, expected, "{name}: {}", row.html);
+        let mut fields = row.fields.clone();
+        // Rates need two snapshots: "-" server-side, then per second over the last
+        // minute. The scene holds still, so they are zero once known.
+        for rate in ["rate", "error_rate"] {
+            let shown = fields.remove(rate).unwrap_or_default();
+            assert!(
+                shown == "-" || shown.parse::<f64>() == Ok(0.0),
+                "{name} {rate}: {shown}"
+            );
+        }
+        assert_eq!(fields, expected, "{name}: {}", row.html);
+        for (kind, n) in nonzero(&p["errors"]) {
+            let shown = format!(r#"<b data-error="{kind}">{n}</b>"#);
+            assert!(row.html.contains(&shown), "{name}: {shown} in {}", row.html);
+        }
         assert_eq!(row.closed, nonzero(&p["closed"]), "{name} closed");
         assert_eq!(row.rejected, nonzero(&p["rejected"]), "{name} rejected");
         let cap = p["limits"]["max_connections"].as_f64().unwrap();
@@ -231,6 +254,11 @@ fn counts_only(mut pools: serde_json::Value) -> serde_json::Value {
     for p in pools["pools"].as_array_mut().unwrap() {
         p.as_object_mut().unwrap().remove("connections");
     }
+    // The clock moves on; the pools are what must hold still.
+    pools["instance"]
+        .as_object_mut()
+        .unwrap()
+        .remove("uptime_seconds");
     pools
 }
 

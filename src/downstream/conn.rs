@@ -29,6 +29,8 @@ pub struct Downstream {
     pub(super) idle: Gauge,
     /// Idle connections held as bare sockets (a subset of `idle`).
     pub(super) parked: Gauge,
+    /// `tether_suspected_leaking_clients`, set at each scrape.
+    suspects: Gauge,
     pub(super) opened: Counter,
     /// One per [`ClientClose`], in [`ClientClose::ALL`] order.
     closed: [Counter; 9],
@@ -186,6 +188,7 @@ impl Downstream {
             active: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "active")]),
             idle: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "idle")]),
             parked: telemetry.gauge(t::DOWNSTREAM_PARKED, &[]),
+            suspects: telemetry.gauge(t::SUSPECTED_LEAKS, &[]),
             opened: telemetry.counter(t::DOWNSTREAM_OPENED, &[]),
             closed: ClientClose::ALL
                 .map(|r| telemetry.counter(t::DOWNSTREAM_CLOSED, &[("reason", r.as_str())])),
@@ -223,6 +226,19 @@ impl Downstream {
 
     pub fn open(&self) -> usize {
         self.conns.lock().len()
+    }
+
+    /// Sets `tether_suspected_leaking_clients` from the diagnosis: how many of the
+    /// top `config.top_clients` clients look like they leak connections. Called
+    /// before each scrape, so the gauge is as fresh as the scrape.
+    pub fn count_suspects(&self, config: &crate::config::DiagnosisConfig) {
+        let n = self
+            .clients
+            .top(config)
+            .iter()
+            .filter(|c| c.suspected_leak)
+            .count();
+        self.suspects.set(n as f64);
     }
 
     /// Client connections open from `ip` (what `max_connections_per_client` limits).

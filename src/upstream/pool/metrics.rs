@@ -268,7 +268,9 @@ pub struct PoolMetrics {
     /// answered with one status class, [`ErrorKind::status_class`]).
     failed: PerLabel<ErrorKind, Counter, 12>,
     /// Failed exchanges by kind: tether's own answers and bodies broken off.
-    errors: PerLabel<ErrorKind, Counter, 12>,
+    errors: PerLabel<ErrorKind, Tallied, 12>,
+    /// Responses of either kind, for the status page's rates.
+    responses: AtomicU64,
     /// The cap in force; set only by `Pool::apply_limits`.
     pub(super) max_connections: Gauge,
 }
@@ -312,8 +314,9 @@ impl PoolMetrics {
                 )
             }),
             errors: PerLabel::new(ErrorKind::ALL, |k| {
-                telemetry.counter(t::UPSTREAM_ERRORS, &[up, ("kind", k.as_str())])
+                Tallied::new(telemetry.counter(t::UPSTREAM_ERRORS, &[up, ("kind", k.as_str())]))
             }),
+            responses: AtomicU64::new(0),
             max_connections: telemetry.gauge(t::UPSTREAM_MAX_CONNECTIONS, &[up]),
         }
     }
@@ -321,6 +324,7 @@ impl PoolMetrics {
     /// A response went to a client for this upstream: the upstream's own (`None`),
     /// or tether's for a failure of `kind` (also counted as an error).
     pub fn responded(&self, status: http::StatusCode, kind: Option<ErrorKind>) {
+        self.responses.fetch_add(1, Ordering::Relaxed);
         match kind {
             None => self.answered[class_index(status)].increment(1),
             Some(kind) => {
@@ -333,7 +337,17 @@ impl PoolMetrics {
     /// An exchange with this upstream failed with `kind` (its response may have
     /// been under way already).
     pub fn error(&self, kind: ErrorKind) {
-        self.errors.get(kind).increment(1);
+        self.errors.get(kind).increment();
+    }
+
+    /// Responses sent for this pool's upstream.
+    pub(super) fn responses_total(&self) -> u64 {
+        self.responses.load(Ordering::Relaxed)
+    }
+
+    /// Failed exchanges of this pool, by kind.
+    pub(super) fn error_totals(&self) -> BTreeMap<&'static str, u64> {
+        self.errors.totals()
     }
 
     pub fn request(&self, status: http::StatusCode, reused: bool) {

@@ -429,6 +429,8 @@ impl Pool {
             connections,
             closed: metrics.closed_totals(),
             rejected: metrics.rejected_totals(),
+            responses: metrics.responses_total(),
+            errors: metrics.error_totals(),
         }
     }
 

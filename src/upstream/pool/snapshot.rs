@@ -55,6 +55,10 @@ pub struct PoolSnapshot {
     pub closed: BTreeMap<&'static str, u64>,
     /// This pool's requests refused, by reason (every reason listed).
     pub rejected: BTreeMap<&'static str, u64>,
+    /// Responses sent to clients for this pool since it was made.
+    pub responses: u64,
+    /// Its failed exchanges, by error kind (every kind listed).
+    pub errors: BTreeMap<&'static str, u64>,
 }
 
 /// One socket as `/debug/pools` shows it.
