@@ -222,7 +222,7 @@ fn client_row(c: &ClientShare) -> String {
     )
 }
 
-const EMPTY_ROW: &str = r#"<tr><td colspan="13">no upstreams</td></tr>"#;
+const EMPTY_ROW: &str = r#"<tr><td colspan="14">no upstreams</td></tr>"#;
 
 /// One upstream's row. The inline script's `row()` builds the same markup; the data
 /// attributes are what the browser test reads.
@@ -264,6 +264,7 @@ fn pool_row(p: &PoolSnapshot) -> String {
             r#"<td data-field="queued">{queued}</td>"#,
             r#"<td data-field="rate">-</td>"#,
             r#"<td data-field="error_rate">-</td>"#,
+            r#"<td data-field="queue_wait">{queue_wait}</td>"#,
             r#"<td class="reasons">{errors}</td>"#,
             r#"<td class="reasons">{rejected}</td>"#,
             r#"<td class="reasons">{closed}</td>"#,
@@ -279,10 +280,20 @@ fn pool_row(p: &PoolSnapshot) -> String {
         idle = c.idle,
         tunnels = tunnels,
         queued = c.queued,
+        queue_wait = mean_ms(p.queue_wait_seconds, p.queue_waits),
         errors = reasons(&p.errors, "error"),
         rejected = reasons(&p.rejected, "rejected"),
         closed = reasons(&p.closed, "closed"),
     )
+}
+
+/// The mean of `n` waits totalling `seconds`, in milliseconds ("-" for none): the
+/// server-rendered page's figure since start; the script's is over the last minute.
+fn mean_ms(seconds: f64, n: u64) -> String {
+    match n {
+        0 => "-".to_string(),
+        n => format!("{:.1}", 1000.0 * seconds / n as f64),
+    }
 }
 
 /// The non-zero entries of a `{reason: count}` map, each count tagged `data-{attr}`.
@@ -383,6 +394,8 @@ mod tests {
                 closed: BTreeMap::from([("error", 0), ("idle_timeout", 2)]),
                 rejected: BTreeMap::from([("queue_full", 0)]),
                 responses: 9,
+                queue_waits: 2,
+                queue_wait_seconds: 0.5,
                 errors: BTreeMap::from([("connect", 3), ("tls", 0)]),
             }],
             clients: vec![ClientShare {
@@ -401,6 +414,7 @@ mod tests {
         assert!(page.contains(r#"<tr class="client" data-client="127.0.0.2">"#));
         assert!(page.contains(r#"<td data-field="evicted">80</td>"#));
         assert!(page.contains(r#"<b data-error="connect">3</b>"#));
+        assert!(page.contains(r#"<td data-field="queue_wait">250.0</td>"#));
         assert!(!page.contains(r#"data-error="tls""#));
         assert!(page.contains(r#"<tr class="suspect" data-client="127.0.0.9">"#));
         assert!(page.contains(r#"<b id="version">1.2.3 (abc)</b>"#));

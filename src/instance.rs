@@ -354,7 +354,7 @@ impl Running {
         if cut > 0 {
             tracing::warn!(
                 cut,
-                ?drain,
+                drain_ms = crate::telemetry::millis(drain),
                 "drain timeout: cutting client connections still in flight"
             );
         }

@@ -53,7 +53,7 @@ pub(crate) async fn accept_admitted(
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 let addr = listener.local_addr().ok();
-                tracing::warn!(error = %e, listener = ?addr, "accept failed");
+                tracing::warn!(error = %e, listener = addr.map(tracing::field::display), "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

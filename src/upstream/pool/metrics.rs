@@ -257,7 +257,9 @@ pub struct PoolMetrics {
     requests: [[Counter; 2]; 5],
     pub duration: Histogram,
     pub(super) queue_depth: Gauge,
-    pub(super) queue_wait: Histogram,
+    queue_wait: Histogram,
+    /// Queued requests and their total wait in microseconds, for the status page.
+    queue_waits: [AtomicU64; 2],
     rejected: PerLabel<Rejection, Tallied, 3>,
     pub stale_retries: Counter,
     /// `[client→upstream, upstream→client]`.
@@ -294,6 +296,7 @@ impl PoolMetrics {
             duration: telemetry.histogram(t::UPSTREAM_REQUEST_DURATION, &[up]),
             queue_depth: telemetry.gauge(t::UPSTREAM_QUEUE_DEPTH, &[up]),
             queue_wait: telemetry.histogram(t::UPSTREAM_QUEUE_WAIT, &[up]),
+            queue_waits: [AtomicU64::new(0), AtomicU64::new(0)],
             rejected: PerLabel::new(Rejection::ALL, |r| {
                 Tallied::new(telemetry.counter(t::UPSTREAM_REJECTED, &[up, ("reason", r.as_str())]))
             }),
@@ -338,6 +341,22 @@ impl PoolMetrics {
     /// been under way already).
     pub fn error(&self, kind: ErrorKind) {
         self.errors.get(kind).increment();
+    }
+
+    /// A queued request waited `wait` (for a grant, or until it gave up).
+    pub(super) fn queued_for(&self, wait: std::time::Duration) {
+        self.queue_wait.record(wait.as_secs_f64());
+        self.queue_waits[0].fetch_add(1, Ordering::Relaxed);
+        self.queue_waits[1].fetch_add(wait.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Queued requests so far, and their total wait in seconds.
+    pub(super) fn queue_wait_totals(&self) -> (u64, f64) {
+        let [n, micros] = &self.queue_waits;
+        (
+            n.load(Ordering::Relaxed),
+            micros.load(Ordering::Relaxed) as f64 / 1e6,
+        )
     }
 
     /// Responses sent for this pool's upstream.

@@ -225,10 +225,7 @@ impl Pool {
             }
         })
         .await;
-        self.inner
-            .metrics
-            .queue_wait
-            .record(started.elapsed().as_secs_f64());
+        self.inner.metrics.queued_for(started.elapsed());
         match granted {
             Ok(Ok(grant)) => Ok(grant),
             // The sender is only dropped by a pool being torn down.
@@ -430,6 +427,8 @@ impl Pool {
             closed: metrics.closed_totals(),
             rejected: metrics.rejected_totals(),
             responses: metrics.responses_total(),
+            queue_waits: metrics.queue_wait_totals().0,
+            queue_wait_seconds: metrics.queue_wait_totals().1,
             errors: metrics.error_totals(),
         }
     }

@@ -57,6 +57,9 @@ pub struct PoolSnapshot {
     pub rejected: BTreeMap<&'static str, u64>,
     /// Responses sent to clients for this pool since it was made.
     pub responses: u64,
+    /// Requests that queued for a socket, and their total wait.
+    pub queue_waits: u64,
+    pub queue_wait_seconds: f64,
     /// Its failed exchanges, by error kind (every kind listed).
     pub errors: BTreeMap<&'static str, u64>,
 }
