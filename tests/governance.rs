@@ -157,6 +157,21 @@ async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
         clients[0]["address"], "127.0.0.2",
         "most connections opened first"
     );
+
+    // For alerting and the status page: one suspect, the leaky client alone.
+    let scrape = admin(&tether, "/metrics").await.text();
+    assert_eq!(
+        metric(&scrape, "tether_suspected_leaking_clients", &[]),
+        Some(1.0)
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&admin(&tether, "/debug/pools").await.body).unwrap();
+    let suspects = status["suspects"].as_array().unwrap();
+    assert_eq!(suspects.len(), 1, "{suspects:?}");
+    assert_eq!(suspects[0]["address"], "127.0.0.2");
+    let page = admin(&tether, "/").await.text();
+    assert!(page.contains(r#"<tr class="suspect" data-client="127.0.0.2">"#));
+    assert!(!page.contains(r#"<tr class="suspect" data-client="127.0.0.3">"#));
 }
 
 #[tokio::test]

@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
@@ -451,5 +453,56 @@ async fn the_live_exposition_passes_promtool_check_metrics() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "promtool check metrics: {said}");
     assert!(said.trim().is_empty(), "no lint findings: {said}");
+    tether.shutdown().await;
+}
+
+#[tokio::test]
+async fn timeouts_before_and_after_the_head_count_as_kind_timeout() {
+    let origin = Origin::start().await;
+    let mut config = support::config(&[("a", &origin)]);
+    config.pool.response_header_timeout = Duration::from_millis(200);
+    config.pool.request_timeout = Duration::from_millis(500);
+    route(&mut config, "a");
+    let (logs, _guard) = Captured::install_json();
+    let tether = start(config).await;
+    let listener = tether.route_addrs[0];
+    // No head within response_header_timeout: tether answers 504.
+    let reply = route_get(listener, "/delay/5000").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    // A head, then a body that never finishes: cut at request_timeout.
+    let mut client = TcpStream::connect(listener).await.unwrap();
+    client
+        .write_all(b"GET /gated/1000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest).await;
+    assert!(rest.starts_with(b"HTTP/1.1 200"));
+
+    assert!(eventually(WAIT, || async { access_lines(&logs).len() >= 2 }).await);
+    let lines = access_lines(&logs);
+    assert_eq!(lines[0]["status"], 504);
+    assert_eq!(lines[0]["error"], "timeout");
+    assert_eq!(lines[1]["status"], 200);
+    assert_eq!(lines[1]["error"], "timeout", "{}", lines[1]);
+    let text = tether.metrics();
+    let a = |labels: &[(&str, &str)]| value(&text, "tether_upstream_responses_total", labels);
+    assert_eq!(
+        a(&[("upstream", "a"), ("code", "5xx"), ("kind", "timeout")]),
+        1.0
+    );
+    assert_eq!(
+        a(&[("upstream", "a"), ("code", "2xx"), ("kind", "none")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "tether_upstream_errors_total",
+            &[("upstream", "a"), ("kind", "timeout")]
+        ),
+        2.0,
+        "the 504 and the body cut after its head"
+    );
     tether.shutdown().await;
 }
