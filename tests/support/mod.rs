@@ -195,6 +195,23 @@ impl Captured {
     }
 }
 
+/// The value of a series that must exist.
+pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(text, name, labels).unwrap_or_else(|| panic!("no series {name} {labels:?}"))
+}
+
+/// The access-log lines a JSON capture ([`Captured::install_json`]) holds so far:
+/// each line's fields, parsed.
+pub fn access_lines(logs: &Captured) -> Vec<serde_json::Value> {
+    String::from_utf8(logs.bytes())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every log line is JSON"))
+        .filter(|v| v["target"] == "tether::access")
+        .map(|v| v["fields"].clone())
+        .collect()
+}
+
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
