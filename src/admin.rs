@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::ClusterStatus;
 use crate::downstream::ClientShare;
 use crate::upstream::PoolSnapshot;
 use crate::Shared;
@@ -83,6 +84,10 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
 pub struct Status {
     pub downstream: Downstream,
     pub pools: Vec<PoolSnapshot>,
+    /// The `[cluster]` as this replica sees it (members, its place, fallback);
+    /// each pool's `share` is what it takes of its `cluster_max_connections`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
     /// The top `diagnosis.top_clients` clients by connections open (bounded).
     pub clients: Vec<ClientShare>,
 }
@@ -104,6 +109,7 @@ pub fn status(shared: &Shared) -> Status {
             .iter()
             .map(|u| u.pool.snapshot())
             .collect(),
+        cluster: shared.upstreams().cluster().map(|c| (*c.status()).clone()),
         clients: top_clients(shared),
     }
 }
@@ -128,8 +134,28 @@ fn status_page(status: &Status) -> String {
     };
     STATUS_PAGE
         .replace("<!--DOWNSTREAM-->", &status.downstream.open.to_string())
+        .replace("<!--CLUSTER-->", &cluster_line(status.cluster.as_ref()))
         .replace("<!--ROWS-->", &rows)
         .replace("<!--CLIENTS-->", &clients)
+}
+
+/// The cluster as this replica sees it; the inline script's `cluster()` writes the
+/// same text.
+fn cluster_line(cluster: Option<&ClusterStatus>) -> String {
+    let Some(c) = cluster else {
+        return String::new();
+    };
+    if c.fallback {
+        return "Cluster: member list never read; each cap is its own max_connections. ".into();
+    }
+    let place = match c.self_index {
+        None => "this replica is not listed (share 0)".to_string(),
+        Some(i) => format!("this replica is #{}", i + 1),
+    };
+    format!(
+        r#"Cluster: <b data-field="members">{}</b> members, {place}. "#,
+        c.members.unwrap_or(0)
+    )
 }
 
 const EMPTY_CLIENTS: &str = r#"<tr><td colspan="4">no client connections</td></tr>"#;
@@ -187,7 +213,7 @@ fn pool_row(p: &PoolSnapshot) -> String {
         concat!(
             r#"<tr class="pool" data-upstream="{name}">"#,
             r#"<td><b>{name}</b><br><small>{origin}</small></td>"#,
-            r#"<td><b data-field="open">{open}</b> / <span data-field="cap">{cap}</span></td>"#,
+            r#"<td><b data-field="open">{open}</b> / <span data-field="cap">{cap}</span>{share}</td>"#,
             r#"<td><div class="bar">{bar}</div></td>"#,
             r#"<td data-field="connecting">{connecting}</td>"#,
             r#"<td data-field="active">{active}</td>"#,
@@ -202,6 +228,12 @@ fn pool_row(p: &PoolSnapshot) -> String {
         origin = esc(&p.origin),
         open = p.open,
         cap = cap,
+        share = match (p.share, p.limits.cluster_max_connections) {
+            (Some(share), Some(total)) => format!(
+                r#"<br><small>cluster share <span data-field="share">{share}</span> of {total}</small>"#
+            ),
+            _ => String::new(),
+        },
         bar = bar,
         connecting = c.connecting,
         active = c.active,
@@ -284,6 +316,7 @@ mod tests {
                     ..PoolConfig::default()
                 },
                 cap: 4,
+                share: None,
                 counts: PoolCounts {
                     active: 1,
                     ..PoolCounts::default()
@@ -292,6 +325,7 @@ mod tests {
                 closed: BTreeMap::from([("error", 0), ("idle_timeout", 2)]),
                 rejected: BTreeMap::from([("queue_full", 0)]),
             }],
+            cluster: None,
             clients: vec![ClientShare {
                 address: "127.0.0.2".into(),
                 connections_open: 20,
@@ -310,6 +344,7 @@ mod tests {
         let empty = status_page(&Status {
             downstream: Downstream { open: 0 },
             pools: Vec::new(),
+            cluster: None,
             clients: Vec::new(),
         });
         assert!(empty.contains("no upstreams"));

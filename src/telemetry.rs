@@ -32,6 +32,10 @@ pub const DOWNSTREAM_CLOSED: &str = "tether_downstream_connections_closed_total"
 pub const DOWNSTREAM_REJECTED: &str = "tether_downstream_requests_rejected_total";
 pub const CONFIG_RELOADS: &str = "tether_config_reloads_total";
 pub const BUDGET_CONNECTIONS: &str = "tether_budget_connections";
+pub const CLUSTER_MEMBERS: &str = "tether_cluster_members";
+pub const CLUSTER_FALLBACK: &str = "tether_cluster_fallback";
+pub const CLUSTER_SELF_MISSING: &str = "tether_cluster_self_missing";
+pub const CLUSTER_READ_FAILURES: &str = "tether_cluster_read_failures_total";
 
 /// Label value for traffic to origins matched by an allow pattern rather than a
 /// listed upstream: labels stay bounded by the config, never raw hosts.
@@ -110,6 +114,26 @@ const DESCRIPTIONS: &[(&str, &str, Option<Unit>)] = &[
     (
         BUDGET_CONNECTIONS,
         "The shared connection budget: sockets open across all upstreams, and the limit.",
+        None,
+    ),
+    (
+        CLUSTER_MEMBERS,
+        "Members in the last [cluster] member list read.",
+        None,
+    ),
+    (
+        CLUSTER_FALLBACK,
+        "1 while the [cluster] member list has never been read: each upstream's own max_connections stands in for the cluster cap.",
+        None,
+    ),
+    (
+        CLUSTER_SELF_MISSING,
+        "1 while this replica's [cluster] self address is not in the member list: its share is 0.",
+        None,
+    ),
+    (
+        CLUSTER_READ_FAILURES,
+        "Reads of the [cluster] member list that failed (the share in force was kept).",
         None,
     ),
 ];

@@ -108,7 +108,7 @@ impl Pool {
         let inner = Arc::new(Inner {
             name: name.into(),
             connector,
-            limits: RwLock::new(Limits::new(config)),
+            limits: RwLock::new(Limits::new(config, None)),
             state: Mutex::new(State {
                 table: Table::new(metrics::state_gauges(telemetry, name)),
                 h2_known,
@@ -360,10 +360,26 @@ impl Pool {
         drop(victims);
     }
 
-    /// Applies new limits to the live pool: surplus idle sockets close, a raised cap
-    /// admits waiters. In-flight requests are untouched.
+    /// Applies new limits to the live pool, keeping its cluster share: surplus idle
+    /// sockets close, a raised cap admits waiters. In-flight requests are untouched.
     pub fn reconfigure(&self, config: PoolConfig) {
-        let limits = Limits::new(config);
+        let share = self.inner.limits().share();
+        self.set_limits(config, share);
+    }
+
+    /// Sets this replica's share of the cluster-wide cap (`None`: no cluster cap),
+    /// which lowers the cap in force to it. Lowered, idle sockets above it close at
+    /// once and active ones close at check-in instead of being reused; raised, it
+    /// admits waiters.
+    pub fn set_share(&self, share: Option<usize>) {
+        let config = (**self.inner.limits().config()).clone();
+        self.set_limits(config, share);
+    }
+
+    /// The one place the limits in force change (a reload's config, a cluster
+    /// share, or both at once): every change of the cap goes through here.
+    pub fn set_limits(&self, config: PoolConfig, share: Option<usize>) {
+        let limits = Limits::new(config, share);
         *self.inner.limits.write() = limits.clone();
         self.inner
             .member
@@ -377,10 +393,17 @@ impl Pool {
             let over_idle = idle.saturating_sub(limits.idle_limit());
             let surplus = st.table.surplus(&limits).max(over_idle).min(idle);
             let ids = st.table.idle_ids()[..surplus].to_vec();
-            let victims: Vec<Client> = ids
+            let mut victims: Vec<Client> = ids
                 .into_iter()
                 .filter_map(|id| st.table.take_idle(id, CloseReason::MaxIdle))
                 .collect();
+            // HTTP/2 connections with no stream open are idle too: above the cap,
+            // they stop taking streams and close.
+            let over = st.table.surplus(&limits).saturating_sub(victims.len());
+            let unused = h2::unused(&st.table);
+            for id in unused.into_iter().take(over) {
+                victims.extend(st.table.unshare(id, CloseReason::MaxIdle));
+            }
             let grants = self.inner.grant_waiters(&mut st, &limits);
             (victims, grants)
         };
@@ -414,6 +437,7 @@ impl Pool {
             origin: self.inner.connector.origin().to_string(),
             limits: (**limits.config()).clone(),
             cap: limits.cap(),
+            share: limits.share(),
             open: connections.len(),
             counts,
             connections,
