@@ -67,7 +67,6 @@ fn cluster_problems_are_reported_together_with_their_key_paths() {
     .unwrap_err();
     let paths: Vec<&str> = err.0.iter().map(|p| p.path.as_str()).collect();
     for path in [
-        "cluster.self",
         "cluster.refresh",
         "cluster.hold_off",
         "upstream[0].cluster_max_connections",

@@ -124,3 +124,19 @@ async fn a_replica_missing_from_the_list_opens_no_socket_and_says_so() {
     cap_becomes(&tether, 3).await;
     assert_eq!(gauge(&tether, "tether_cluster_self_missing"), 0.0);
 }
+
+#[tokio::test]
+async fn a_replica_without_self_takes_no_share_and_says_so() {
+    let (logs, _guard) = Captured::install();
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("members");
+    write_members(&file, &[me(), other()]);
+    let mut cfg = cluster_config(&origin, me(), &file, 6);
+    cfg.cluster.self_addr = None; // TETHER_CLUSTER__SELF forgotten
+    let tether = start(cfg).await;
+    assert_eq!(held(&tether).1, 0);
+    assert_eq!(gauge(&tether, "tether_cluster_self_missing"), 1.0);
+    let log = String::from_utf8(logs.bytes()).unwrap();
+    assert!(log.contains("cluster.self is not set"), "{log}");
+}

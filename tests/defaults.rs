@@ -199,7 +199,7 @@ fn keys_commented_out_in_the_embedded_config_show_their_built_in_defaults() {
     assert!(!commented.is_empty(), "max_idle is commented out in [pool]");
     let defaults = sections(&in_force(Config::default()));
     // The [cluster] keys and cluster_max_connections go together (a cluster cap
-    // needs members, members need self): each is loaded with the [cluster] lines.
+    // needs members): each is loaded with the [cluster] lines.
     let cluster: String = commented
         .iter()
         .filter(|k| k.section == "cluster")

@@ -81,7 +81,13 @@ impl Cluster {
     ) -> Option<Cluster> {
         let c = &config.cluster;
         let members = c.members.clone()?;
-        let me = c.self_addr?; // validated: set with members
+        let me = c.self_addr;
+        if me.is_none() {
+            tracing::warn!(
+                "cluster.self is not set (TETHER_CLUSTER__SELF): this replica cannot find \
+                 itself in the member list, so its share of every cluster cap is 0"
+            );
+        }
         let hold_off = c.hold_off(config);
         let mut refresh = Refresh {
             members,
@@ -156,7 +162,7 @@ impl ClusterMetrics {
 /// The refresh task's state.
 struct Refresh {
     members: Members,
-    me: IpAddr,
+    me: Option<IpAddr>,
     tracker: share::Tracker,
     hold_off: Duration,
     metrics: ClusterMetrics,
@@ -204,13 +210,13 @@ impl Refresh {
             if missing && !self.missing {
                 tracing::warn!(
                     %source,
-                    self_addr = %self.me,
+                    self_addr = ?self.me,
                     members = ?m.members,
                     "this replica's cluster.self is not in the member list: its share of every \
                      cluster cap is 0 until it is listed (tether_cluster_self_missing = 1)"
                 );
             } else if !missing && self.missing {
-                tracing::info!(self_addr = %self.me, "this replica is in the cluster member list again");
+                tracing::info!(self_addr = ?self.me, "this replica is in the cluster member list again");
             }
             self.missing = missing;
             self.metrics.members.set(m.members.len() as f64);

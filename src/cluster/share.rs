@@ -33,11 +33,11 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// The list `addrs` as seen by the member at `me`.
-    pub fn new(mut addrs: Vec<IpAddr>, me: IpAddr) -> Membership {
+    /// The list `addrs` as seen by the member at `me` (`None`: unknown).
+    pub fn new(mut addrs: Vec<IpAddr>, me: Option<IpAddr>) -> Membership {
         addrs.sort();
         addrs.dedup();
-        let self_index = addrs.iter().position(|a| *a == me);
+        let self_index = me.and_then(|me| addrs.iter().position(|a| *a == me));
         Membership {
             members: addrs,
             self_index,
@@ -169,8 +169,8 @@ mod tests {
         last.iter().map(|b| IpAddr::from([10, 0, 0, *b])).collect()
     }
 
-    fn me(b: u8) -> IpAddr {
-        IpAddr::from([10, 0, 0, b])
+    fn me(b: u8) -> Option<IpAddr> {
+        Some(IpAddr::from([10, 0, 0, b]))
     }
 
     #[test]
@@ -196,6 +196,7 @@ mod tests {
         assert_eq!(m.members, ips(&[1, 2, 3]));
         assert_eq!(m.self_index, Some(1));
         assert_eq!(Membership::new(ips(&[1, 3]), me(2)).self_index, None);
+        assert_eq!(Membership::new(ips(&[1, 3]), None).self_index, None);
     }
 
     #[test]

@@ -24,7 +24,9 @@ pub const MIN_CLUSTER_REFRESH: Duration = Duration::from_millis(10);
 pub struct ClusterConfig {
     /// Where the members are listed.
     pub members: Option<Members>,
-    /// This replica's address as it appears in `members` (the pod's IP).
+    /// This replica's address as it appears in `members` (the pod's IP). Unset,
+    /// this replica is in no list: its share is 0, as for an address not listed
+    /// (it is usually set from the environment, so a file without it is valid).
     #[serde(rename = "self")]
     pub self_addr: Option<IpAddr>,
     /// How often the member list is re-read.
@@ -141,14 +143,6 @@ impl ClusterConfig {
 /// The problems of `[cluster]` and of the `cluster_max_connections` keys.
 pub(super) fn validate(config: &Config, problem: &mut impl FnMut(String, String)) {
     let c = &config.cluster;
-    if c.members.is_some() && c.self_addr.is_none() {
-        problem(
-            "cluster.self".into(),
-            "must be set with cluster.members: this replica's address as members lists it \
-             (the pod's IP, e.g. TETHER_CLUSTER__SELF from the downward API)"
-                .into(),
-        );
-    }
     if c.refresh < MIN_CLUSTER_REFRESH {
         problem(
             "cluster.refresh".into(),
