@@ -57,6 +57,10 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if shared.is_ready() && joining_cluster(shared) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: joining the cluster, no share of its caps yet\n",
+        ),
         "/readyz" if shared.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => with_type(
@@ -77,6 +81,21 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         "/" => with_type(status_page(&status(shared)), "text/html; charset=utf-8"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// A replica that is listed but has no share yet (its first reads and the
+/// hold-off after them) is not ready while an upstream has a cluster cap: clients
+/// the Service sent it would only queue.
+fn joining_cluster(shared: &Shared) -> bool {
+    let Some(cluster) = shared.upstreams().cluster() else {
+        return false;
+    };
+    cluster.status().joining
+        && shared
+            .table()
+            .listed
+            .iter()
+            .any(|u| u.pool.config().cluster_max_connections.is_some())
 }
 
 /// What `/debug/pools` serves and the status page shows.

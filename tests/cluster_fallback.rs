@@ -61,10 +61,21 @@ async fn a_list_never_read_falls_back_to_the_own_cap_and_says_so() {
 
     // Once the list is read, the fallback ends; a new member takes nothing until it
     // has read it twice and held off.
+    // Falling back it is ready; joining, it is not until it has its share, so the
+    // Service sends it no clients that would only queue.
+    assert_eq!(admin(&tether, "/readyz").await.status, 200);
     write_members(&file, &[me(), other()]);
     cap_becomes(&tether, 0).await;
     assert_eq!(gauge(&tether, "tether_cluster_fallback"), 0.0);
+    let readyz = admin(&tether, "/readyz").await;
+    assert_eq!(readyz.status, 503);
+    assert!(
+        readyz.text().contains("joining the cluster"),
+        "{}",
+        readyz.text()
+    );
     cap_becomes(&tether, 3).await; // min(8, max_connections)
+    assert_eq!(admin(&tether, "/readyz").await.status, 200);
 }
 
 #[tokio::test]

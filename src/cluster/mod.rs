@@ -43,6 +43,10 @@ pub struct ClusterStatus {
     pub self_index: Option<usize>,
     /// The list was never read: each pool falls back to its own `max_connections`.
     pub fallback: bool,
+    /// Listed, but not yet past the hold-off since a view without this replica
+    /// (its first read counts as one): its shares are still 0, so it reports
+    /// not ready and the Service sends it no clients yet.
+    pub joining: bool,
     /// Successful reads so far.
     pub reads: u64,
     #[serde(with = "humantime_serde")]
@@ -231,6 +235,7 @@ impl Refresh {
             members: last.map(|m| m.members.len()),
             self_index: last.and_then(|m| m.self_index),
             fallback,
+            joining: last.is_some_and(|m| m.self_index.is_some()) && standing.holds_nothing(),
             reads: self.tracker.reads(),
             hold_off: self.hold_off,
             standing,

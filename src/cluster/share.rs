@@ -74,6 +74,12 @@ pub enum Standing {
 }
 
 impl Standing {
+    /// A view of the last hold-off gave nothing: the first read, or the list
+    /// without this replica. (Listed now, it is still joining.)
+    pub fn holds_nothing(&self) -> bool {
+        matches!(self, Standing::Views(views) if views.contains(&Seen::Nothing))
+    }
+
     /// This member's cap for an upstream whose cluster cap is `total` and whose own
     /// cap is `max_connections`. Falling back, the replica acts as if it were alone
     /// with `max_connections` as the whole cap (never above `total`: no single
@@ -216,9 +222,13 @@ mod tests {
         assert_eq!(t.observe(Instant::now(), list()).cap(6, 32), 0, "read once");
         tokio::time::advance(Duration::from_secs(1)).await;
         // Read twice: a member, but taking its share is growth and waits.
-        assert_eq!(t.observe(Instant::now(), list()).cap(6, 32), 0);
+        let standing = t.observe(Instant::now(), list());
+        assert_eq!(standing.cap(6, 32), 0);
+        assert!(standing.holds_nothing());
         tokio::time::advance(hold_off).await;
-        assert_eq!(t.observe(Instant::now(), list()).cap(6, 32), 2);
+        let standing = t.observe(Instant::now(), list());
+        assert_eq!(standing.cap(6, 32), 2);
+        assert!(!standing.holds_nothing());
     }
 
     #[tokio::test(start_paused = true)]
