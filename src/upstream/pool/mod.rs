@@ -381,10 +381,10 @@ impl Pool {
     pub fn set_limits(&self, config: PoolConfig, share: Option<usize>) {
         let limits = Limits::new(config, share);
         *self.inner.limits.write() = limits.clone();
-        self.inner
-            .member
-            .floor
-            .store(limits.min_connections, Ordering::Relaxed);
+        // A floor above the cap in force could never be reached: the budget would
+        // count this pool as starved for good and make the others yield to it.
+        let floor = limits.min_connections.min(limits.cap());
+        self.inner.member.floor.store(floor, Ordering::Relaxed);
         let (victims, grants) = {
             let mut st = self.inner.state.lock();
             // Closed sockets leave the table only when their drivers drop them, so

@@ -278,3 +278,21 @@ async fn a_share_of_zero_queues_requests_and_a_raised_share_admits_them() {
     pool.set_share(None);
     assert_eq!(pool.snapshot().cap, 4);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_budget_floor_above_the_share_is_lowered_to_it() {
+    let (pool, _) = pool(|c| c.min_connections = 4);
+    let floor = || {
+        pool.inner
+            .member
+            .floor
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(floor(), 4);
+    // Never reachable under a share of 1: counted as starved, it would make the
+    // budget's other pools yield their sockets to it for nothing.
+    pool.set_share(Some(1));
+    assert_eq!(floor(), 1);
+    pool.set_share(None);
+    assert_eq!(floor(), 4);
+}
