@@ -481,13 +481,20 @@ def check_rules(report: Report) -> None:
 
 def allowed_keys(config: Path) -> dict[str, set[str]]:
     """Keys per section from config/tether.toml, including its commented-out
-    'fuller example' (lines like `# sni = ...` after a `# [[upstream]]`)."""
+    'fuller example' (lines like `# sni = ...` after a `# [[upstream]]`) and
+    keys commented out inside a real section (`# max_idle = 16` in [pool])."""
     import tomllib
 
     text = config.read_text()
     real = tomllib.loads(text)
     example_lines, started = [], False
+    commented: dict[str, set[str]] = {}
+    section = ""
     for line in text.splitlines():
+        header = re.match(r"^\[\[?([a-z_]+)\]\]?", line)
+        if header:
+            section = header.group(1)
+            continue
         m = re.match(r"^#\s?(\[\[?[a-z_]+\]\]?\s*(?:#.*)?|[a-z_]+\s*=\s*\S.*)$", line)
         if not m:
             continue
@@ -496,6 +503,8 @@ def allowed_keys(config: Path) -> dict[str, set[str]]:
             started = True
         if started:
             example_lines.append(body)
+        elif section:
+            commented.setdefault(section, set()).add(body.split("=", 1)[0].strip())
     try:
         example = tomllib.loads("\n".join(example_lines))
     except tomllib.TOMLDecodeError as e:
@@ -509,6 +518,8 @@ def allowed_keys(config: Path) -> dict[str, set[str]]:
             for entry in entries:
                 if isinstance(entry, dict):
                     keys.setdefault(section, set()).update(entry.keys())
+    for section, names in commented.items():
+        keys.setdefault(section, set()).update(names)
     # Any [pool] key may be overridden inside an [[upstream]].
     keys.setdefault("upstream", set()).update(keys.get("pool", set()))
     return keys

@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::ClusterStatus;
 use crate::diagnosis::ClientReport;
 use crate::downstream::ClientShare;
 use crate::telemetry::{ReloadStatus, COMMIT, VERSION};
@@ -58,6 +59,10 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if shared.is_ready() && joining_cluster(shared) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: joining the cluster, no share of its caps yet\n",
+        ),
         "/readyz" if shared.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => with_type(
@@ -85,12 +90,31 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     }
 }
 
+/// A replica that is listed but has no share yet (its first reads and the
+/// hold-off after them) is not ready while an upstream has a cluster cap: clients
+/// the Service sent it would only queue.
+fn joining_cluster(shared: &Shared) -> bool {
+    let Some(cluster) = shared.upstreams().cluster() else {
+        return false;
+    };
+    cluster.status().joining
+        && shared
+            .table()
+            .listed
+            .iter()
+            .any(|u| u.pool.config().cluster_max_connections.is_some())
+}
+
 /// What `/debug/pools` serves and the status page shows.
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub instance: Instance,
     pub downstream: Downstream,
     pub pools: Vec<PoolSnapshot>,
+    /// The `[cluster]` as this replica sees it (members, its place, fallback);
+    /// each pool's `share` is what it takes of its `cluster_max_connections`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
     /// The top `diagnosis.top_clients` clients by connections open (bounded).
     pub clients: Vec<ClientShare>,
     /// Clients the leak diagnosis suspects (of the top `diagnosis.top_clients`).
@@ -138,6 +162,7 @@ pub fn status(shared: &Shared) -> Status {
             .iter()
             .map(|u| u.pool.snapshot())
             .collect(),
+        cluster: shared.upstreams().cluster().map(|c| (*c.status()).clone()),
         clients: top_clients(shared),
     }
 }
@@ -179,6 +204,7 @@ fn status_page(status: &Status) -> String {
         .replace("<!--RELOAD-->", reload)
         .replace("<!--SUSPECTS-->", &suspects)
         .replace("<!--DOWNSTREAM-->", &status.downstream.open.to_string())
+        .replace("<!--CLUSTER-->", &cluster_line(status.cluster.as_ref()))
         .replace("<!--ROWS-->", &rows)
         .replace("<!--CLIENTS-->", &clients)
 }
@@ -197,6 +223,25 @@ fn suspect_row(c: &ClientReport) -> String {
         opened = c.opened_in_window,
         requests = c.requests_in_window,
         open = c.connections_open,
+    )
+}
+
+/// The cluster as this replica sees it; the inline script's `cluster()` writes the
+/// same text.
+fn cluster_line(cluster: Option<&ClusterStatus>) -> String {
+    let Some(c) = cluster else {
+        return String::new();
+    };
+    if c.fallback {
+        return "Cluster: member list never read; each cap is its own max_connections. ".into();
+    }
+    let place = match c.self_index {
+        None => "this replica is not listed (share 0)".to_string(),
+        Some(i) => format!("this replica is #{}", i + 1),
+    };
+    format!(
+        r#"Cluster: <b data-field="members">{}</b> members, {place}. "#,
+        c.members.unwrap_or(0)
     )
 }
 
@@ -255,7 +300,7 @@ fn pool_row(p: &PoolSnapshot) -> String {
         concat!(
             r#"<tr class="pool" data-upstream="{name}">"#,
             r#"<td><b>{name}</b><br><small>{origin}</small></td>"#,
-            r#"<td><b data-field="open">{open}</b> / <span data-field="cap">{cap}</span></td>"#,
+            r#"<td><b data-field="open">{open}</b> / <span data-field="cap">{cap}</span>{share}</td>"#,
             r#"<td><div class="bar">{bar}</div></td>"#,
             r#"<td data-field="connecting">{connecting}</td>"#,
             r#"<td data-field="active">{active}</td>"#,
@@ -274,6 +319,12 @@ fn pool_row(p: &PoolSnapshot) -> String {
         origin = esc(&p.origin),
         open = p.open,
         cap = cap,
+        share = match (p.share, p.limits.cluster_max_connections) {
+            (Some(share), Some(total)) => format!(
+                r#"<br><small>cluster share <span data-field="share">{share}</span> of {total}</small>"#
+            ),
+            _ => String::new(),
+        },
         bar = bar,
         connecting = c.connecting,
         active = c.active,
@@ -386,6 +437,7 @@ mod tests {
                     ..PoolConfig::default()
                 },
                 cap: 4,
+                share: None,
                 counts: PoolCounts {
                     active: 1,
                     ..PoolCounts::default()
@@ -398,6 +450,7 @@ mod tests {
                 queue_wait_seconds: 0.5,
                 errors: BTreeMap::from([("connect", 3), ("tls", 0)]),
             }],
+            cluster: None,
             clients: vec![ClientShare {
                 address: "127.0.0.2".into(),
                 connections_open: 20,
@@ -424,6 +477,7 @@ mod tests {
             suspects: Vec::new(),
             downstream: Downstream { open: 0 },
             pools: Vec::new(),
+            cluster: None,
             clients: Vec::new(),
         });
         assert!(empty.contains("no upstreams"));

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::{self, Config};
 use crate::policy::Policy;
 use crate::route::Mode;
@@ -103,6 +104,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let telemetry = Telemetry::new();
     let connections = TaskTracker::new();
     let shared = Arc::new(Shared::new(telemetry.clone(), connections.clone()));
+    let admin_stop = CancellationToken::new();
+    // The first read of the member list comes before the first pools, so none of
+    // them opens a socket above its share.
+    let cluster = Cluster::start(&config, &telemetry, admin_stop.clone()).await;
+    shared.upstreams().set_cluster(cluster.clone());
     let listed = shared
         .upstreams()
         .build(&config, &[])
@@ -118,7 +124,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         reloads: ["success", "failure"]
             .map(|r| telemetry.counter(telemetry::CONFIG_RELOADS, &[("result", r)])),
         stop: CancellationToken::new(),
-        admin_stop: CancellationToken::new(),
+        admin_stop,
         connections,
     };
     let route_addrs = running.apply(config, listed).await?;
@@ -149,6 +155,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Arc::downgrade(&shared),
         running.admin_stop.clone(),
     ));
+    if let Some(cluster) = cluster {
+        tokio::spawn(apply_shares(cluster, Arc::downgrade(&shared)));
+    }
     tokio::spawn(telemetry::upkeep(
         Arc::downgrade(&telemetry),
         running.admin_stop.clone(),
@@ -318,6 +327,11 @@ impl Running {
                 tracing::warn!(what, %old, %new, "a listener address changes only on restart");
             }
         }
+        if current.config.cluster != config.cluster {
+            tracing::warn!(
+                "[cluster] changes only on restart; cluster_max_connections applies now"
+            );
+        }
         let (old, new) = (&current.config.transparent, &config.transparent);
         if (old.enabled, old.listen) != (new.enabled, new.listen) {
             tracing::warn!(
@@ -393,6 +407,17 @@ impl std::fmt::Display for Joined<'_> {
             write!(f, "{addr}")?;
         }
         Ok(())
+    }
+}
+
+/// Applies each change of the cluster's standing to every pool, until the
+/// instance or the refresh task is gone.
+async fn apply_shares(mut cluster: Cluster, shared: std::sync::Weak<Shared>) {
+    while cluster.changed().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.upstreams().apply_shares(&shared.all_upstreams());
     }
 }
 

@@ -6,9 +6,11 @@
 //! reaper) → back through [`proxy::body`] and [`proxy::rewrite`]. The state they
 //! share is in [`shared`], [`downstream`] and [`upstream`]; [`instance`] starts,
 //! reloads and stops it all. [`admin`] serves metrics and health; [`telemetry`]
-//! names every metric. `ARCHITECTURE.md` has the map.
+//! names every metric; [`cluster`] splits cluster-wide caps between gateway
+//! replicas. `ARCHITECTURE.md` has the map.
 
 pub mod admin;
+pub mod cluster;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -41,6 +41,10 @@ pub const BUDGET_CONNECTIONS: &str = "tether_budget_connections";
 pub const BUDGET_MAX_CONNECTIONS: &str = "tether_budget_max_connections";
 pub const BUILD_INFO: &str = "tether_build_info";
 pub const START_TIME: &str = "tether_start_time_seconds";
+pub const CLUSTER_MEMBERS: &str = "tether_cluster_members";
+pub const CLUSTER_FALLBACK: &str = "tether_cluster_fallback";
+pub const CLUSTER_SELF_MISSING: &str = "tether_cluster_self_missing";
+pub const CLUSTER_READ_FAILURES: &str = "tether_cluster_read_failures_total";
 
 /// Label value for traffic to origins matched by an allow pattern rather than a
 /// listed upstream: labels stay bounded by the config, never raw hosts.
@@ -177,6 +181,26 @@ const DESCRIPTIONS: &[(&str, &str, Option<Unit>)] = &[
         START_TIME,
         "When this tether instance started (Unix time).",
         Some(Unit::Seconds),
+    ),
+    (
+        CLUSTER_MEMBERS,
+        "Members in the last [cluster] member list read.",
+        None,
+    ),
+    (
+        CLUSTER_FALLBACK,
+        "1 while the [cluster] member list has never been read: each upstream's own max_connections stands in for the cluster cap.",
+        None,
+    ),
+    (
+        CLUSTER_SELF_MISSING,
+        "1 while this replica's [cluster] self address is not in the member list: its share is 0.",
+        None,
+    ),
+    (
+        CLUSTER_READ_FAILURES,
+        "Reads of the [cluster] member list that failed (the share in force was kept).",
+        None,
     ),
 ];
 

@@ -684,6 +684,14 @@ async fn the_access_log_names_the_path_the_origin_got_for_a_fragment_only_target
     )
     .check_on(Listener::Forward)
     .await;
+    // A line is written when its response body ends, which can be just after the
+    // client has read it: wait for the follow-up's.
+    let lines = || {
+        String::from_utf8_lossy(&capture.0.lock())
+            .matches("tether::access")
+            .count()
+    };
+    eventually(WAIT, || async { lines() >= 3 }).await;
     let log = String::from_utf8_lossy(&capture.0.lock()).into_owned();
     let access: Vec<&str> = log
         .lines()

@@ -9,8 +9,8 @@ use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 use tether::config::{
-    AdminConfig, BudgetConfig, Config, DiagnosisConfig, EgressConfig, PoolConfig, ProxyConfig,
-    RouteConfig, TransparentConfig, UpstreamConfig, EMBEDDED_CONFIG,
+    AdminConfig, BudgetConfig, ClusterConfig, Config, DiagnosisConfig, EgressConfig, PoolConfig,
+    ProxyConfig, RouteConfig, TransparentConfig, UpstreamConfig, EMBEDDED_CONFIG,
 };
 
 /// The field names a derived `Deserialize` asks for: serde hands them to
@@ -75,6 +75,7 @@ fn schema() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
         ("diagnosis", fields::<DiagnosisConfig>()),
         ("budget", fields::<BudgetConfig>()),
         ("transparent", fields::<TransparentConfig>()),
+        ("cluster", fields::<ClusterConfig>()),
     ]);
     assert_eq!(
         schema.keys().copied().collect::<BTreeSet<_>>(),
@@ -85,7 +86,7 @@ fn schema() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
 }
 
 /// Sections that hold defaults (not the lists an operator writes).
-const DEFAULT_SECTIONS: [&str; 7] = [
+const DEFAULT_SECTIONS: [&str; 8] = [
     "proxy",
     "admin",
     "egress",
@@ -93,6 +94,7 @@ const DEFAULT_SECTIONS: [&str; 7] = [
     "diagnosis",
     "budget",
     "transparent",
+    "cluster",
 ];
 
 /// A `key = value` line of the file, set or commented out, in the section above it.
@@ -196,8 +198,21 @@ fn keys_commented_out_in_the_embedded_config_show_their_built_in_defaults() {
         .collect();
     assert!(!commented.is_empty(), "max_idle is commented out in [pool]");
     let defaults = sections(&in_force(Config::default()));
+    // The [cluster] keys and cluster_max_connections go together (a cluster cap
+    // needs members): each is loaded with the [cluster] lines.
+    let cluster: String = commented
+        .iter()
+        .filter(|k| k.section == "cluster")
+        .map(|k| format!("{}\n", k.text))
+        .collect();
     for k in commented {
-        let toml = format!("[{}]\n{}\n", k.section, k.text);
+        let toml = match (k.section.as_str(), k.key.as_str()) {
+            ("cluster", _) => format!("[cluster]\n{cluster}"),
+            (_, "cluster_max_connections") => {
+                format!("[cluster]\n{cluster}[{}]\n{}\n", k.section, k.text)
+            }
+            _ => format!("[{}]\n{}\n", k.section, k.text),
+        };
         let uncommented = Config::from_toml(&toml)
             .unwrap_or_else(|e| panic!("line {}: {:?} does not load: {e}", k.line, k.text));
         // A key unset by default (`max_connections_per_client`) has no TOML value

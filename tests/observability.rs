@@ -73,6 +73,16 @@ async fn failures_at_a_stopped_origin_count_under_its_upstream_with_kind_connect
         3.0
     );
 
+    // Each line is written when its response body ends, which can be just after
+    // the client has read it.
+    let three = || async {
+        access_lines(&logs)
+            .iter()
+            .filter(|l| l["status"] == 502)
+            .count()
+            >= 3
+    };
+    assert!(eventually(WAIT, three).await, "{:?}", access_lines(&logs));
     let lines = access_lines(&logs);
     let failed: Vec<_> = lines.iter().filter(|l| l["status"] == 502).collect();
     assert_eq!(failed.len(), 3, "{lines:?}");

@@ -64,7 +64,7 @@ impl Config {
 /// `TETHER_<SECTION>__<KEY>` variables. Only the scalar sections can be set this way,
 /// and other `TETHER_*` variables (a script's `TETHER_BIN`, say) are not config.
 fn env() -> Env {
-    const SECTIONS: [&str; 7] = [
+    const SECTIONS: [&str; 8] = [
         "proxy",
         "admin",
         "egress",
@@ -72,6 +72,7 @@ fn env() -> Env {
         "diagnosis",
         "budget",
         "transparent",
+        "cluster",
     ];
     Env::prefixed(ENV_PREFIX)
         .filter(|key| {

@@ -11,8 +11,11 @@
 //! `tests/defaults.rs` fails when the two part. Loading is in [`load`], validation
 //! in [`validate`].
 
+mod cluster;
 mod load;
 mod validate;
+
+pub use cluster::{ClusterConfig, Members, DEFAULT_CLUSTER_REFRESH, MIN_CLUSTER_REFRESH};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -152,6 +155,9 @@ macro_rules! pool_keys {
 pool_keys! {
     /// Hard cap: connecting + active + idle (+ tunnels).
     max_connections: usize = 32;
+    /// One cap shared by every `[cluster]` member; each takes its share of it as
+    /// its cap in force. Unset: no cluster-wide cap.
+    cluster_max_connections: Option<usize> = None;
     /// Idle sockets kept; unset means `min(16, max_connections)`.
     max_idle: Option<usize> = None;
     idle_timeout: Duration = Duration::from_secs(30), with "humantime_serde";
@@ -217,6 +223,7 @@ pub struct Config {
     pub diagnosis: DiagnosisConfig,
     pub budget: BudgetConfig,
     pub transparent: TransparentConfig,
+    pub cluster: ClusterConfig,
 }
 
 /// `[budget]`: one connection budget shared by every upstream.

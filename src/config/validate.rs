@@ -171,6 +171,7 @@ impl Config {
         }
 
         self.validate_transparent(&mut problem);
+        super::cluster::validate(self, &mut problem);
 
         if problems.is_empty() {
             Ok(())

@@ -1,6 +1,7 @@
 //! Loopback peers for tests, benches and `tether demo`: servers that count the sockets
 //! they accepted and closed ([`listening`], [`origin`], a fake registry and token
 //! server in [`registry`]), plain or TLS with certificates made at run time ([`tls`]),
+//! a DNS server whose records a test changes ([`dns`]),
 //! and a leaky client that imitates the Dragonfly manager (a new HTTP client per job,
 //! never closed). They bind `127.0.0.1:0`, unless a test that made its own network
 //! namespace gives them an address there.
@@ -8,6 +9,7 @@
 //! Behind the `testkit` feature, so the proxy's own build and dependency tree hold
 //! none of it: the package's dev-dependency on itself turns it on for `cargo test`.
 
+pub mod dns;
 pub mod leaky;
 pub mod listening;
 pub mod memory;

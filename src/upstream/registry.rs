@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use super::connect::Connector;
 use super::{budget, Upstream};
+use crate::cluster::Cluster;
 use crate::config::{Config, PoolConfig};
 use crate::policy::Origin;
 use crate::telemetry::{Telemetry, UNLISTED};
@@ -22,6 +23,9 @@ pub struct Upstreams {
     defaults: Mutex<PoolConfig>,
     /// The shared `[budget]`, created with the first configuration that sets one.
     budget: Mutex<Option<Arc<budget::Budget>>>,
+    /// The `[cluster]` whose shares lower the caps of pools with a
+    /// `cluster_max_connections`.
+    cluster: Mutex<Option<Cluster>>,
 }
 
 impl Upstreams {
@@ -32,6 +36,33 @@ impl Upstreams {
             telemetry,
             defaults: Mutex::new(PoolConfig::default()),
             budget: Mutex::new(None),
+            cluster: Mutex::new(None),
+        }
+    }
+
+    /// The cluster whose shares apply from now on (set once, at start).
+    pub fn set_cluster(&self, cluster: Option<Cluster>) {
+        *self.cluster.lock() = cluster;
+    }
+
+    /// The cluster in force, if `[cluster]` lists members.
+    pub fn cluster(&self) -> Option<Cluster> {
+        self.cluster.lock().clone()
+    }
+
+    /// This replica's share for a pool under `config`: `None` when it has no
+    /// cluster cap (or there is no cluster).
+    pub fn share_for(&self, config: &PoolConfig) -> Option<usize> {
+        let total = config.cluster_max_connections?;
+        let cluster = self.cluster.lock();
+        Some(cluster.as_ref()?.cap(total, config.max_connections))
+    }
+
+    /// Applies the shares in force to every pool in `upstreams` (after the cluster
+    /// standing changed).
+    pub fn apply_shares(&self, upstreams: &[Arc<Upstream>]) {
+        for up in upstreams {
+            up.pool.set_share(self.share_for(&up.pool.config()));
         }
     }
 
@@ -55,8 +86,9 @@ impl Upstreams {
         let mut listed = Vec::new();
         for up in &config.upstream {
             let limits = up.pool(&config.pool);
+            let share = self.share_for(&limits);
             if let Some(old) = previous.iter().find(|o| o.settings.same_connection(up)) {
-                old.pool.reconfigure(limits);
+                old.pool.set_limits(limits, share);
                 listed.push(old.clone());
                 continue;
             }
@@ -68,13 +100,16 @@ impl Upstreams {
             upstream.rewrite_realm = up.rewrite_realm;
             upstream.tls = up.tls;
             upstream.settings = up.clone();
+            // Before anyone can use it: a new pool opens nothing above its share.
+            upstream.pool.set_share(share);
             let upstream = Arc::new(upstream);
             spawn_warmer(Arc::downgrade(&upstream));
             listed.push(upstream);
         }
         *self.defaults.lock() = config.pool.clone();
+        let share = self.share_for(&config.pool);
         for u in self.unlisted.lock().values() {
-            u.pool.reconfigure(config.pool.clone());
+            u.pool.set_limits(config.pool.clone(), share);
         }
         Ok(listed)
     }
@@ -112,6 +147,9 @@ impl Upstreams {
             self.defaults.lock().clone(),
             &self.telemetry,
         ));
+        upstream
+            .pool
+            .set_share(self.share_for(&upstream.pool.config()));
         map.insert(origin.clone(), upstream.clone());
         upstream
     }

@@ -3,6 +3,7 @@
 //! so `tether demo` and the benches use the same code.
 #![allow(dead_code, unused_imports)]
 
+pub mod cluster;
 pub mod netns;
 
 use std::net::SocketAddr;

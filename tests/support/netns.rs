@@ -145,6 +145,17 @@ impl Pair {
         }
         pair
     }
+
+    /// Gives `a` its own resolver configuration: `ip netns exec` mounts
+    /// `/etc/netns/<a>/resolv.conf` over `/etc/resolv.conf` for the processes it
+    /// starts, so their system resolver asks `nameserver` (the machine's own
+    /// resolv.conf is untouched).
+    pub fn resolver(&self, nameserver: IpAddr) {
+        let dir = Path::new("/etc/netns").join(&self.a);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/<ns>");
+        let text = format!("nameserver {nameserver}\noptions timeout:1 attempts:2\n");
+        std::fs::write(dir.join("resolv.conf"), text).expect("write the namespace's resolv.conf");
+    }
 }
 
 impl Drop for Pair {

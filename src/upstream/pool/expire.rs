@@ -88,12 +88,15 @@ mod tests {
     use crate::upstream::pool::table::Keepalive;
 
     fn limits() -> Limits {
-        Limits::new(PoolConfig {
-            max_requests_per_connection: 10,
-            max_lifetime: Duration::from_secs(600),
-            idle_timeout: Duration::from_secs(30),
-            ..PoolConfig::default()
-        })
+        Limits::new(
+            PoolConfig {
+                max_requests_per_connection: 10,
+                max_lifetime: Duration::from_secs(600),
+                idle_timeout: Duration::from_secs(30),
+                ..PoolConfig::default()
+            },
+            None,
+        )
     }
 
     /// A connection made at `t0`, used `requests` times.

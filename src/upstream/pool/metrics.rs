@@ -273,7 +273,7 @@ pub struct PoolMetrics {
     errors: PerLabel<ErrorKind, Tallied, 12>,
     /// Responses of either kind, for the status page's rates.
     responses: AtomicU64,
-    /// The cap in force; set only by `Pool::apply_limits`.
+    /// The cap in force; set only by `Pool::set_limits`.
     pub(super) max_connections: Gauge,
 }
 

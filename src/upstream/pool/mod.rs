@@ -107,7 +107,7 @@ impl Pool {
         let inner = Arc::new(Inner {
             name: name.into(),
             connector,
-            limits: RwLock::new(Limits::new(config)),
+            limits: RwLock::new(Limits::new(config, None)),
             state: Mutex::new(State {
                 table: Table::new(metrics::state_gauges(telemetry, name)),
                 h2_known,
@@ -119,7 +119,8 @@ impl Pool {
             member: Default::default(),
         });
         let pool = Pool { inner };
-        pool.apply_limits(pool.inner.limits());
+        let limits = pool.inner.limits();
+        pool.set_limits((**limits.config()).clone(), limits.share());
         let inner = &pool.inner;
         if let Some(budget) = &budget {
             let member: Weak<dyn BudgetMember> = Arc::downgrade(inner) as _;
@@ -358,24 +359,33 @@ impl Pool {
         drop(victims);
     }
 
-    /// Applies new limits to the live pool: surplus idle sockets close, a raised cap
-    /// admits waiters. In-flight requests are untouched.
+    /// Applies new limits to the live pool, keeping its cluster share: surplus idle
+    /// sockets close, a raised cap admits waiters. In-flight requests are untouched.
     pub fn reconfigure(&self, config: PoolConfig) {
-        self.apply_limits(Limits::new(config));
+        let share = self.inner.limits().share();
+        self.set_limits(config, share);
     }
 
-    /// Puts `limits` in force. The one place the limits (and so [`Limits::cap`])
-    /// change — construction, a reload, and whatever else lowers or raises the cap —
-    /// and so the one place `tether_upstream_max_connections` is set: call it, never
-    /// write `limits` directly. Surplus idle sockets close; a raised cap admits
-    /// waiters.
-    fn apply_limits(&self, limits: Limits) {
+    /// Sets this replica's share of the cluster-wide cap (`None`: no cluster cap),
+    /// which lowers the cap in force to it. Lowered, idle sockets above it close at
+    /// once and active ones close at check-in instead of being reused; raised, it
+    /// admits waiters.
+    pub fn set_share(&self, share: Option<usize>) {
+        let config = (**self.inner.limits().config()).clone();
+        self.set_limits(config, share);
+    }
+
+    /// The one place the limits in force change (construction, a reload's config,
+    /// a cluster share, or both at once), and so the one place
+    /// `tether_upstream_max_connections` is set: never write `limits` directly.
+    pub fn set_limits(&self, config: PoolConfig, share: Option<usize>) {
+        let limits = Limits::new(config, share);
         *self.inner.limits.write() = limits.clone();
         self.inner.metrics.max_connections.set(limits.cap() as f64);
-        self.inner
-            .member
-            .floor
-            .store(limits.min_connections, Ordering::Relaxed);
+        // A floor above the cap in force could never be reached: the budget would
+        // count this pool as starved for good and make the others yield to it.
+        let floor = limits.min_connections.min(limits.cap());
+        self.inner.member.floor.store(floor, Ordering::Relaxed);
         let (victims, grants) = {
             let mut st = self.inner.state.lock();
             // Closed sockets leave the table only when their drivers drop them, so
@@ -384,10 +394,17 @@ impl Pool {
             let over_idle = idle.saturating_sub(limits.idle_limit());
             let surplus = st.table.surplus(&limits).max(over_idle).min(idle);
             let ids = st.table.idle_ids()[..surplus].to_vec();
-            let victims: Vec<Client> = ids
+            let mut victims: Vec<Client> = ids
                 .into_iter()
                 .filter_map(|id| st.table.take_idle(id, CloseReason::MaxIdle))
                 .collect();
+            // HTTP/2 connections with no stream open are idle too: above the cap,
+            // they stop taking streams and close.
+            let over = st.table.surplus(&limits).saturating_sub(victims.len());
+            let unused = h2::unused(&st.table);
+            for id in unused.into_iter().take(over) {
+                victims.extend(st.table.unshare(id, CloseReason::MaxIdle));
+            }
             let grants = self.inner.grant_waiters(&mut st, &limits);
             (victims, grants)
         };
@@ -421,6 +438,7 @@ impl Pool {
             origin: self.inner.connector.origin().to_string(),
             limits: (**limits.config()).clone(),
             cap: limits.cap(),
+            share: limits.share(),
             open: connections.len(),
             counts,
             connections,

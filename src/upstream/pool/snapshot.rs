@@ -48,6 +48,9 @@ pub struct PoolSnapshot {
     pub limits: PoolConfig,
     /// The cap in force (what `open` is held under).
     pub cap: usize,
+    /// This replica's share of `cluster_max_connections`, when a cluster shares it
+    /// (the cap in force is the smaller of it and `max_connections`).
+    pub share: Option<usize>,
     pub open: usize,
     pub counts: PoolCounts,
     pub connections: Vec<ConnSnapshot>,

@@ -33,12 +33,15 @@ use crate::upstream::request::RequestBody;
 #[derive(Clone)]
 pub(super) struct Limits {
     config: Arc<PoolConfig>,
+    /// This replica's share of `cluster_max_connections`, when a cluster shares it.
+    share: Option<usize>,
 }
 
 impl Limits {
-    pub(super) fn new(config: PoolConfig) -> Limits {
+    pub(super) fn new(config: PoolConfig, share: Option<usize>) -> Limits {
         Limits {
             config: Arc::new(config),
+            share,
         }
     }
 
@@ -46,11 +49,17 @@ impl Limits {
         &self.config
     }
 
+    /// This replica's cluster share, if a cluster shares the cap.
+    pub(super) fn share(&self) -> Option<usize> {
+        self.share
+    }
+
     /// The most sockets (connecting + active + idle + tunnels) the pool may have
-    /// open. Every cap check reads it here, so a cap lowered by anything other than
-    /// `max_connections` needs changing only here.
+    /// open: `max_connections`, lowered to the cluster share when there is one.
+    /// Every cap check reads it here.
     pub(super) fn cap(&self) -> usize {
-        self.config.max_connections
+        let own = self.config.max_connections;
+        self.share.map_or(own, |share| share.min(own))
     }
 }
 

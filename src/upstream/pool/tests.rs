@@ -220,3 +220,79 @@ async fn the_cap_holds_under_concurrent_checkouts() {
     assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
     assert!(pool.counts().open() <= 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lowered_share_closes_idle_sockets_at_once_and_busy_ones_at_check_in() {
+    let (pool, telemetry) = pool(|c| c.max_connections = 8);
+    let _held = fill_idle(&pool, 4).await;
+    let busy: Vec<Pooled> = (0..2)
+        .map(|_| match pool.inner.state.lock().table.pop_idle() {
+            Some((id, value)) => Pooled::new(pool.inner.clone(), id, value, true),
+            None => panic!("four idle"),
+        })
+        .collect();
+    pool.set_share(Some(1));
+    settle().await;
+    assert_eq!(pool.snapshot().cap, 1);
+    assert_eq!(pool.snapshot().share, Some(1));
+    let counts = pool.counts();
+    assert_eq!(
+        (counts.idle, counts.active),
+        (0, 2),
+        "idle ones closed at once"
+    );
+    for mut p in busy {
+        p.send();
+        p.check_in(); // the first is over the share: closed, not reused
+        settle().await;
+    }
+    let counts = pool.counts();
+    assert_eq!(
+        (counts.open(), counts.idle),
+        (1, 1),
+        "the share's one socket is kept"
+    );
+    assert_eq!(closed(&telemetry, "max_idle"), 3.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_share_of_zero_queues_requests_and_a_raised_share_admits_them() {
+    let (pool, _) = pool(|c| c.max_connections = 8);
+    pool.set_share(Some(0));
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { matches!(pool.checkout().await.unwrap(), Checkout::Connect(_)) }
+    });
+    settle().await;
+    assert_eq!(pool.counts().queued, 1, "no socket may open under share 0");
+    pool.reconfigure(PoolConfig {
+        max_connections: 4,
+        ..PoolConfig::default()
+    });
+    settle().await;
+    assert_eq!(pool.snapshot().cap, 0, "a reload keeps the share");
+    pool.set_share(Some(2));
+    assert!(waiter.await.unwrap(), "the waiter got the right to connect");
+    pool.set_share(Some(9));
+    assert_eq!(pool.snapshot().cap, 4, "never above max_connections");
+    pool.set_share(None);
+    assert_eq!(pool.snapshot().cap, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_budget_floor_above_the_share_is_lowered_to_it() {
+    let (pool, _) = pool(|c| c.min_connections = 4);
+    let floor = || {
+        pool.inner
+            .member
+            .floor
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(floor(), 4);
+    // Never reachable under a share of 1: counted as starved, it would make the
+    // budget's other pools yield their sockets to it for nothing.
+    pool.set_share(Some(1));
+    assert_eq!(floor(), 1);
+    pool.set_share(None);
+    assert_eq!(floor(), 4);
+}
