@@ -13,7 +13,7 @@ const EXIT_CONFIG: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "tether",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TETHER_COMMIT"), ")"),
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BUILD_COMMIT_OF_TETHER"), ")"),
     about = "A connection-governing egress proxy"
 )]
 struct Cli {
