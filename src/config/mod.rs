@@ -12,12 +12,14 @@
 //! in [`validate`].
 
 mod check;
+mod diff;
 mod env;
 mod load;
 mod schema;
 mod validate;
 
 pub use check::{display as display_path, parse_path, Seg};
+pub use diff::{Change, ConfigDiff, RESTART_ONLY};
 pub use env::names as env_names;
 
 use std::net::SocketAddr;
