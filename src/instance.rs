@@ -318,7 +318,7 @@ impl Running {
     /// in-flight requests finish within `drain_timeout`, then cut what remains.
     /// Returns how many client connections had to be cut.
     pub async fn shutdown(self) -> usize {
-        self.shared.set_ready(false);
+        self.shared.request_drain();
         self.stop.cancel();
         self.connections.close();
         for up in self.shared.all_upstreams() {

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod diagnosis;

@@ -365,6 +365,10 @@ impl Signals {
                     tracing::info!(signal, "stop signal received");
                     return;
                 }
+                _ = running.shared.drain_requested() => {
+                    tracing::info!("drain requested on the admin listener");
+                    return;
+                }
                 _ = self.hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
                     // Errors are logged by reload; the running configuration stays.

@@ -7,7 +7,7 @@
 
 use figment::value::{Dict, Value};
 
-use super::check::Seg;
+use super::path::{display, Seg};
 use super::schema::{self, Shape};
 use super::ENV_PREFIX;
 
@@ -132,7 +132,7 @@ pub fn resolve(o: &Override, dict: &Dict, names_known: bool) -> Result<Vec<Seg>,
         Shape::Leaf => Ok(path),
         _ => Err(format!(
             "names the table {}, not a key in it; did you mean {}__<KEY>?",
-            super::check::display(&path),
+            display(&path),
             o.var
         )),
     }

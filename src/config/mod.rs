@@ -15,12 +15,13 @@ mod check;
 mod diff;
 mod env;
 mod load;
+mod path;
 mod schema;
 mod validate;
 
-pub use check::{display as display_path, parse_path, Seg};
 pub use diff::{Change, ConfigDiff, RESTART_ONLY};
 pub use env::names as env_names;
+pub use path::{display as display_path, parse_path, Seg};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
