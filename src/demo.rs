@@ -118,7 +118,8 @@ pub struct Trace {
     pub final_ss: Option<[usize; 2]>,
     /// Why the first failed preheat failed.
     pub first_error: Option<String>,
-    /// tether's leak diagnosis of the client, once it named it (the tether run).
+    /// tether's leak diagnosis of the client, as of the last sample once it named
+    /// it (the tether run).
     pub diagnosis: Option<String>,
     pub finished: bool,
 }
@@ -312,8 +313,9 @@ impl<'t> Pass<'t> {
         loop {
             tick.tick().await;
             self.trace.push(self.sample());
-            if self.trace.diagnosis.is_none() {
-                self.trace.diagnosis = self.tether.and_then(diagnosis);
+            // The latest word on the client, once tether has named it.
+            if let Some(d) = self.tether.and_then(diagnosis) {
+                self.trace.diagnosis = Some(d);
             }
             let mut all = earlier.to_vec();
             all.push(&self.trace);
