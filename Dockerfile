@@ -43,6 +43,8 @@ ARG BUILD_COMMIT=unknown
 COPY build.rs ./
 COPY src ./src
 COPY config ./config
+# [profile.release] strips the binary (no symbols, no debug info: under 10 MB);
+# tests/release.rs checks the same build for it.
 RUN find src build.rs -type f -exec touch {} + \
     && cargo build --release --locked \
     && install -D -m 0755 target/release/tether /out/tether

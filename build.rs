@@ -38,5 +38,5 @@ fn main() {
             Some(if dirty { format!("{head}-dirty") } else { head })
         })
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=TETHER_COMMIT={commit}");
+    println!("cargo:rustc-env=BUILD_COMMIT_OF_TETHER={commit}");
 }

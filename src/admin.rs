@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -33,7 +34,7 @@ const STATUS_PAGE: &str = include_str!("status.html");
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(ok) => ok,
                 Err(_) => continue,
@@ -44,7 +45,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, &shared)) }
+                async move { Ok::<_, std::convert::Infallible>(route(req, &shared, peer)) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -53,7 +54,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
-fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+fn route(req: Request<Incoming>, shared: &Shared, peer: SocketAddr) -> Response<Full<Bytes>> {
+    // `/admin/*` (POST, loopback peers) and `/debug/config`: src/control.rs.
+    if let Some(resp) = crate::control::route(&req, shared, peer) {
+        return resp;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }

@@ -118,6 +118,9 @@ pub struct Trace {
     pub final_ss: Option<[usize; 2]>,
     /// Why the first failed preheat failed.
     pub first_error: Option<String>,
+    /// tether's leak diagnosis of the client, as of the last sample once it named
+    /// it (the tether run).
+    pub diagnosis: Option<String>,
     pub finished: bool,
 }
 
@@ -133,6 +136,7 @@ impl Trace {
             unproxied: [0; 2],
             final_ss: None,
             first_error: None,
+            diagnosis: None,
             finished: false,
         }
     }
@@ -309,6 +313,10 @@ impl<'t> Pass<'t> {
         loop {
             tick.tick().await;
             self.trace.push(self.sample());
+            // The latest word on the client, once tether has named it.
+            if let Some(d) = self.tether.and_then(diagnosis) {
+                self.trace.diagnosis = Some(d);
+            }
             let mut all = earlier.to_vec();
             all.push(&self.trace);
             view.frame(&all)?;
@@ -334,6 +342,27 @@ impl<'t> Pass<'t> {
         t.finished = true;
         (self.trace, self.servers)
     }
+}
+
+/// What tether's leak diagnosis (`/debug/clients`, and its log warning) says of the
+/// client it suspects, if any.
+fn diagnosis(tether: &Running) -> Option<String> {
+    let config = &tether.shared.table().config.diagnosis;
+    let suspect = tether
+        .shared
+        .downstream()
+        .clients
+        .top(config)
+        .into_iter()
+        .find(|c| c.suspected_leak)?;
+    Some(format!(
+        "tether names client {}: {} connections in {}, {:.1} requests each: \
+         a new HTTP client per job",
+        suspect.address,
+        suspect.opened_in_window,
+        humantime::format_duration(config.leak_window),
+        suspect.requests_per_connection,
+    ))
 }
 
 /// `tether_upstream_connections` of the registry and the auth upstream.

@@ -261,12 +261,19 @@ impl Running {
     /// waiters), added upstreams and routes start, removed ones drain. In-flight
     /// requests are untouched. On any error the old configuration stays in force.
     pub async fn reload(&self, config: Config) -> Result<(), StartError> {
+        let before = self.shared.table().config.clone();
         let result = self.try_reload(config).await;
         match &result {
             Ok(()) => {
                 self.reloads[0].increment(1);
                 self.shared.telemetry().reload_finished(true);
-                tracing::info!("configuration reloaded");
+                let diff = config::ConfigDiff::between(&before, &self.shared.table().config);
+                tracing::info!(
+                    added = %diff.added.join(", "),
+                    removed = %diff.removed.join(", "),
+                    changed = diff.changed.len(),
+                    "configuration reloaded: {diff}"
+                );
             }
             Err(e) => {
                 self.reloads[1].increment(1);
@@ -308,34 +315,14 @@ impl Running {
         }
     }
 
-    async fn try_reload(&self, config: Config) -> Result<(), StartError> {
+    async fn try_reload(&self, mut config: Config) -> Result<(), StartError> {
         config.validate()?;
         let current = self.shared.table();
-        for (what, old, new) in [
-            (
-                "proxy.listen",
-                current.config.proxy.listen,
-                config.proxy.listen,
-            ),
-            (
-                "admin.listen",
-                current.config.admin.listen,
-                config.admin.listen,
-            ),
-        ] {
-            if old != new {
-                tracing::warn!(what, %old, %new, "a listener address changes only on restart");
-            }
-        }
-        if current.config.cluster != config.cluster {
+        for held in config.keep_restart_only(&current.config) {
             tracing::warn!(
-                "[cluster] changes only on restart; cluster_max_connections applies now"
-            );
-        }
-        let (old, new) = (&current.config.transparent, &config.transparent);
-        if (old.enabled, old.listen) != (new.enabled, new.listen) {
-            tracing::warn!(
-                "transparent.enabled and transparent.listen change only on restart; its other keys apply now"
+                key = %held.path, running = %held.old, new = %held.new,
+                "{} changes only on restart: keeping the running value, applying the rest",
+                held.path
             );
         }
         // Pools are reconfigured by `build`; a failed bind afterwards leaves the new
@@ -353,7 +340,7 @@ impl Running {
     /// in-flight requests finish within `drain_timeout`, then cut what remains.
     /// Returns how many client connections had to be cut.
     pub async fn shutdown(self) -> usize {
-        self.shared.set_ready(false);
+        self.shared.request_drain();
         self.stop.cancel();
         self.connections.close();
         for up in self.shared.all_upstreams() {

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod config;
+pub mod control;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod diagnosis;

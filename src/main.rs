@@ -13,7 +13,7 @@ const EXIT_CONFIG: u8 = 64;
 #[derive(Parser)]
 #[command(
     name = "tether",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TETHER_COMMIT"), ")"),
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BUILD_COMMIT_OF_TETHER"), ")"),
     about = "A connection-governing egress proxy"
 )]
 struct Cli {
@@ -49,6 +49,19 @@ enum Command {
     /// namespace's outbound connections to given ports to the transparent listener,
     /// leaving tether's own connections (by uid) and local destinations alone.
     Iptables(IptablesArgs),
+    /// Print a shell completion script: `tether completions bash >
+    /// /etc/bash_completion.d/tether` (zsh: a `_tether` file on $fpath; fish:
+    /// ~/.config/fish/completions/tether.fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `tether man > /usr/share/man/man1/tether.1`, and
+    /// `tether man check-config > .../tether-check-config.1` for each subcommand.
+    Man {
+        /// The subcommand whose page to print (tether-SUBCOMMAND(1)).
+        subcommand: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -134,7 +147,58 @@ fn main() -> ExitCode {
         #[cfg(not(feature = "demo"))]
         Some(Command::Demo { .. }) => no_demo(),
         Some(Command::Iptables(args)) => iptables(args),
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tether", &mut script);
+            print_out(&script)
+        }
+        Some(Command::Man { subcommand }) => man(subcommand),
         None => run(cli.run),
+    }
+}
+
+/// `tether man [SUBCOMMAND]`: the page of tether or of one subcommand.
+fn man(subcommand: Option<String>) -> ExitCode {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let (command, title) = match subcommand {
+        None => (cli, "tether".to_string()),
+        Some(name) => match cli.find_subcommand(&name) {
+            Some(sub) => (
+                sub.clone().bin_name(format!("tether {name}")),
+                format!("tether-{name}"),
+            ),
+            None => {
+                eprintln!("error: tether has no subcommand {name:?}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let mut page = Vec::new();
+    match clap_mangen::Man::new(command)
+        .title(title)
+        .render(&mut page)
+    {
+        Ok(()) => print_out(&page),
+        Err(e) => {
+            eprintln!("man: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes generated text to stdout; a closed pipe (`| head`) is not a panic.
+fn print_out(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -208,13 +272,29 @@ fn run(args: RunArgs) -> ExitCode {
 #[cfg(feature = "demo")]
 fn demo(args: DemoArgs) -> ExitCode {
     use std::io::IsTerminal;
-    // The view is on stdout; tether's own log lines stay quiet unless RUST_LOG asks.
+    // The view is on stdout. tether's own log lines (warnings unless RUST_LOG asks
+    // for more) go to stderr, except while a live view is drawn in place on a
+    // terminal: a line printed into it would shift the redraw. Then they go to a
+    // file, named after the summary; the leak diagnosis is a line of the view.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let live = std::io::stdout().is_terminal();
+    let log_file = std::env::temp_dir().join(format!("tether-demo-{}.log", std::process::id()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match live.then(|| std::fs::File::create(&log_file)) {
+        Some(Ok(file)) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .init(),
+        Some(Err(e)) => {
+            eprintln!(
+                "demo: cannot write {}: {e}; tether's log is off",
+                log_file.display()
+            );
+            builder.with_writer(std::io::sink).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
     let options = tether::demo::DemoOptions {
         preheats: args.preheats as usize,
         duration: args.duration,
@@ -223,13 +303,18 @@ fn demo(args: DemoArgs) -> ExitCode {
         concurrency: args.concurrency as usize,
     };
     let stdout = std::io::stdout();
-    let live = stdout.is_terminal();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let mut out = stdout.lock();
-    match runtime.block_on(tether::demo::run(options, &mut out, live)) {
+    let result = runtime.block_on(tether::demo::run(options, &mut out, live));
+    if live && log_file.metadata().is_ok_and(|m| m.len() > 0) {
+        println!("tether's log during the demo: {}", log_file.display());
+    } else if live {
+        let _ = std::fs::remove_file(&log_file);
+    }
+    match result {
         Ok(report) if report.passed() => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
@@ -363,6 +448,10 @@ impl Signals {
             tokio::select! {
                 (signal, _) = Self::either(&mut self.term, &mut self.int) => {
                     tracing::info!(signal, "stop signal received");
+                    return;
+                }
+                _ = running.shared.drain_requested() => {
+                    tracing::info!("drain requested on the admin listener");
                     return;
                 }
                 _ = self.hup.recv() => {

@@ -45,6 +45,8 @@ pub struct Shared {
     telemetry: Arc<Telemetry>,
     downstream: Arc<Downstream>,
     ready: AtomicBool,
+    /// Cancelled when a drain is asked for (`POST /admin/drain`) or begins.
+    draining: tokio_util::sync::CancellationToken,
     /// Client connection tasks (drained on shutdown), and the runtime a parked
     /// client socket's wake-up spawns its next task on.
     tasks: TaskTracker,
@@ -67,9 +69,29 @@ impl Shared {
             downstream: Downstream::new(telemetry.clone()),
             telemetry,
             ready: AtomicBool::new(false),
+            draining: tokio_util::sync::CancellationToken::new(),
             tasks,
             runtime: tokio::runtime::Handle::current(),
         }
+    }
+
+    /// Asks for a drain: not ready from now on; the owner of the [`Running`]
+    /// instance (the binary) sees [`Shared::drain_requested`] and shuts down.
+    ///
+    /// [`Running`]: crate::Running
+    pub fn request_drain(&self) {
+        self.draining.cancel();
+        self.set_ready(false);
+    }
+
+    /// Whether a drain was asked for or has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Completes once a drain is asked for.
+    pub async fn drain_requested(&self) {
+        self.draining.cancelled().await
     }
 
     /// Swaps in a new routing table; requests in flight keep the one they loaded.
@@ -99,7 +121,9 @@ impl Shared {
     }
 
     pub(crate) fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
+        // Once draining, nothing makes the instance ready again.
+        self.ready
+            .store(ready && !self.draining.is_cancelled(), Ordering::Release);
     }
 
     /// Runs a client connection's task on the instance's runtime, tracked so that

@@ -230,7 +230,7 @@ pub struct Telemetry {
 /// The version and commit of this build (the commit from `build.rs`, as
 /// `tether --version` shows it).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-pub const COMMIT: &str = env!("TETHER_COMMIT");
+pub const COMMIT: &str = env!("BUILD_COMMIT_OF_TETHER");
 
 /// How the last configuration reload went, for the status page.
 #[derive(Debug, Clone, Copy, serde::Serialize)]

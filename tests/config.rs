@@ -38,7 +38,6 @@ fn env_overrides_beat_the_file() {
         )?;
         jail.set_env("TETHER_POOL__MAX_CONNECTIONS", "3");
         jail.set_env("TETHER_PROXY__CLIENT_IDLE_TIMEOUT", "5s");
-        jail.set_env("TETHER_BIN", "/not/config"); // other TETHER_ variables are not config
         let config = Config::load(Some(Path::new("tether.toml"))).map_err(jail_err)?;
         assert_eq!(config.pool.max_connections, 3, "env beats file");
         assert_eq!(
@@ -74,7 +73,11 @@ fn a_missing_explicit_config_file_is_an_error() {
 fn unknown_keys_are_errors_with_their_path() {
     let err = Config::from_toml("[pool]\nmax_conections = 3\n").unwrap_err();
     assert_eq!(err.0[0].path, "pool.max_conections");
-    assert!(err.0[0].message.contains("max_conections"), "{err}");
+    assert_eq!(err.0[0].at, "<toml>:2");
+    assert!(
+        err.0[0].message.contains("did you mean `max_connections`"),
+        "{err}"
+    );
     let err =
         Config::from_toml("[[upstream]]\nname = \"a\"\norigin = \"a:1\"\nbogus = 1\n").unwrap_err();
     assert!(err.to_string().contains("bogus"), "{err}");
@@ -305,7 +308,8 @@ fn the_transparent_listener_is_off_by_default_and_its_ports_are_checked() {
         "#,
     )
     .unwrap_err();
-    let paths: Vec<&str> = err.0.iter().map(|p| p.path.as_str()).collect();
+    let mut paths: Vec<&str> = err.0.iter().map(|p| p.path.as_str()).collect();
+    paths.sort();
     assert_eq!(
         paths,
         [
@@ -358,4 +362,138 @@ fn the_version_names_the_commit_the_binary_was_built_from() {
         }
         _ => eprintln!("no git checkout here: the commit itself is not checked"),
     }
+}
+
+/// The file the environment tests override: two named upstreams.
+const TWO_UPSTREAMS: &str = r#"
+[pool]
+max_connections = 16
+
+[[upstream]]
+name = "registry"
+origin = "registry.example:443"
+tls = true
+
+[[upstream]]
+name = "auth-server"
+origin = "auth.example:443"
+tls = true
+max_connections = 4
+"#;
+
+fn check_config_with_env(toml: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tether.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut cmd = tether_bin();
+    cmd.args(["check-config", "--config"]).arg(&path);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn an_upstream_is_overridden_from_the_environment_by_its_name() {
+    let out = check_config_with_env(
+        TWO_UPSTREAMS,
+        &[
+            ("TETHER_UPSTREAM__REGISTRY__MAX_CONNECTIONS", "8"),
+            // `-` in a name is written `_`; any key of the table, durations too.
+            ("TETHER_UPSTREAM__AUTH_SERVER__IDLE_TIMEOUT", "7s"),
+            (
+                "TETHER_EGRESS__ALLOW",
+                "[\"*.example:443\", \"b.example:80\"]",
+            ),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let effective = Config::from_toml(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let registry = &effective.upstream[0];
+    assert_eq!(registry.name, "registry");
+    assert_eq!(registry.pool(&effective.pool).max_connections, 8);
+    let auth = &effective.upstream[1];
+    assert_eq!(
+        auth.pool(&effective.pool).max_connections,
+        4,
+        "file value kept"
+    );
+    assert_eq!(auth.idle_timeout, Some(std::time::Duration::from_secs(7)));
+    assert_eq!(effective.pool.max_connections, 16, "[pool] untouched");
+    assert_eq!(effective.egress.allow, ["*.example:443", "b.example:80"]);
+}
+
+#[test]
+fn a_tether_variable_that_matches_no_key_is_an_error_naming_it_with_a_suggestion() {
+    let out = check_config_with_env(
+        TWO_UPSTREAMS,
+        &[
+            ("TETHER_POOL_MAX_CONNECTIONS", "8"),
+            ("TETHER_POLL__MAX_CONNECTIONS", "1"),
+            ("TETHER_UPSTREAM__REGSTRY__MAX_CONNECTIONS", "2"),
+            ("TETHER_UPSTREAM__0__MAX_CONNECTIONS", "2"),
+            ("TETHER_POOL", "3"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "error: TETHER_POOL_MAX_CONNECTIONS: matches no configuration key; \
+         did you mean TETHER_POOL__MAX_CONNECTIONS?",
+        "error: TETHER_POLL__MAX_CONNECTIONS: matches no configuration key; \
+         did you mean TETHER_POOL__MAX_CONNECTIONS?",
+        "error: TETHER_UPSTREAM__REGSTRY__MAX_CONNECTIONS: no [[upstream]] is named \"regstry\"",
+        "did you mean REGISTRY?",
+        "error: TETHER_UPSTREAM__0__MAX_CONNECTIONS: no [[upstream]] is named \"0\"",
+        "error: TETHER_POOL: names the table pool, not a key in it",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in\n{stderr}"
+        );
+    }
+    assert_eq!(stderr.lines().count(), 5, "{stderr}");
+}
+
+#[test]
+fn an_environment_value_of_the_wrong_type_or_out_of_range_names_the_variable() {
+    let out = check_config_with_env(
+        TWO_UPSTREAMS,
+        &[
+            ("TETHER_UPSTREAM__REGISTRY__MAX_CONNECTIONS", "lots"),
+            ("TETHER_UPSTREAM__AUTH_SERVER__MIN_CONNECTIONS", "9"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "error: TETHER_UPSTREAM__REGISTRY__MAX_CONNECTIONS: upstream[0].max_connections: \
+             invalid type: found string \"lots\", expected usize"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "error: TETHER_UPSTREAM__AUTH_SERVER__MIN_CONNECTIONS: upstream[1].min_connections: \
+             9 exceeds max_connections (4)"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_running_proxy_takes_per_upstream_overrides_too() {
+    // `tether run` loads through the same path as check-config: a wrong variable
+    // stops it with exit 64 before it binds anything.
+    let out = tether_bin()
+        .env("TETHER_POLL__MAX_CONNECTIONS", "1")
+        .env("TETHER_PROXY__LISTEN", "127.0.0.1:0")
+        .env("TETHER_ADMIN__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("TETHER_POLL__MAX_CONNECTIONS"), "{stderr}");
 }

@@ -106,3 +106,164 @@ fn demo_exits_nonzero_when_tether_cannot_reap_within_the_duration() {
         "{stdout}"
     );
 }
+
+/// A tmux server of the test's own, killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    /// `None` (the test is skipped) without tmux, except in CI, where it fails.
+    fn start() -> Option<Tmux> {
+        let ok = Command::new("tmux")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty());
+            assert!(!ci, "CI is set but tmux is missing (apt-get install tmux)");
+            eprintln!("SKIPPED: no tmux");
+            return None;
+        }
+        Some(Tmux {
+            socket: format!("tether-demo-test-{}", std::process::id()),
+        })
+    }
+
+    fn cmd(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux runs");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+/// Runs the demo in a real terminal `width` columns wide and returns everything it
+/// left on it (scrollback included), once it has exited 0.
+fn demo_in_tmux(tmux: &Tmux, width: usize) -> String {
+    let session = format!("w{width}");
+    let script = format!(
+        "'{}' demo --preheats 24 --duration 2s --cap 2; echo TETHER-DEMO-EXIT=$?; exec sleep 600",
+        env!("CARGO_BIN_EXE_tether")
+    );
+    let (w, h) = (width.to_string(), "40".to_string());
+    tmux.cmd(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        &w,
+        "-y",
+        &h,
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let screen = tmux.cmd(&["capture-pane", "-p", "-t", &session, "-S", "-"]);
+        if let Some(at) = screen.find("TETHER-DEMO-EXIT=") {
+            let code = screen[at..].lines().next().unwrap();
+            assert_eq!(code, "TETHER-DEMO-EXIT=0", "{screen}");
+            return screen;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo did not end:\n{screen}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_live_view_stays_intact_in_a_terminal_and_shows_the_diagnosis_as_its_own_line() {
+    let Some(tmux) = Tmux::start() else {
+        return;
+    };
+    for width in [80, 130] {
+        let screen = demo_in_tmux(&tmux, width);
+        let lines: Vec<&str> = screen.lines().collect();
+        // Drawn in place: each run's block is on the terminal once, not once per
+        // redraw, and no log line went into the view.
+        for label in ["without tether ", "with tether "] {
+            let n = lines.iter().filter(|l| l.starts_with(label)).count();
+            assert_eq!(n, 1, "{width} columns: {label:?} {n} times:\n{screen}");
+        }
+        assert!(
+            !screen.contains("WARN") && !screen.contains("tether::"),
+            "{width} columns: a log line in the view:\n{screen}"
+        );
+        // The tether run's block: its rows, then the diagnosis on a line of its own
+        // (wrapped under its label if the terminal is narrow), then a blank line.
+        let start = lines
+            .iter()
+            .position(|l| l.starts_with("with tether "))
+            .unwrap();
+        let block: Vec<&str> = lines[start..]
+            .iter()
+            .copied()
+            .take_while(|l| !l.is_empty())
+            .collect();
+        assert!(block[1].starts_with("  registry "), "{block:#?}");
+        assert!(block[2].starts_with("  auth "), "{block:#?}");
+        assert!(block[3].starts_with("  client "), "{block:#?}");
+        assert!(
+            block[4].starts_with("  diagnosis: tether names client 127.0.0.1: "),
+            "{width} columns: {block:#?}"
+        );
+        let diagnosis: Vec<&str> = block[4..].iter().map(|l| l.trim()).collect();
+        assert!(
+            diagnosis.join(" ").ends_with("a new HTTP client per job"),
+            "{width} columns: {block:#?}"
+        );
+        for line in &block[5..] {
+            assert!(line.starts_with(&" ".repeat(13)), "continuation: {line:?}");
+        }
+        // No line of the live view filled the width (a full line wraps on some
+        // terminals and shifts the next redraw).
+        let summary = lines.iter().position(|l| l.starts_with("summary")).unwrap();
+        let first = lines
+            .iter()
+            .position(|l| l.starts_with("without tether "))
+            .unwrap();
+        for line in &lines[first..summary] {
+            assert!(line.chars().count() < width, "{width} columns: {line:?}");
+        }
+        assert!(screen.contains("result: PASS"), "{screen}");
+        assert!(
+            screen.contains("tether's log during the demo: "),
+            "the log file is named:\n{screen}"
+        );
+        let file = screen
+            .lines()
+            .find_map(|l| l.strip_prefix("tether's log during the demo: "))
+            .unwrap()
+            .trim();
+        let log = std::fs::read_to_string(file).unwrap();
+        assert!(
+            log.contains("probably creating a new HTTP client per job"),
+            "the warning went to the file instead: {log}"
+        );
+        let _ = std::fs::remove_file(file);
+        // For the report: the final screen.
+        let visible = tmux.cmd(&["capture-pane", "-p", "-t", &format!("w{width}")]);
+        eprintln!("--- final screen at {width} columns ---\n{visible}");
+    }
+}

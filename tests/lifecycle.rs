@@ -370,3 +370,28 @@ async fn a_second_sigterm_during_the_drain_exits_at_once() {
         "the second SIGTERM ends the drain at once"
     );
 }
+
+/// `POST /admin/drain` on a loopback admin listener does what SIGTERM does: not
+/// ready, the in-flight request finishes, the process exits 0.
+#[tokio::test]
+async fn a_drain_asked_for_on_the_admin_listener_finishes_in_flight_requests_and_exits_0() {
+    let origin = Origin::start().await;
+    let mut tether = Binary::start(&config(&[("up", &origin)]));
+    // Long enough that the admin listener (up until the drain ends) answers below.
+    let url = format!("http://{}/delay/3000", origin.authority());
+    let proxy = tether.proxy;
+    let in_flight = tokio::spawn(async move { proxy_get(proxy, &url).await.status });
+    assert!(eventually(WAIT, || async { origin.requests() == 1 }).await);
+    let req = http::Request::post("/admin/drain")
+        .header(http::header::HOST, tether.admin.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(tether.admin, req).await.status, 202);
+    assert_eq!(route_get(tether.admin, "/readyz").await.status, 503);
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the in-flight request finished"
+    );
+    assert_eq!(tether.wait_exit(WAIT), Some(0));
+}

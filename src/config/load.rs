@@ -1,86 +1,53 @@
-//! Loading: built-in defaults, then the TOML file (or the embedded default), then
-//! `TETHER_` environment variables; and printing the effective configuration.
+//! Loading: the TOML file (or the embedded default), then `TETHER_` environment
+//! variables, through [`check::load`](super::check::load), which reports every
+//! problem at once; and printing the effective configuration.
 
 use std::path::Path;
 
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
-
-use super::{Config, ConfigError, Problem, EMBEDDED_CONFIG, ENV_PREFIX};
+use super::{check, Config, ConfigError, Problem, EMBEDDED_CONFIG};
 
 impl Config {
-    /// Defaults, then `path` (or the embedded default config when `None`), then
-    /// `TETHER_` environment variables; validated.
+    /// `path` (or the embedded default config when `None`), then the `TETHER_`
+    /// environment variables, over the structs' defaults; validated.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let file = match path {
-            Some(p) if !p.exists() => {
-                return Err(ConfigError(vec![Problem {
-                    path: String::new(),
-                    message: format!("config file {} does not exist", p.display()),
-                }]))
+        Self::load_with_env(path, &std::env::vars().collect::<Vec<_>>())
+    }
+
+    /// [`Config::load`] with the environment given as `vars`.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        vars: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => {
+                let name = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    let message = match e.kind() {
+                        std::io::ErrorKind::NotFound => {
+                            format!("config file {name} does not exist")
+                        }
+                        _ => format!("cannot read config file {name}: {e}"),
+                    };
+                    ConfigError(vec![Problem::new("", message)])
+                })?;
+                check::load(&name, &text, vars)
             }
-            Some(p) => Toml::file_exact(p),
-            None => Toml::string(EMBEDDED_CONFIG),
-        };
-        Self::from_figment(Self::figment().merge(file).merge(env()))
+            None => check::load("<embedded config/tether.toml>", EMBEDDED_CONFIG, vars),
+        }
     }
 
     /// Parses a TOML document on top of the defaults (no environment); validated.
     pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Self::figment().merge(Toml::string(toml)))
+        check::load("<toml>", toml, &[])
     }
 
     /// Defaults, then `toml`, then the environment; validated. (For tests.)
     pub fn from_toml_and_env(toml: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Self::figment().merge(Toml::string(toml)).merge(env()))
-    }
-
-    fn figment() -> Figment {
-        Figment::from(Serialized::defaults(Config::default()))
-    }
-
-    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(|errors| {
-            ConfigError(
-                errors
-                    .into_iter()
-                    .map(|e| Problem {
-                        path: e.path.join("."),
-                        message: e.kind.to_string(),
-                    })
-                    .collect(),
-            )
-        })?;
-        config.validate()?;
-        Ok(config)
+        check::load("<toml>", toml, &std::env::vars().collect::<Vec<_>>())
     }
 
     /// The effective configuration as TOML, for `tether check-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the configuration serializes to TOML")
     }
-}
-
-/// `TETHER_<SECTION>__<KEY>` variables. Only the scalar sections can be set this way,
-/// and other `TETHER_*` variables (a script's `TETHER_BIN`, say) are not config.
-fn env() -> Env {
-    const SECTIONS: [&str; 8] = [
-        "proxy",
-        "admin",
-        "egress",
-        "pool",
-        "diagnosis",
-        "budget",
-        "transparent",
-        "cluster",
-    ];
-    Env::prefixed(ENV_PREFIX)
-        .filter(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            SECTIONS.iter().any(|s| {
-                key.strip_prefix(s)
-                    .is_some_and(|rest| rest.starts_with("__") || rest.starts_with('.'))
-            })
-        })
-        .split("__")
 }

@@ -11,11 +11,19 @@
 //! `tests/defaults.rs` fails when the two part. Loading is in [`load`], validation
 //! in [`validate`].
 
+mod check;
 mod cluster;
+mod diff;
+mod env;
 mod load;
+mod path;
+mod schema;
 mod validate;
 
 pub use cluster::{ClusterConfig, Members, DEFAULT_CLUSTER_REFRESH, MIN_CLUSTER_REFRESH};
+pub use diff::{Change, ConfigDiff, RESTART_ONLY};
+pub use env::names as env_names;
+pub use path::{display as display_path, parse_path, Seg};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -141,6 +149,15 @@ macro_rules! pool_keys {
                     && self.insecure_skip_verify == other.insecure_skip_verify
                     && self.protocol == other.protocol
                     && self.rewrite_realm == other.rewrite_realm
+            }
+
+            /// Whether this upstream sets the pool key `key` itself (else it inherits
+            /// `[pool]`'s).
+            pub fn sets(&self, key: &str) -> bool {
+                match key {
+                    $( stringify!($name) => self.$name.is_some(), )*
+                    _ => false,
+                }
             }
 
             /// The pool limits in force for this upstream: `defaults` with this
@@ -353,15 +370,41 @@ impl Default for TransparentConfig {
     }
 }
 
-/// One problem found while loading or validating, with the key path it concerns.
+/// One problem found while loading or validating: the key path it concerns
+/// (`upstream[1].max_connections`), and where that value was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub path: String,
     pub message: String,
+    /// `file:line` (`file:line:col` for a syntax error), or the environment variable
+    /// that set the value; empty for a default.
+    pub at: String,
+}
+
+impl Problem {
+    /// A problem with `path`, not yet located (validation's; loading locates it).
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem::at("", path, message)
+    }
+
+    pub fn at(
+        at: impl Into<String>,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Problem {
+        Problem {
+            path: path.into(),
+            message: message.into(),
+            at: at.into(),
+        }
+    }
 }
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.at.is_empty() {
+            write!(f, "{}: ", self.at)?;
+        }
         if self.path.is_empty() {
             f.write_str(&self.message)
         } else {

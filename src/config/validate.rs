@@ -10,9 +10,16 @@ impl Config {
     /// naming unknown upstreams, listeners sharing an address. Reports all at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+        let mut problem =
+            |path: String, message: String| problems.push(Problem::new(path, message));
 
-        check_pool("pool", &self.pool, &mut problem);
+        // A value an upstream inherits is blamed on `pool.<key>`, where it was
+        // written; a `[pool]` value wrong in itself is reported once, not per upstream.
+        let mut pool_problems = Vec::new();
+        check_pool(&self.pool, &mut |key, message| {
+            pool_problems.push(key);
+            problem(format!("pool.{key}"), message)
+        });
         if self.proxy.max_client_connections == 0 {
             problem(
                 "proxy.max_client_connections".into(),
@@ -97,7 +104,19 @@ impl Config {
                     );
                 }
             }
-            check_pool(&at, &up.pool(&self.pool), &mut problem);
+            check_pool(&up.pool(&self.pool), &mut |key, message| {
+                if up.sets(key) {
+                    problem(format!("{at}.{key}"), message);
+                } else if !pool_problems.contains(&key) {
+                    problem(
+                        format!("pool.{key}"),
+                        format!(
+                            "{message} in upstream {:?} ({at}), which inherits {key} from [pool]",
+                            up.name
+                        ),
+                    );
+                }
+            });
         }
 
         for (i, route) in self.route.iter().enumerate() {
@@ -207,13 +226,14 @@ impl Config {
     }
 }
 
-fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, String)) {
+/// Checks one pool's limits; `problem` gets the key at fault and the message.
+fn check_pool(pool: &PoolConfig, problem: &mut impl FnMut(&'static str, String)) {
     if pool.max_connections == 0 {
-        problem(format!("{at}.max_connections"), "must be at least 1".into());
+        problem("max_connections", "must be at least 1".into());
     }
     if let Some(max_idle) = pool.max_idle.filter(|m| *m > pool.max_connections) {
         problem(
-            format!("{at}.max_idle"),
+            "max_idle",
             format!(
                 "{max_idle} exceeds max_connections ({})",
                 pool.max_connections
@@ -221,14 +241,11 @@ fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, Stri
         );
     }
     if pool.max_streams_per_connection == 0 {
-        problem(
-            format!("{at}.max_streams_per_connection"),
-            "must be at least 1".into(),
-        );
+        problem("max_streams_per_connection", "must be at least 1".into());
     }
     if pool.min_connections > pool.max_connections {
         problem(
-            format!("{at}.min_connections"),
+            "min_connections",
             format!(
                 "{} exceeds max_connections ({})",
                 pool.min_connections, pool.max_connections
@@ -237,15 +254,12 @@ fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, Stri
     }
     if pool.min_idle > pool.max_connections || pool.min_idle > pool.idle_limit() {
         problem(
-            format!("{at}.min_idle"),
+            "min_idle",
             format!("{} exceeds max_connections or max_idle", pool.min_idle),
         );
     }
     if pool.max_requests_per_connection == 0 {
-        problem(
-            format!("{at}.max_requests_per_connection"),
-            "must be at least 1".into(),
-        );
+        problem("max_requests_per_connection", "must be at least 1".into());
     }
     for (key, d) in [
         ("idle_timeout", pool.idle_timeout),
@@ -257,7 +271,7 @@ fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, Stri
         ("tunnel_idle_timeout", pool.tunnel_idle_timeout),
     ] {
         if d.is_zero() {
-            problem(format!("{at}.{key}"), "must be greater than zero".into());
+            problem(key, "must be greater than zero".into());
         }
     }
     for (key, d) in [
@@ -272,19 +286,24 @@ fn check_pool(at: &str, pool: &PoolConfig, problem: &mut impl FnMut(String, Stri
         ("min_idle_for_eviction", pool.min_idle_for_eviction),
         ("keepalive_margin", pool.keepalive_margin),
     ] {
-        check_at_most_max(&format!("{at}.{key}"), d, problem);
+        if let Some(m) = too_long(d) {
+            problem(key, m);
+        }
     }
 }
 
 fn check_at_most_max(path: &str, d: Duration, problem: &mut impl FnMut(String, String)) {
-    if d > MAX_DURATION {
-        problem(
-            path.to_string(),
-            format!(
-                "{} is longer than the maximum, {}",
-                humantime::format_duration(d),
-                humantime::format_duration(MAX_DURATION)
-            ),
-        );
+    if let Some(m) = too_long(d) {
+        problem(path.to_string(), m);
     }
+}
+
+fn too_long(d: Duration) -> Option<String> {
+    (d > MAX_DURATION).then(|| {
+        format!(
+            "{} is longer than the maximum, {}",
+            humantime::format_duration(d),
+            humantime::format_duration(MAX_DURATION)
+        )
+    })
 }

@@ -20,6 +20,11 @@ pub struct View<'a> {
     next_line: Duration,
     /// Line mode: the time of the sample last printed.
     printed: Option<Duration>,
+    /// Line mode: the diagnosis line is printed once.
+    diagnosed: bool,
+    /// Live: the terminal's width; every line of a frame is cut to fit, so that
+    /// none wraps and the redraw moves back over exactly the lines it drew.
+    width: usize,
 }
 
 impl<'a> View<'a> {
@@ -31,6 +36,8 @@ impl<'a> View<'a> {
             current: None,
             next_line: Duration::ZERO,
             printed: None,
+            diagnosed: false,
+            width: terminal_width().unwrap_or(80),
         }
     }
 
@@ -105,11 +112,15 @@ impl<'a> View<'a> {
                 "client",
                 last.client,
                 if t.through_tether {
-                    " (to tether, which closes them when idle)"
+                    " (to tether, which closes idle ones)"
                 } else {
                     " (nothing ever closes them)"
                 },
             ));
+            if let Some(d) = &t.diagnosis {
+                // Wrapped, not cut: the point of the demo is this line.
+                lines.extend(wrap(&format!("  diagnosis: {d}"), self.width, 13));
+            }
             lines.push(String::new());
         }
         if self.drawn > 0 {
@@ -117,7 +128,7 @@ impl<'a> View<'a> {
             write!(self.out, "\x1b[{}F\x1b[J", self.drawn)?;
         }
         for line in &lines {
-            writeln!(self.out, "{line}")?;
+            writeln!(self.out, "{}", fit(line, self.width))?;
         }
         self.drawn = lines.len();
         self.out.flush()
@@ -161,6 +172,10 @@ impl<'a> View<'a> {
             gauge(1),
             last.client,
         )?;
+        if let (Some(d), false) = (&t.diagnosis, self.diagnosed) {
+            self.diagnosed = true;
+            writeln!(self.out, "{:<15} diagnosis: {d}", t.label)?;
+        }
         self.out.flush()
     }
 
@@ -214,6 +229,9 @@ impl<'a> View<'a> {
             if let Some(e) = &trace.first_error {
                 writeln!(out, "first failed preheat {}: {e}", trace.label)?;
             }
+        }
+        if let Some(diagnosis) = &t.diagnosis {
+            writeln!(out, "\nleak diagnosis: {diagnosis}")?;
         }
 
         writeln!(
@@ -292,6 +310,46 @@ fn sparkline(series: &[usize], scale: usize) -> String {
         .collect()
 }
 
+/// `line` cut to `width - 1` columns (every character of a frame is one column
+/// wide), so that it never fills the last column and wraps.
+fn fit(line: &str, width: usize) -> String {
+    let max = width.saturating_sub(1).max(1);
+    if line.chars().count() <= max {
+        return line.to_string();
+    }
+    let mut cut: String = line.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// `text` word-wrapped to `width - 1` columns, continuation lines indented by
+/// `indent`; each returned line fits (see [`fit`]).
+fn wrap(text: &str, width: usize, indent: usize) -> Vec<String> {
+    let max = width.saturating_sub(1).max(indent + 8);
+    let lead = text.len() - text.trim_start().len();
+    let mut lines = Vec::new();
+    let mut current = " ".repeat(lead);
+    for word in text.split_whitespace() {
+        let len = current.chars().count();
+        if current.trim().is_empty() {
+            current.push_str(word);
+        } else if len + 1 + word.chars().count() <= max {
+            current.push(' ');
+            current.push_str(word);
+        } else {
+            lines.push(std::mem::replace(&mut current, " ".repeat(indent) + word));
+        }
+    }
+    lines.push(current);
+    lines.into_iter().map(|l| fit(&l, width)).collect()
+}
+
+/// Columns of the terminal on stdout, if it is one.
+fn terminal_width() -> Option<usize> {
+    let size = rustix::termios::tcgetwinsize(std::io::stdout()).ok()?;
+    (size.ws_col > 0).then_some(size.ws_col as usize)
+}
+
 fn secs(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
@@ -299,6 +357,27 @@ fn secs(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_cut_to_the_width_so_none_wraps() {
+        assert_eq!(fit("abcdef", 80), "abcdef");
+        assert_eq!(fit("abcdef", 5), "abc…");
+        assert_eq!(fit("▁▂▃▄▅▆", 4).chars().count(), 3);
+    }
+
+    #[test]
+    fn the_diagnosis_wraps_under_its_label() {
+        let text = "  diagnosis: tether names client 127.0.0.1: 80 connections";
+        assert_eq!(wrap(text, 200, 13), [text]);
+        let lines = wrap(text, 40, 13);
+        assert!(lines.len() > 1, "{lines:?}");
+        assert!(lines.iter().all(|l| l.chars().count() < 40), "{lines:?}");
+        assert!(lines[1].starts_with(&" ".repeat(13)), "{lines:?}");
+        assert_eq!(
+            lines.join(" ").split_whitespace().collect::<Vec<_>>(),
+            text.split_whitespace().collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn sparkline_scales_and_squeezes() {

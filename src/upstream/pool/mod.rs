@@ -426,11 +426,20 @@ impl Pool {
 
     /// A typed picture of the pool for `/debug/pools` and the status page.
     pub fn snapshot(&self) -> PoolSnapshot {
-        let limits = self.inner.limits();
-        let (counts, connections) = {
-            let st = self.inner.state.lock();
-            let counts = PoolCounts::of(&st.table, st.queue.len());
-            (counts, snapshot::connections(&st.table, Instant::now()))
+        // The limits lock is never held with another, so the cap is read before and
+        // after the table: a cap that changed in between is read again, so a
+        // snapshot never pairs the sockets a raised cap let in with the cap before.
+        let (limits, counts, connections) = loop {
+            let before = self.inner.limits();
+            let (counts, connections) = {
+                let st = self.inner.state.lock();
+                let counts = PoolCounts::of(&st.table, st.queue.len());
+                (counts, snapshot::connections(&st.table, Instant::now()))
+            };
+            let after = self.inner.limits();
+            if before.cap() == after.cap() {
+                break (after, counts, connections);
+            }
         };
         let metrics = &self.inner.metrics;
         PoolSnapshot {
