@@ -76,6 +76,14 @@ fn cluster_problems_are_reported_together_with_their_key_paths() {
     let err = Config::from_toml("[pool]\ncluster_max_connections = 8\n").unwrap_err();
     assert_eq!(err.0[0].path, "pool.cluster_max_connections");
     assert!(err.0[0].message.contains("[cluster] members"), "{err}");
+    // Inherited by an upstream, a bad [pool] value is reported once, where it was
+    // written, not again under every upstream that inherits it.
+    let err = Config::from_toml(
+        "[pool]\ncluster_max_connections = 0\n[[upstream]]\nname = \"a\"\norigin = \"a.test:80\"\n",
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = err.0.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["pool.cluster_max_connections"], "{err}");
 }
 
 #[test]

@@ -162,13 +162,21 @@ pub(super) fn validate(config: &Config, problem: &mut impl FnMut(String, String)
         }
         check_at_most_max("cluster.hold_off", hold_off, problem);
     }
+    // Only where the key is written: an inherited value is [pool]'s own problem,
+    // reported once at `pool.cluster_max_connections` (where it was set).
+    let key = "cluster_max_connections";
     let pools = std::iter::once(("pool".to_string(), config.pool.cluster_max_connections)).chain(
-        config.upstream.iter().enumerate().map(|(i, u)| {
-            (
-                format!("upstream[{i}]"),
-                u.pool(&config.pool).cluster_max_connections,
-            )
-        }),
+        config
+            .upstream
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.sets(key))
+            .map(|(i, u)| {
+                (
+                    format!("upstream[{i}]"),
+                    u.pool(&config.pool).cluster_max_connections,
+                )
+            }),
     );
     for (at, total) in pools {
         match total {
