@@ -114,18 +114,7 @@ async fn a_tunnel_is_logged_when_it_closes_with_its_bytes_and_reason() {
     let (logs, _guard) = Captured::install_json();
     let tether = start(config).await;
     let target = origin.authority();
-    let mut stream = TcpStream::connect(tether.proxy_addr).await.unwrap();
-    stream
-        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(stream.read(&mut byte).await.unwrap(), 1);
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"));
+    let mut stream = tunnel(tether.proxy_addr, &target).await.unwrap();
     let request = b"GET /bytes/5000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     stream.write_all(request).await.unwrap();
     let mut response = Vec::new();

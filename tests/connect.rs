@@ -18,31 +18,6 @@ use tether::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Opens a tunnel through `proxy` to `target`; returns the socket after `200`, or
-/// the status line tether answered with.
-async fn tunnel(proxy: SocketAddr, target: &str) -> Result<TcpStream, String> {
-    let mut stream = TcpStream::connect(proxy).await.unwrap();
-    stream
-        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    // Read the response head byte by byte so no tunnelled byte is consumed.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        if stream.read(&mut byte).await.unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    if head.starts_with("HTTP/1.1 200") {
-        Ok(stream)
-    } else {
-        Err(head)
-    }
-}
-
 /// `GET path` over an open tunnel, as a client speaking to the origin itself would.
 async fn get_over(
     stream: TcpStream,

@@ -229,3 +229,37 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
         self.clone()
     }
 }
+
+/// Opens a tunnel through `proxy` to `target`; returns the socket after `200`, or
+/// the status line tether answered with.
+pub async fn tunnel(
+    proxy: std::net::SocketAddr,
+    target: &str,
+) -> Result<tokio::net::TcpStream, String> {
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Read the response head byte by byte so no tunnelled byte is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if tokio::io::AsyncReadExt::read(&mut stream, &mut byte)
+            .await
+            .unwrap()
+            == 0
+        {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(stream)
+    } else {
+        Err(head)
+    }
+}
