@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{Config, MAX_DURATION};
+use super::{check_at_most_max, Config};
 
 /// Re-read the member list this often by default: CoreDNS answers for a headless
 /// Service with a 5 s TTL, so reading faster only re-reads its cache.
@@ -190,19 +190,6 @@ pub(super) fn validate(config: &Config, problem: &mut impl FnMut(String, String)
             ),
             _ => {}
         }
-    }
-}
-
-fn check_at_most_max(path: &str, d: Duration, problem: &mut impl FnMut(String, String)) {
-    if d > MAX_DURATION {
-        problem(
-            path.to_string(),
-            format!(
-                "{} is longer than the maximum, {}",
-                humantime::format_duration(d),
-                humantime::format_duration(MAX_DURATION)
-            ),
-        );
     }
 }
 

@@ -417,3 +417,21 @@ impl std::fmt::Display for Problem {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
 pub struct ConfigError(pub Vec<Problem>);
+
+/// The problem of a duration over [`MAX_DURATION`], if it is.
+fn too_long(d: Duration) -> Option<String> {
+    (d > MAX_DURATION).then(|| {
+        format!(
+            "{} is longer than the maximum, {}",
+            humantime::format_duration(d),
+            humantime::format_duration(MAX_DURATION)
+        )
+    })
+}
+
+/// Reports `d` at `path` if it is over [`MAX_DURATION`].
+fn check_at_most_max(path: &str, d: Duration, problem: &mut impl FnMut(String, String)) {
+    if let Some(m) = too_long(d) {
+        problem(path.to_string(), m);
+    }
+}

@@ -291,19 +291,3 @@ fn check_pool(pool: &PoolConfig, problem: &mut impl FnMut(&'static str, String))
         }
     }
 }
-
-fn check_at_most_max(path: &str, d: Duration, problem: &mut impl FnMut(String, String)) {
-    if let Some(m) = too_long(d) {
-        problem(path.to_string(), m);
-    }
-}
-
-fn too_long(d: Duration) -> Option<String> {
-    (d > MAX_DURATION).then(|| {
-        format!(
-            "{} is longer than the maximum, {}",
-            humantime::format_duration(d),
-            humantime::format_duration(MAX_DURATION)
-        )
-    })
-}
