@@ -421,3 +421,38 @@ async fn a_client_leaving_before_the_response_head_does_not_cost_an_upstream_soc
     assert_eq!(origin.accepted(), 1, "the next request reused the socket");
     assert_eq!(closed(&tether, "error"), 0.0);
 }
+
+/// `request_timeout` bounds the whole exchange, the time queued for a socket
+/// included: a request still queued at its deadline is answered 503
+/// `queue_timeout` then, rather than waiting out `queue_timeout`, taking a socket
+/// at last and timing out on it (which closed a good socket as `error`).
+#[tokio::test]
+async fn a_request_queued_past_its_request_timeout_is_answered_then_and_wastes_no_socket() {
+    let origin = Origin::start().await;
+    let mut config = support::config(&[("a", &origin)]);
+    config.pool.max_connections = 1;
+    config.pool.request_timeout = Duration::from_millis(300);
+    config.pool.queue_timeout = Duration::from_secs(60); // far beyond WAIT
+    route(&mut config, "a");
+    let tether = start(config).await;
+    // A tunnel holds the only place under the cap; request_timeout does not bound it.
+    let held = tunnel(tether.proxy_addr, &origin.authority())
+        .await
+        .expect("the tunnel opens");
+
+    let reply = tokio::time::timeout(WAIT, route_get(tether.route_addrs[0], "/"))
+        .await
+        .expect("answered at the request's deadline, not after queue_timeout");
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.tether_error(), Some("queue_timeout"));
+
+    drop(held);
+    assert_eq!(route_get(tether.route_addrs[0], "/").await.status, 200);
+    let closed_as_error = metric(
+        &tether.metrics(),
+        "tether_upstream_connections_closed_total",
+        &[("upstream", "a"), ("reason", "error")],
+    );
+    assert_eq!(closed_as_error, Some(0.0));
+    tether.shutdown().await;
+}

@@ -187,7 +187,7 @@ impl Upstream {
         let mut stale_budget = config.max_connections + 1;
         loop {
             let queued_at = Instant::now();
-            let checkout = self.pool.checkout().await;
+            let checkout = self.pool.checkout_before(Some(deadline)).await;
             timing.queue += queued_at.elapsed();
             let mut pooled = match checkout? {
                 Checkout::Reused(p) => p,

@@ -149,6 +149,14 @@ impl Pool {
     /// An idle connection (most recently used first), else the right to connect if
     /// under the cap, else a place in the FIFO queue until one of those frees up.
     pub async fn checkout(&self) -> Result<Checkout, ProxyError> {
+        self.checkout_before(None).await
+    }
+
+    /// [`checkout`](Pool::checkout), waiting in the queue no later than `deadline`
+    /// (the request's own, `request_timeout` from its start) nor longer than
+    /// `queue_timeout`: a request whose whole time is spent never takes a socket only
+    /// to time out on it.
+    pub async fn checkout_before(&self, deadline: Option<Instant>) -> Result<Checkout, ProxyError> {
         let limits = self.inner.limits();
         let rx = {
             let mut st = self.inner.state.lock();
@@ -172,7 +180,10 @@ impl Pool {
             }
             queued
         };
-        match self.wait(rx, &limits, std::future::pending()).await? {
+        match self
+            .wait(rx, &limits, deadline, std::future::pending())
+            .await?
+        {
             Grant::Idle(pooled) => Ok(Checkout::Reused(pooled)),
             Grant::Connect(slot) => Ok(Checkout::Connect(slot)),
         }
@@ -211,15 +222,22 @@ impl Pool {
         ))
     }
 
-    /// Waits for a grant up to `queue_timeout`, running `meanwhile` alongside.
+    /// Waits for a grant up to `queue_timeout` (or `deadline`, if sooner), running
+    /// `meanwhile` alongside.
     async fn wait(
         &self,
         (rx, _guard): (oneshot::Receiver<Grant>, WaitGuard<'_>),
         config: &PoolConfig,
+        deadline: Option<Instant>,
         meanwhile: impl std::future::Future<Output = ()>,
     ) -> Result<Grant, ProxyError> {
         let started = Instant::now();
-        let granted = tokio::time::timeout(config.queue_timeout, async {
+        let limit = deadline.map_or(config.queue_timeout, |d| {
+            config
+                .queue_timeout
+                .min(d.saturating_duration_since(started))
+        });
+        let granted = tokio::time::timeout(limit, async {
             tokio::select! {
                 granted = rx => granted,
                 _ = meanwhile => unreachable!("runs until the grant arrives"),
@@ -235,7 +253,7 @@ impl Pool {
                 self.inner.metrics.reject(Rejection::QueueTimeout);
                 Err(ProxyError::QueueTimeout {
                     upstream: self.inner.name.to_string(),
-                    timeout: config.queue_timeout,
+                    timeout: limit,
                 })
             }
         }
@@ -259,7 +277,7 @@ impl Pool {
             self.enqueue(st, &limits, true)?
         };
         self.make_budget_room();
-        match self.wait(queued, &limits, make_room).await? {
+        match self.wait(queued, &limits, None, make_room).await? {
             Grant::Connect(slot) => Ok(slot),
             Grant::Idle(pooled) => {
                 // Slot-only waiters are skipped by hand-offs; be safe regardless.
