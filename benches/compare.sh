@@ -28,6 +28,9 @@
 #         DURATION=10 ROUNDS=3 WARMUP=2 (seconds; 0 = no warm-up run)
 #         THREADS=2 CONNECTIONS=64 POOL_SIZE=16 SIZES="1k 1m"
 #         NGINX_PROXY_WORKERS=2 UPSTREAM_WORKERS=1 SAMPLE_INTERVAL=0.25
+#         WORKER_THREADS  runtime threads of tether (proxy.worker_threads) and of
+#                         floor-hyper/floor-raw; unset: one per core
+#         BASE_WORKER_THREADS  the same for tether-base (TOKIO_WORKER_THREADS)
 #         OUT_DIR         keep raw wrk output, results.tsv and the tables here
 #         KEEP_TMP=1      keep the work directory (configs, logs)
 # Output: markdown on stdout (paste into benches/RESULTS.md); progress on stderr.
@@ -218,6 +221,7 @@ version() { "$@" 2>&1 | head -n 1 || true; }
     has_target haproxy-1t || has_target haproxy-2t && echo "- haproxy: $(version haproxy -v | sed 's/ - https.*//')"
     has_target nginx-proxy && echo "- nginx-proxy: ${NGINX_PROXY_WORKERS:-2} worker(s)"
     has_target tether && echo "- tether: $(version "$TETHER_BIN" --version)"
+    echo "- runtime threads: tether ${WORKER_THREADS:-one per core}, tether-base ${BASE_WORKER_THREADS:-one per core}, floor-hyper/floor-raw ${WORKER_THREADS:-one per core}"
     has_target floor-hyper || has_target floor-raw && echo "- floor-hyper / floor-raw: the reference proxies of benches/floor.rs (the stack's cost, without tether's work)"
     echo "- peak upstream sockets: established sockets to the origin owned by the target's processes, sampled every ${SAMPLE_INTERVAL}s (for direct: wrk's own)"
     echo "- upstream opens/run: delta of tether_upstream_connections_opened_total per round (tether only)"

@@ -28,6 +28,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// The same allocator as tether's binary, so tether / floor-hyper measures tether's
+/// own work and not the allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Idle upstream connections, at most `cap` open (a permit per open socket in use).
 struct Pool<C> {
     origin: String,

@@ -195,6 +195,32 @@ fn max_header_bytes_too_small_for_ordinary_requests_is_refused_naming_the_minimu
 }
 
 #[test]
+fn worker_threads_beyond_the_maximum_is_refused_and_a_reload_keeps_the_running_value() {
+    let err = Config::from_toml("[proxy]\nworker_threads = 1025\n").unwrap_err();
+    let problem = err
+        .0
+        .iter()
+        .find(|p| p.path == "proxy.worker_threads")
+        .unwrap_or_else(|| panic!("worker_threads not refused: {err}"));
+    assert!(
+        problem.message.contains("at most 1024"),
+        "{}",
+        problem.message
+    );
+    let running = Config::from_toml("[proxy]\nworker_threads = 2\n").unwrap();
+    let mut reloaded = Config::from_toml("[proxy]\nworker_threads = 4\n").unwrap();
+    let held = reloaded.keep_restart_only(&running);
+    assert_eq!(
+        reloaded.proxy.worker_threads, 2,
+        "the runtime keeps its threads"
+    );
+    assert!(
+        held.iter().any(|c| c.path == "proxy.worker_threads"),
+        "{held:?}"
+    );
+}
+
+#[test]
 fn max_connections_per_client_is_unset_by_default_and_at_least_1_when_set() {
     assert_eq!(Config::default().proxy.max_connections_per_client, None);
     let err = Config::from_toml("[proxy]\nmax_connections_per_client = 0\n").unwrap_err();

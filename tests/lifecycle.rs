@@ -395,3 +395,32 @@ async fn a_drain_asked_for_on_the_admin_listener_finishes_in_flight_requests_and
     );
     assert_eq!(tether.wait_exit(WAIT), Some(0));
 }
+
+/// The runtime's worker threads of a running tether process (tokio names them).
+fn runtime_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| name.starts_with("tokio-r"))
+        .count()
+}
+
+#[tokio::test]
+async fn worker_threads_sets_the_runtime_threads_the_binary_serves_on() {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    cfg.proxy.worker_threads = 1;
+    let tether = Binary::start(&cfg);
+    let url = format!("http://{}/bytes/10", origin.authority());
+    assert_eq!(proxy_get(tether.proxy, &url).await.status, 200);
+    assert_eq!(runtime_threads(tether.child.id()), 1, "worker_threads = 1");
+
+    // 0 (the default) is one per CPU core.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let tether = Binary::start(&config(&[("up", &origin)]));
+    assert_eq!(proxy_get(tether.proxy, &url).await.status, 200);
+    assert!(
+        runtime_threads(tether.child.id()) >= cores,
+        "one worker per core by default"
+    );
+}

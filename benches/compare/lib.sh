@@ -257,6 +257,15 @@ start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT [BINARY, default $TETHE
     mkdir -p "$dir"
     LISTEN_PORT=$port PROXY_PORT=$3 ADMIN_PORT=$4 MAX_CLIENT_CONNECTIONS=$MAX_CLIENTS \
         render "$TEMPLATES/tether.toml.in" "$dir/tether.toml"
+    # WORKER_THREADS: tether's runtime threads, through its config key
+    # (proxy.worker_threads). BASE_WORKER_THREADS: the same for tether-base, through
+    # tokio's TOKIO_WORKER_THREADS (an older build may not know the key).
+    local -a threads=()
+    if [[ -z ${5:-} && -n ${WORKER_THREADS:-} ]]; then
+        sed -i "s/^\[proxy\]\$/[proxy]\nworker_threads = $WORKER_THREADS/" "$dir/tether.toml"
+    elif [[ -n ${5:-} && -n ${BASE_WORKER_THREADS:-} ]]; then
+        threads=(TOKIO_WORKER_THREADS="$BASE_WORKER_THREADS")
+    fi
     # tether merges every TETHER_* environment variable into its config (figment,
     # unknown keys are errors), so the bench's own TETHER_BIN/TETHER_LOG and any
     # stray overrides are kept out of its environment: the file is the whole config.
@@ -266,8 +275,8 @@ start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT [BINARY, default $TETHE
         if [[ $v == TETHER_* ]]; then clean+=(-u "$v"); fi
     done
     # Quiet logging so per-request log lines do not cost throughput.
-    start_bg "$dir/tether.log" env "${clean[@]}" RUST_LOG="${TETHER_LOG:-warn}" \
-        "${5:-$TETHER_BIN}" run --config "$dir/tether.toml"
+    start_bg "$dir/tether.log" env "${clean[@]}" -u TOKIO_WORKER_THREADS "${threads[@]}" \
+        RUST_LOG="${TETHER_LOG:-warn}" "${5:-$TETHER_BIN}" run --config "$dir/tether.toml"
     PROXY_PID=$BG_PID
     wait_port "$port" "$PROXY_PID" "$dir/tether.log"
     wait_port "$4" "$PROXY_PID" "$dir/tether.log"
@@ -276,7 +285,13 @@ start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT [BINARY, default $TETHE
 start_floor() { # NAME PORT MODE  (benches/floor.rs: MODE hyper or raw)
     local port=$2 dir="$WORK/$1"
     mkdir -p "$dir"
-    start_bg "$dir/floor.log" "$FLOOR_BIN" "$3" "127.0.0.1:$port" "127.0.0.1:$UPSTREAM_PORT" "$POOL_SIZE"
+    # The same runtime threads as tether (WORKER_THREADS), through tokio's variable.
+    local -a threads=(-u TOKIO_WORKER_THREADS)
+    if [[ -n ${WORKER_THREADS:-} && ${WORKER_THREADS:-} != 0 ]]; then
+        threads=(TOKIO_WORKER_THREADS="$WORKER_THREADS")
+    fi
+    start_bg "$dir/floor.log" env "${threads[@]}" \
+        "$FLOOR_BIN" "$3" "127.0.0.1:$port" "127.0.0.1:$UPSTREAM_PORT" "$POOL_SIZE"
     PROXY_PID=$BG_PID
     wait_port "$port" "$PROXY_PID" "$dir/floor.log"
 }

@@ -12,10 +12,10 @@ use serde_json::Value;
 
 use super::Config;
 
-/// The keys a reload cannot apply: listeners bound at start-up. A reload that
-/// changes one keeps the running value, logs a warning naming it, and applies the
-/// rest. (`transparent.ports` is read only by `tether iptables`.)
-pub const RESTART_ONLY: [&str; 5] = [
+/// The keys a reload cannot apply: listeners bound at start-up, the runtime's
+/// threads. A reload that changes one keeps the running value, logs a warning
+/// naming it, and applies the rest. (`transparent.ports` is read only by `tether iptables`.)
+pub const RESTART_ONLY: [&str; 6] = [
     "proxy.listen",
     "admin.listen",
     "transparent.enabled",
@@ -23,6 +23,8 @@ pub const RESTART_ONLY: [&str; 5] = [
     // The member source, `self`, `refresh` and `hold_off`: the refresh task is
     // started with them (`cluster_max_connections`, a pool key, applies at once).
     "cluster",
+    // The runtime is built before the instance starts.
+    "proxy.worker_threads",
 ];
 
 /// One key whose value changed.
@@ -209,7 +211,13 @@ impl Config {
             cluster(&running.cluster),
             cluster(&self.cluster),
         );
+        keep(
+            RESTART_ONLY[5],
+            running.proxy.worker_threads.to_string(),
+            self.proxy.worker_threads.to_string(),
+        );
         self.cluster = running.cluster.clone();
+        self.proxy.worker_threads = running.proxy.worker_threads;
         self.proxy.listen = running.proxy.listen;
         self.admin.listen = running.admin.listen;
         self.transparent.enabled = running.transparent.enabled;

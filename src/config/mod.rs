@@ -54,6 +54,8 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 /// line, `Host` and a few headers; a registry client's `Accept` list alone can take
 /// hundreds of bytes) would be refused. Every value from here up is enforced exactly.
 pub const MIN_MAX_HEADER_BYTES: usize = 1024;
+/// The most runtime threads `proxy.worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Transparent listener: the port Istio's sidecar uses for redirected outbound
 /// traffic, on loopback because iptables `REDIRECT` of locally generated packets
@@ -292,6 +294,8 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Threads of the runtime that serves every connection; 0: one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for ProxyConfig {
@@ -304,6 +308,7 @@ impl Default for ProxyConfig {
             max_connections_per_client: None,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            worker_threads: 0,
         }
     }
 }

@@ -40,6 +40,12 @@ impl Config {
                 ),
             );
         }
+        if self.proxy.worker_threads > MAX_WORKER_THREADS {
+            problem(
+                "proxy.worker_threads".into(),
+                format!("must be at most {MAX_WORKER_THREADS} (0: one per CPU core)"),
+            );
+        }
         for (key, d) in [
             ("client_idle_timeout", self.proxy.client_idle_timeout),
             ("header_read_timeout", self.proxy.header_read_timeout),

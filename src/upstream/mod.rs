@@ -185,8 +185,8 @@ impl Upstream {
         // A pooled socket the upstream already closed costs no request (the request is
         // handed back unsent), so retrying is always safe; bound it by the cap anyway.
         let mut stale_budget = config.max_connections + 1;
+        let mut queued_at = started;
         loop {
-            let queued_at = Instant::now();
             let checkout = self.pool.checkout_before(Some(deadline)).await;
             timing.queue += queued_at.elapsed();
             let mut pooled = match checkout? {
@@ -205,6 +205,7 @@ impl Upstream {
                 if stale_budget == 0 {
                     return Err(ProxyError::UpstreamClosed { origin: origin() });
                 }
+                queued_at = Instant::now();
                 continue;
             }
             let reused = pooled.reused;
@@ -269,6 +270,7 @@ impl Upstream {
                     Some(unsent) if stale_budget > 1 => {
                         // Closed before our bytes went out: the upstream never saw it.
                         req = unsent;
+                        queued_at = Instant::now();
                         stale_budget -= 1;
                         pooled.discard(CloseReason::RemoteClosed);
                         self.pool.metrics().stale_retries.increment(1);
