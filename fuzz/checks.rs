@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tether::config::{Config, PoolConfig};
+use tether::config::Config;
 use tether::policy::{Origin, Pattern};
 
 /// Request-target and authority parsing: `Origin::from_uri`, `Origin::parse_authority`,
@@ -123,9 +123,9 @@ pub fn config(data: &[u8]) {
         ("proxy.header_read_timeout", proxy.header_read_timeout),
         ("proxy.drain_timeout", proxy.drain_timeout),
     ];
-    durations.extend(pool_durations(&config.pool));
+    durations.extend(config.pool.durations());
     for up in &config.upstream {
-        durations.extend(pool_durations(&up.pool(&config.pool)));
+        durations.extend(up.pool(&config.pool).durations());
     }
     for (key, d) in durations {
         assert!(
@@ -133,20 +133,6 @@ pub fn config(data: &[u8]) {
             "{text:?}: {key} = {d:?} validates but overflows a deadline"
         );
     }
-}
-
-fn pool_durations(pool: &PoolConfig) -> [(&'static str, Duration); 9] {
-    [
-        ("idle_timeout", pool.idle_timeout),
-        ("reap_interval", pool.reap_interval),
-        ("max_lifetime", pool.max_lifetime),
-        ("queue_timeout", pool.queue_timeout),
-        ("connect_timeout", pool.connect_timeout),
-        ("response_header_timeout", pool.response_header_timeout),
-        ("request_timeout", pool.request_timeout),
-        ("tunnel_idle_timeout", pool.tunnel_idle_timeout),
-        ("min_idle_for_eviction", pool.min_idle_for_eviction),
-    ]
 }
 
 /// The `Host` the check's upstream gets, as `Upstream::host_header` would give it.

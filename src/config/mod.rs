@@ -206,6 +206,23 @@ pool_keys! {
 pub const DEFAULT_MAX_IDLE: usize = 16;
 
 impl PoolConfig {
+    /// Every duration of the pool, by key: what validation bounds, and what the
+    /// fuzz checks hold to a deadline that cannot overflow.
+    pub fn durations(&self) -> [(&'static str, Duration); 10] {
+        [
+            ("idle_timeout", self.idle_timeout),
+            ("reap_interval", self.reap_interval),
+            ("max_lifetime", self.max_lifetime),
+            ("queue_timeout", self.queue_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("response_header_timeout", self.response_header_timeout),
+            ("request_timeout", self.request_timeout),
+            ("tunnel_idle_timeout", self.tunnel_idle_timeout),
+            ("min_idle_for_eviction", self.min_idle_for_eviction),
+            ("keepalive_margin", self.keepalive_margin),
+        ]
+    }
+
     /// The idle limit in force: `max_idle`, or the default capped by the hard cap.
     pub fn idle_limit(&self) -> usize {
         self.max_idle

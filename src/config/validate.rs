@@ -280,18 +280,7 @@ fn check_pool(pool: &PoolConfig, problem: &mut impl FnMut(&'static str, String))
             problem(key, "must be greater than zero".into());
         }
     }
-    for (key, d) in [
-        ("idle_timeout", pool.idle_timeout),
-        ("reap_interval", pool.reap_interval),
-        ("max_lifetime", pool.max_lifetime),
-        ("queue_timeout", pool.queue_timeout),
-        ("connect_timeout", pool.connect_timeout),
-        ("response_header_timeout", pool.response_header_timeout),
-        ("request_timeout", pool.request_timeout),
-        ("tunnel_idle_timeout", pool.tunnel_idle_timeout),
-        ("min_idle_for_eviction", pool.min_idle_for_eviction),
-        ("keepalive_margin", pool.keepalive_margin),
-    ] {
+    for (key, d) in pool.durations() {
         if let Some(m) = too_long(d) {
             problem(key, m);
         }
