@@ -103,10 +103,11 @@ impl Downstream {
     /// waiting for), of the client that holds the most connections, and among
     /// those the one idle longest. One leaky client so pays for its own leak.
     fn victim(reg: &mut Registry) -> Option<Arc<ClientConn>> {
+        let now = Instant::now();
         let victim = reg
             .values()
             .filter(|c| evictable(c))
-            .max_by_key(|c| (reg.open_from(c.peer.ip()), c.idle_for()))?
+            .max_by_key(|c| (reg.open_from(c.peer.ip()), idleness(c, now)))?
             .clone();
         Some(Self::mark(reg, victim))
     }
@@ -114,10 +115,11 @@ impl Downstream {
     /// `ip`'s own longest-idle connection with no request in flight, marked: the
     /// victim when `ip` is at `max_connections_per_client`.
     fn own_victim(reg: &mut Registry, ip: IpAddr) -> Option<Arc<ClientConn>> {
+        let now = Instant::now();
         let victim = reg
             .values()
             .filter(|c| c.peer.ip() == ip && evictable(c))
-            .max_by_key(|c| c.idle_for())?
+            .max_by_key(|c| idleness(c, now))?
             .clone();
         Some(Self::mark(reg, victim))
     }
@@ -142,6 +144,7 @@ impl Downstream {
     /// stopped (a route removed by a reload). A parked socket has no task and so no
     /// timer of its own: [`sweep_parked`] calls this on a short tick.
     pub fn expire_parked(&self, idle_timeout: Duration) {
+        let now = Instant::now();
         let expired: Vec<_> = self
             .conns
             .lock()
@@ -151,7 +154,7 @@ impl Downstream {
                 let socket = parked.as_ref()?;
                 if socket.listener_stopped() {
                     Some((c.clone(), ClientClose::Shutdown))
-                } else if c.idle_for() >= idle_timeout {
+                } else if c.idle_at(c.ms_at(now)) >= idle_timeout {
                     Some((c.clone(), ClientClose::IdleTimeout))
                 } else {
                     None
@@ -162,6 +165,12 @@ impl Downstream {
             c.close(reason);
         }
     }
+}
+
+/// How long `c` has been idle at `now`, then (for the connections that went idle in
+/// the same millisecond) the older first: what "idle longest" orders by.
+fn idleness(c: &ClientConn, now: Instant) -> (Duration, std::cmp::Reverse<u64>) {
+    (c.idle_at(c.ms_at(now)), std::cmp::Reverse(c.id))
 }
 
 /// No request in flight and not already chosen.
@@ -232,5 +241,26 @@ mod tests {
         let victim = Downstream::own_victim(&mut downstream.conns.lock(), leaky.ip()).unwrap();
         assert_eq!(victim.peer, leaky);
         assert!(Downstream::own_victim(&mut downstream.conns.lock(), leaky.ip()).is_none());
+    }
+
+    /// A leaky client opens and finishes many connections within one millisecond:
+    /// "idle longest" must still mean its oldest, not whichever the map yields first.
+    #[tokio::test(start_paused = true)]
+    async fn connections_idle_since_the_same_millisecond_are_evicted_oldest_first() {
+        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
+        let leaky: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        let ids: Vec<u64> = (0..32).map(|_| downstream.register(leaky).id).collect();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let own: Vec<u64> =
+            std::iter::from_fn(|| Downstream::own_victim(&mut downstream.conns.lock(), leaky.ip()))
+                .take(16)
+                .map(|c| c.id)
+                .collect();
+        assert_eq!(own, ids[..16], "per-client victims, oldest first");
+        let global: Vec<u64> =
+            std::iter::from_fn(|| Downstream::victim(&mut downstream.conns.lock()))
+                .map(|c| c.id)
+                .collect();
+        assert_eq!(global, ids[16..], "global victims, oldest first");
     }
 }

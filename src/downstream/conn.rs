@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use metrics::{Counter, Gauge};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
@@ -108,6 +109,28 @@ pub struct ClientShare {
 /// alive (hyper may drop a response body after the socket) then leave the gauges alone.
 const CLOSED: usize = 1 << (usize::BITS - 1);
 
+/// Set in [`ClientConn::events`] while the watcher polls hyper.
+const POLLING: u8 = 1 << 7;
+
+/// What happened on a connection since its watcher last looked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Events(u8);
+
+impl Events {
+    /// The last request in flight ended: the parking countdown starts.
+    const REQUEST_ENDED: u8 = 1;
+    /// The connection is asked to close (eviction, shutdown).
+    const CLOSE: u8 = 1 << 1;
+
+    pub(crate) fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub(crate) fn close_requested(self) -> bool {
+        self.0 & Events::CLOSE != 0
+    }
+}
+
 /// One client connection's shared state.
 pub struct ClientConn {
     pub id: u64,
@@ -123,9 +146,11 @@ pub struct ClientConn {
     pub(super) reason: AtomicU8,
     /// Chosen as an eviction victim: never chosen again.
     pub(super) evicting: AtomicBool,
-    /// Woken when the last request in flight ends: the parking countdown starts.
-    pub(super) request_ended: Notify,
-    pub(super) kill: Notify,
+    /// What the connection's watcher is to look at: [`Events`] bits, and [`POLLING`]
+    /// while it is inside hyper's poll (then it looks anyway, and needs no wake-up).
+    events: AtomicU8,
+    /// The watcher's task, woken when an event arrives from outside its own poll.
+    watcher: AtomicWaker,
     pub(super) downstream: Arc<Downstream>,
     /// A CONNECT answered `200`: the tunnel to run once hyper hands the socket back.
     handoff: Handoff,
@@ -283,8 +308,8 @@ impl Downstream {
             head_started: AtomicU64::new(1),
             reason: AtomicU8::new(ClientClose::ClientClosed as u8),
             evicting: AtomicBool::new(false),
-            request_ended: Notify::new(),
-            kill: Notify::new(),
+            events: AtomicU8::new(0),
+            watcher: AtomicWaker::new(),
             downstream: self.clone(),
             handoff: Handoff::default(),
             parked: Mutex::new(None),
@@ -310,7 +335,12 @@ impl Downstream {
 
 impl ClientConn {
     pub(crate) fn now_ms(&self) -> u64 {
-        self.base.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    /// `now` as milliseconds on the connection's clock (as [`ClientConn::now_ms`]).
+    pub(crate) fn ms_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.base).as_millis() as u64
     }
 
     /// A request is in flight.
@@ -318,11 +348,9 @@ impl ClientConn {
         self.in_flight.load(Ordering::Acquire) & !CLOSED > 0
     }
 
-    pub(crate) fn idle_for(&self) -> Duration {
-        Duration::from_millis(
-            self.now_ms()
-                .saturating_sub(self.idle_since.load(Ordering::Relaxed)),
-        )
+    /// How long the connection has been idle at `now_ms` (as [`ClientConn::now_ms`]).
+    pub(crate) fn idle_at(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.idle_since.load(Ordering::Relaxed)))
     }
 
     pub(crate) fn set_reason(&self, reason: ClientClose) {
@@ -338,7 +366,7 @@ impl ClientConn {
     /// task closes it gracefully (an in-flight response is finished first).
     pub(crate) fn close(&self, reason: ClientClose) {
         self.set_reason(reason);
-        self.kill.notify_one();
+        self.signal(Events::CLOSE);
         // Dropped outside the slot's lock: the socket's guard deregisters it.
         let parked = self.unpark();
         drop(parked);
@@ -356,14 +384,29 @@ impl ClientConn {
             .store(self.now_ms() + 1, Ordering::Relaxed);
     }
 
-    /// Resolves when the connection is asked to close (eviction, shutdown).
-    pub(crate) fn close_requested(&self) -> tokio::sync::futures::Notified<'_> {
-        self.kill.notified()
+    /// Sets `event` for the watcher, and wakes it unless it is polling hyper (it
+    /// reads the events right after; this is how the end of a request, which hyper's
+    /// poll drops, costs no second poll of the task).
+    fn signal(&self, event: u8) {
+        if self.events.fetch_or(event, Ordering::AcqRel) & POLLING == 0 {
+            self.watcher.wake();
+        }
     }
 
-    /// Resolves when the last request in flight ends.
-    pub(crate) fn request_ended(&self) -> tokio::sync::futures::Notified<'_> {
-        self.request_ended.notified()
+    /// Runs hyper's poll `f` (for the watcher): an event set meanwhile wakes nobody,
+    /// since [`ClientConn::poll_events`] follows.
+    pub(crate) fn polling<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.events.fetch_or(POLLING, Ordering::AcqRel);
+        let out = f();
+        self.events.fetch_and(!POLLING, Ordering::AcqRel);
+        out
+    }
+
+    /// Takes the events set since the last call, and registers the watcher's task to
+    /// be woken by the next one.
+    pub(crate) fn poll_events(&self, cx: &mut std::task::Context<'_>) -> Events {
+        self.watcher.register(cx.waker());
+        Events(self.events.swap(0, Ordering::AcqRel) & !POLLING)
     }
 
     /// Where a CONNECT's tunnel waits for this connection's socket.
@@ -449,7 +492,7 @@ impl Drop for RequestGuard {
         if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             conn.downstream.active.decrement(1.0);
             conn.downstream.idle.increment(1.0);
-            conn.request_ended.notify_one();
+            conn.signal(Events::REQUEST_ENDED);
         }
     }
 }

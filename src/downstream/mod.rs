@@ -11,4 +11,4 @@ mod conn;
 pub use conn::{
     ClientClose, ClientConn, ClientShare, Downstream, Handoff, RequestGuard, TunnelJob,
 };
-pub(crate) use conn::{ClientGuard, Parked};
+pub(crate) use conn::{ClientGuard, Events, Parked};

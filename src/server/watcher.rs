@@ -2,8 +2,10 @@
 //! (`header_read_timeout`, `client_idle_timeout`), its eviction and the instance's
 //! shutdown, and decides when the idle socket is handed back to be parked.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -14,8 +16,9 @@ use super::io::ClientIo;
 use super::park::PARK_AFTER;
 use crate::downstream::{ClientClose, ClientConn};
 
-/// The longest [`drive`] sleeps before it looks at a connection again. Only the end of
-/// a request wakes it (parking must follow [`PARK_AFTER`] closely, or a burst of
+/// The longest [`drive`] sleeps before it looks at a connection again (and at the
+/// listener's stop, which it reads rather than waits on). Only the end of a request
+/// and a request to close wake it (parking must follow [`PARK_AFTER`] closely, or a burst of
 /// leaked connections holds hyper's buffers long enough to fragment the heap); a head
 /// starting or a request beginning wake nobody, which saves two wake-ups and timer
 /// re-arms per request. The watcher reads the connection's clocks when its one timer
@@ -68,7 +71,19 @@ where
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     loop {
-        let now = conn.now_ms();
+        // The listener's stop is read here, not waited on: every state below wakes
+        // within RECHECK, and waiting would cost two lock round trips per poll.
+        if !stopping && stop.is_cancelled() {
+            stopping = true;
+            conn.set_reason(ClientClose::Shutdown);
+            parking = false;
+            if !closing {
+                closing = true;
+                Pin::new(&mut *connection).graceful_shutdown();
+            }
+        }
+        let instant = tokio::time::Instant::now();
+        let now = conn.ms_at(instant);
         let head = conn.head_started();
         let wait = if conn.busy() {
             RECHECK
@@ -83,7 +98,7 @@ where
             }
             config.header_read_timeout - elapsed
         } else {
-            let elapsed = conn.idle_for();
+            let elapsed = conn.idle_at(now);
             if !closing && elapsed >= config.client_idle_timeout {
                 conn.set_reason(ClientClose::IdleTimeout);
                 closing = true;
@@ -106,11 +121,22 @@ where
                     .saturating_sub(elapsed)
             }
         };
-        timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + wait.min(RECHECK));
-        tokio::select! {
-            result = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
+        // Moved later, as at most request ends, re-arming is a compare-and-swap; the
+        // timer wheel is touched only when it must fire sooner.
+        timer.as_mut().reset(instant + wait.min(RECHECK));
+        let wake = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = conn.polling(|| connection.poll_without_shutdown(cx)) {
+                return Poll::Ready(Wake::Hyper(result));
+            }
+            let events = conn.poll_events(cx);
+            if !events.is_empty() {
+                return Poll::Ready(Wake::Events(events));
+            }
+            timer.as_mut().poll(cx).map(|()| Wake::Timer)
+        })
+        .await;
+        match wake {
+            Wake::Hyper(result) => {
                 if let Err(e) = result {
                     if conn.reason() == ClientClose::ClientClosed && !e.is_incomplete_message() {
                         conn.set_reason(ClientClose::Error);
@@ -128,9 +154,7 @@ where
                     Ended::Closed
                 };
             }
-            _ = &mut timer => {}
-            _ = conn.request_ended() => {}
-            _ = conn.close_requested(), if !killed => {
+            Wake::Events(events) if events.close_requested() && !killed => {
                 killed = true;
                 parking = false;
                 if !closing {
@@ -138,15 +162,17 @@ where
                     Pin::new(&mut *connection).graceful_shutdown();
                 }
             }
-            _ = stop.cancelled(), if !stopping => {
-                stopping = true;
-                conn.set_reason(ClientClose::Shutdown);
-                parking = false;
-                if !closing {
-                    closing = true;
-                    Pin::new(&mut *connection).graceful_shutdown();
-                }
-            }
+            // A request ended (the parking countdown starts) or the timer fired: the
+            // clocks are read again at the top.
+            Wake::Events(_) | Wake::Timer => {}
         }
     }
+}
+
+/// What brought [`drive`] back from its wait.
+enum Wake {
+    /// hyper's connection finished: closed, or handed back by a graceful shutdown.
+    Hyper(hyper::Result<()>),
+    Events(crate::downstream::Events),
+    Timer,
 }
