@@ -35,6 +35,11 @@
 # then drops or drains those upstream exchanges, which the after-warm-up handshake
 # counts show.
 #
+# After the rounds, a reconnect burst per proxy: 64 clients leave mid-16-MiB-blob
+# (the proxy drops its busy upstream sockets), then 16 concurrent token requests make
+# it open up to 16 sockets at once; the table gives how many of those TLS handshakes
+# were full ones, i.e. how many sessions the proxy had cached for a mass reconnect.
+#
 # Usage:  benches/registry.sh [--targets "tether haproxy-1t ..."]
 # Env:    TETHER_BIN      use this binary instead of `cargo build --release`
 #         TARGETS         default "direct tether haproxy-1t nginx-proxy"
@@ -42,6 +47,7 @@
 #         THREADS=2 CONNECTIONS=64 POOL_SIZE=16
 #         NGINX_PROXY_WORKERS=2 UPSTREAM_WORKERS=1 SAMPLE_INTERVAL=0.25
 #         CLASS_RUNS=1    0: wrk runs only (no per-class latency)
+#         BURST=1         0: skip the reconnect burst after the rounds
 #         TIMEOUT=60s     wrk --timeout (latencies above it leave wrk's histogram)
 #         SETTLE=1        seconds after each run before its origin-log lines are
 #                         counted (exchanges the proxy finishes after wrk stopped)
@@ -83,6 +89,7 @@ SAMPLE_INTERVAL=${SAMPLE_INTERVAL:-0.25}
 SETTLE=${SETTLE:-1}
 TIMEOUT=${TIMEOUT:-60s}
 CLASS_RUNS=${CLASS_RUNS:-1}
+BURST=${BURST:-1}
 POOL_SIZE=${POOL_SIZE:-16}
 CLIENT_IDLE_TIMEOUT=${CLIENT_IDLE_TIMEOUT:-10m}
 MAX_CLIENTS=${MAX_CLIENTS:-4096}
@@ -330,6 +337,32 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
+# --- reconnect burst ----------------------------------------------------------
+# run_burst TARGET : every proxy's pool is full of sockets whose TLS sessions it could
+# resume. Make it drop them all at once (64 clients leave mid-16-MiB-blob), then send
+# 16 concurrent token requests: it opens up to POOL_SIZE sockets together. Counts
+# the TLS connections opened for that burst and the full handshakes among them: what
+# a proxy's session cache holds for a mass reconnect.
+run_burst() {
+    local target=$1 url=${URL[$1]} lines0 new full
+    wrk -t1 -c"$CONNECTIONS" -d2s --timeout "$TIMEOUT" "$url/v2/lib/blobs/16m" \
+        >"$WORK/burst-drop.$target.txt" 2>&1 || die "wrk failed against $target ($url)"
+    sleep "$SETTLE"
+    lines0=$(origin_lines)
+    wrk -t1 -c"$POOL_SIZE" -d1s --timeout "$TIMEOUT" "$url/token" \
+        >"$WORK/burst.$target.txt" 2>&1 || die "wrk failed against $target ($url)"
+    sleep "$SETTLE"
+    read -r new full <<<"$(tls_opens "$lines0" "$(origin_lines)")"
+    printf '%s\t%s\t%s\n' "$target" "$new" "$full" >>"$WORK/burst.tsv"
+    log "burst $target: $new TLS connections opened at the origin, $full full handshakes"
+}
+: >"$WORK/burst.tsv"
+if ((BURST)); then
+    for t in "${TARGET_LIST[@]}"; do
+        [[ $t == direct ]] || run_burst "$t"
+    done
+fi
+
 # --- the report -------------------------------------------------------------
 version() { "$@" 2>&1 | head -n 1 || true; }
 {
@@ -349,11 +382,19 @@ version() { "$@" 2>&1 | head -n 1 || true; }
     echo "- per-class latency: regload.py times each request from its write to the last byte of its body; non-2xx counted per class"
     echo
     python3 "$TEMPLATES/report.py" "$WORK/results.tsv" "$WORK/classes.tsv"
+    if [[ -s $WORK/burst.tsv ]]; then
+        echo "#### Reconnect burst: TLS connections opened for 16 concurrent requests after the pool was dropped"
+        echo
+        echo "| target | TLS new | full handshakes |"
+        echo "|---|---:|---:|"
+        awk -F'\t' '{ printf "| %s | %s | %s |\n", $1, $2, $3 }' "$WORK/burst.tsv"
+        echo
+    fi
 } >"$WORK/report.md"
 cat "$WORK/report.md"
 
 if [[ -n ${OUT_DIR:-} ]]; then
     mkdir -p "$OUT_DIR"
-    cp "$WORK"/*.txt "$WORK/results.tsv" "$WORK/classes.tsv" "$WORK/report.md" "$OUT_DIR"/
+    cp "$WORK"/*.txt "$WORK"/*.tsv "$WORK/report.md" "$OUT_DIR"/
     log "raw results in $OUT_DIR"
 fi
