@@ -13,12 +13,14 @@
 #                server ... ssl verify required ca-file sni maxconn 16
 #   nginx-proxy  proxy_pass https://, upstream keepalive 16, proxy_ssl_verify,
 #                proxy_ssl_session_reuse, 2 workers
-# and `direct` (wrk over https straight at the origin) as the ceiling.
+# and `direct`: the clients over https straight at the origin (64 TLS connections to
+# one nginx worker, so not a ceiling: the proxies' 16 pooled sockets can beat it).
 #
 # Load, per target and round, two runs of the same shape: 64 keep-alive connections,
 # one request in flight on each, paths from a repeating pattern of 30 % token, 30 %
 # manifest, 35 % 1 MiB and 5 % 16 MiB blobs (one request in 20):
-#   wrk      `wrk -t2 -c64 -d${DURATION}s --latency -s benches/registry/registry.lua`:
+#   wrk      `wrk -t2 -c64 -d${DURATION}s --timeout 60s --latency
+#            -s benches/registry/registry.lua`:
 #            throughput, latency over all requests
 #   regload  benches/registry/regload.py, the same mix from a Python client that times
 #            every request by class (p50/p99 and non-2xx per class). wrk cannot do it
