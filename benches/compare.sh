@@ -121,22 +121,6 @@ log "origin :$P_UP; targets: $(for t in "${TARGET_LIST[@]}"; do printf '%s=:%s '
 
 # --- one wrk run ----------------------------------------------------------
 
-# sampler OUTFILE PID... : every SAMPLE_INTERVAL, count the PIDs' established
-# sockets to the origin; keep the peak in OUTFILE. Runs until killed.
-sampler() {
-    local out=$1 peak=0 n
-    shift
-    echo 0 >"$out"
-    while :; do
-        n=$(count_socks "dst 127.0.0.1:$P_UP" "$@")
-        if ((n > peak)); then
-            peak=$n
-            echo "$peak" >"$out"
-        fi
-        sleep "$SAMPLE_INTERVAL"
-    done
-}
-
 # run_wrk SIZE TARGET ROUND DURATION : ROUND "warmup" is run but not recorded.
 run_wrk() {
     local size=$1 target=$2 round=$3 dur=$4
@@ -157,7 +141,7 @@ run_wrk() {
         pids=$(proc_tree "${PID[$target]}" | tr '\n' ' ')
     fi
     # shellcheck disable=SC2086
-    sampler "$peakf" $pids &
+    peak_sampler "$peakf" "$P_UP" $pids &
     spid=$!
     PIDS+=("$spid")
     wait "$wpid" || rc=$?

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared helpers for benches/compare.sh and benches/idle.sh. Sourced, not run.
+# Shared helpers for benches/compare.sh, benches/idle.sh and benches/registry.sh. Sourced, not run.
 #
 # Every process started through start_bg() is recorded in PIDS and is stopped
 # (TERM, then KILL after a grace period, descendants included) by the EXIT trap
@@ -204,6 +204,23 @@ count_socks() {
         { grep -E "$re" || true; } |
         awk '{ k = ""; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9.]+:[0-9]+$/) k = k " " $i; print k }' |
         sort -u | wc -l
+}
+
+# peak_sampler OUTFILE PORT PID... : every SAMPLE_INTERVAL (default 0.25 s), count
+# the PIDs' established sockets to 127.0.0.1:PORT; keep the peak in OUTFILE. Runs
+# until killed (start it in the background).
+peak_sampler() {
+    local out=$1 port=$2 peak=0 n
+    shift 2
+    echo 0 >"$out"
+    while :; do
+        n=$(count_socks "dst 127.0.0.1:$port" "$@")
+        if ((n > peak)); then
+            peak=$n
+            echo "$peak" >"$out"
+        fi
+        sleep "${SAMPLE_INTERVAL:-0.25}"
+    done
 }
 
 # --- the servers ----------------------------------------------------------
