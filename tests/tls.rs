@@ -170,6 +170,43 @@ async fn h1_over_tls_is_pooled_under_the_cap_and_reaped() {
 }
 
 #[tokio::test]
+async fn a_pool_that_reopens_every_socket_at_once_resumes_every_tls_session() {
+    let pki = Pki::new();
+    let origin = pki.origin(&["127.0.0.1"], ALPN_HTTP1).await;
+    let tether = start(tls_config(&origin, Some(&pki.ca_file), |_, up| {
+        up.max_connections = Some(16);
+        up.max_idle = Some(Some(16));
+    }))
+    .await;
+    // 16 slow requests at once: 16 sockets, full handshakes (no session yet); the
+    // origin (rustls) sends two tickets on each.
+    let replies = burst(&tether, 16, "/delay/300").await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    let first = origin.accepted();
+    assert!(
+        first > 8,
+        "the burst opened {first} sockets, too few to need more than 8 tickets"
+    );
+    // The pool reaps them all (idle_timeout 300 ms) ...
+    assert!(
+        eventually(WAIT, || async { origin.open() == 0 }).await,
+        "the pool reaped its idle sockets"
+    );
+    let resumed_before = origin.listening().tls_resumed();
+    // ... and reopens as many at once: every one resumes a session.
+    let replies = burst(&tether, 16, "/delay/300").await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    let reopened = origin.accepted() - first;
+    assert!(reopened > 8, "the second burst opened {reopened} sockets");
+    assert_eq!(
+        origin.listening().tls_resumed() - resumed_before,
+        reopened,
+        "every reopened socket resumed its TLS session"
+    );
+    assert_eq!(origin.listening().tls_failures(), 0);
+}
+
+#[tokio::test]
 async fn an_untrusted_certificate_is_a_502_upstream_tls_and_nothing_leaks() {
     let pki = Pki::new();
     let origin = pki.origin(&["127.0.0.1"], ALPN_HTTP1).await;

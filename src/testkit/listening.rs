@@ -68,6 +68,7 @@ struct Counts {
     unproxied: AtomicUsize,
     h2: AtomicUsize,
     tls_failures: AtomicUsize,
+    tls_resumed: AtomicUsize,
 }
 
 /// How long a TLS client may take to finish its handshake.
@@ -145,6 +146,11 @@ impl Listening {
         self.counts.tls_failures.load(Ordering::SeqCst)
     }
 
+    /// Accepted sockets whose TLS handshake resumed an earlier session.
+    pub fn tls_resumed(&self) -> usize {
+        self.counts.tls_resumed.load(Ordering::SeqCst)
+    }
+
     /// `host:port` of the server.
     pub fn authority(&self) -> String {
         self.addr.to_string()
@@ -173,6 +179,9 @@ impl Conn {
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
+                if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    self.counts.tls_resumed.fetch_add(1, Ordering::SeqCst);
+                }
                 let h2 = match tls.get_ref().1.alpn_protocol() {
                     Some(p) => p == b"h2",
                     None => self.options.h2,

@@ -2,6 +2,7 @@
 //! rustls (SNI, ALPN, system/webpki roots plus an optional CA file whose certificates
 //! are also pinned, see [`verify`]). The connect timeout covers all of it.
 
+mod tickets;
 mod verify;
 
 use std::io;
@@ -59,10 +60,18 @@ pub struct Connected {
 }
 
 impl Connector {
-    /// A connector for a listed upstream.
-    pub fn for_upstream(origin: Origin, config: &UpstreamConfig) -> Result<Connector, String> {
+    /// A connector for a listed upstream whose pool opens up to `max_connections`
+    /// sockets: its TLS session store keeps a ticket for each of them.
+    pub fn for_upstream(
+        origin: Origin,
+        config: &UpstreamConfig,
+        max_connections: usize,
+    ) -> Result<Connector, String> {
         let tls = if config.tls {
-            let tls_config = client_config(config)?;
+            let mut tls_config = client_config(config)?;
+            tls_config.resumption = rustls::client::Resumption::store(Arc::new(
+                tickets::TicketStore::new(max_connections),
+            ));
             let name = config
                 .sni
                 .clone()

@@ -93,7 +93,7 @@ impl Upstreams {
                 continue;
             }
             let origin = Origin::parse_authority(&up.origin)?;
-            let connector = Connector::for_upstream(origin, up)
+            let connector = Connector::for_upstream(origin, up, limits.max_connections)
                 .map_err(|e| format!("upstream {}: {e}", up.name))?;
             let mut upstream =
                 Upstream::with_budget(&up.name, connector, limits, &self.telemetry, budget.clone());
