@@ -44,8 +44,17 @@ pub async fn handle(
     let connect = req.method() == Method::CONNECT;
     let result = match check_host(&req) {
         Err(e) => Err(e),
+        // Boxed, as the upstream's connect is: a tunnel's set-up would otherwise
+        // make every forwarded request's future that much larger.
         Ok(()) if connect => {
-            connect::connect(req, &shared, mode, client.clone(), &mut exchange).await
+            Box::pin(connect::connect(
+                req,
+                &shared,
+                mode,
+                client.clone(),
+                &mut exchange,
+            ))
+            .await
         }
         Ok(()) => forward(req, &shared, mode, &mut exchange).await,
     };

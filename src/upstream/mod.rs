@@ -193,7 +193,9 @@ impl Upstream {
                 Checkout::Reused(p) => p,
                 Checkout::Connect(slot) => {
                     let connecting_at = Instant::now();
-                    let connected = self.connect(slot, &config).await;
+                    // Boxed: opening a socket (TLS included) is over a kilobyte of
+                    // future that every reused request would otherwise carry.
+                    let connected = Box::pin(self.connect(slot, &config)).await;
                     timing.connect = Some(connecting_at.elapsed());
                     connected?
                 }
