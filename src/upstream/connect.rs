@@ -15,6 +15,7 @@ use std::time::Duration;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::BufReader;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -48,8 +49,14 @@ struct TlsOrigin {
 /// A connected upstream socket, plain or TLS.
 pub enum Io {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<BufReader<TcpStream>>>),
 }
+
+/// The read buffer under a TLS upstream socket: two full TLS records. rustls asks
+/// for 4 KiB at a time, so without it a 16 KiB record cost four `recvfrom`s, and a
+/// blob over TLS spent its CPU in syscalls (benches/registry.sh: 0.83× HAProxy's
+/// throughput). Writes pass straight through.
+const TLS_READ_BUFFER: usize = 32 * 1024;
 
 /// What the handshake settled.
 pub struct Connected {
@@ -152,7 +159,10 @@ impl Connector {
         };
         let tls = setup
             .connector
-            .connect(setup.server_name.clone(), tcp)
+            .connect(
+                setup.server_name.clone(),
+                BufReader::with_capacity(TLS_READ_BUFFER, tcp),
+            )
             .await
             .map_err(|e| {
                 let origin = self.origin.to_string();
