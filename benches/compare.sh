@@ -49,11 +49,7 @@ while (($#)); do
     esac
     shift
 done
-read -r -a TARGET_LIST <<<"$TARGETS"
-((${#TARGET_LIST[@]})) || die "no targets"
-for t in "${TARGET_LIST[@]}"; do
-    case $t in direct | tether | tether-base | floor-hyper | floor-raw | haproxy-1t | haproxy-2t | nginx-proxy) ;; *) die "unknown target $t" ;; esac
-done
+split_targets direct tether tether-base floor-hyper floor-raw haproxy-1t haproxy-2t nginx-proxy
 has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
 
 DURATION=${DURATION:-10}
@@ -192,11 +188,10 @@ for size in $SIZES; do
 done
 
 # --- the report -------------------------------------------------------------
-version() { "$@" 2>&1 | head -n 1 || true; }
 {
     echo "### compare.sh — $(date -u +'%Y-%m-%d %H:%M UTC')"
     echo
-    echo "- host: $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr)"
+    host_line
     warm=""
     ((WARMUP > 0)) && warm="; ${WARMUP}s unrecorded warm-up per target"
     echo "- load: \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency\`, $ROUNDS rounds alternating targets, median shown$warm"

@@ -37,11 +37,7 @@ while (($#)); do
     esac
     shift
 done
-read -r -a TARGET_LIST <<<"$TARGETS"
-((${#TARGET_LIST[@]})) || die "no targets"
-for t in "${TARGET_LIST[@]}"; do
-    case $t in tether | haproxy | nginx-proxy) ;; *) die "unknown target $t" ;; esac
-done
+split_targets tether haproxy nginx-proxy
 
 N=${N:-10000}
 SETTLE=${SETTLE:-2}

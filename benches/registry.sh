@@ -75,11 +75,7 @@ while (($#)); do
     esac
     shift
 done
-read -r -a TARGET_LIST <<<"$TARGETS"
-((${#TARGET_LIST[@]})) || die "no targets"
-for t in "${TARGET_LIST[@]}"; do
-    case $t in direct | tether | haproxy-1t | nginx-proxy) ;; *) die "unknown target $t" ;; esac
-done
+split_targets direct tether haproxy-1t nginx-proxy
 has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
 
 DURATION=${DURATION:-8}
@@ -366,11 +362,10 @@ if ((BURST)); then
 fi
 
 # --- the report -------------------------------------------------------------
-version() { "$@" 2>&1 | head -n 1 || true; }
 {
     echo "### registry.sh — $(date -u +'%Y-%m-%d %H:%M UTC')"
     echo
-    echo "- host: $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr)"
+    host_line
     warm=""
     ((WARMUP > 0)) && warm="; ${WARMUP}s unrecorded warm-up per target"
     echo "- load: per target and round, \`wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --timeout $TIMEOUT --latency -s benches/registry/registry.lua\` (throughput)$( ((CLASS_RUNS)) && echo " then \`regload.py\` with $CONNECTIONS connections for ${DURATION}s (per-class latency)"); 30 % /token 1 KiB, 30 % manifest 4 KiB, 35 % 1 MiB blob, 5 % 16 MiB blob; $ROUNDS rounds alternating targets, median shown$warm"

@@ -340,3 +340,22 @@ resolve_floor() {
         FLOOR_BIN="$REPO_DIR/target/release/examples/floor"
     fi
 }
+
+# split_targets ALLOWED... : TARGET_LIST from $TARGETS; dies on an empty list or a
+# target not in ALLOWED.
+split_targets() {
+    read -r -a TARGET_LIST <<<"$TARGETS"
+    ((${#TARGET_LIST[@]})) || die "no targets"
+    local t
+    for t in "${TARGET_LIST[@]}"; do
+        [[ " $* " == *" $t "* ]] || die "unknown target $t"
+    done
+}
+
+# version CMD... : the first line CMD prints about itself (stdout or stderr).
+version() { "$@" 2>&1 | head -n 1 || true; }
+
+# host_line : a report's "- host:" line (CPUs, their model, the kernel).
+host_line() {
+    echo "- host: $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr)"
+}
