@@ -150,11 +150,7 @@ run_wrk() {
     fi
     if [[ $target == tether ]]; then
         after=$(tether_opens "$P_TETHER_ADMIN")
-        if [[ $before =~ ^[0-9.e+]+$ && $after =~ ^[0-9.e+]+$ ]]; then
-            opens=$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%d", a - b }')
-        else
-            opens="?"
-        fi
+        opens=$(counter_delta "$before" "$after")
     fi
     [[ $round == warmup ]] && return 0
     local parsed peak cpu="-"

@@ -287,11 +287,7 @@ run_load() {
     lines1=$(origin_lines)
     if [[ $target == tether ]]; then
         after=$(tether_opens "$P_TETHER_ADMIN")
-        if [[ $before =~ ^[0-9.e+]+$ && $after =~ ^[0-9.e+]+$ ]]; then
-            opens=$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%d", a - b }')
-        else
-            opens="?"
-        fi
+        opens=$(counter_delta "$before" "$after")
     fi
     local new full
     read -r new full <<<"$(tls_opens "$lines0" "$lines1")"

@@ -359,3 +359,13 @@ version() { "$@" 2>&1 | head -n 1 || true; }
 host_line() {
     echo "- host: $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr)"
 }
+
+# counter_delta BEFORE AFTER : AFTER - BEFORE as an integer, "?" when either is not a
+# number (a scrape that failed).
+counter_delta() {
+    if [[ $1 =~ ^[0-9.e+]+$ && $2 =~ ^[0-9.e+]+$ ]]; then
+        awk -v a="$2" -v b="$1" 'BEGIN { printf "%d", a - b }'
+    else
+        echo "?"
+    fi
+}
