@@ -44,6 +44,8 @@
 #
 # Usage:  benches/registry.sh [--targets "tether haproxy-1t ..."]
 # Env:    TETHER_BIN      use this binary instead of `cargo build --release`
+#         TETHER_BASE_BIN the binary of the tether-base target (another build of
+#                         tether, to A/B two builds in one run; not in the default)
 #         TARGETS         default "direct tether haproxy-1t nginx-proxy"
 #         DURATION=8 ROUNDS=3 WARMUP=2 (seconds; 0 = no warm-up run)
 #         THREADS=2 CONNECTIONS=64 POOL_SIZE=16
@@ -75,7 +77,7 @@ while (($#)); do
     esac
     shift
 done
-split_targets direct tether haproxy-1t nginx-proxy
+split_targets direct tether tether-base haproxy-1t nginx-proxy
 has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
 
 DURATION=${DURATION:-8}
@@ -97,6 +99,9 @@ export POOL_SIZE CLIENT_IDLE_TIMEOUT MAX_CLIENTS SAMPLE_INTERVAL SERVER_NAME
 require_tools wrk haproxy nginx curl ss python3 envsubst getconf openssl
 CLK_TCK=$(getconf CLK_TCK)
 has_target tether && resolve_tether
+if has_target tether-base; then
+    [[ -x ${TETHER_BASE_BIN:-} ]] || die "the tether-base target needs TETHER_BASE_BIN, an executable"
+fi
 
 ulimit -n "$(ulimit -Hn)"
 bench_init
@@ -189,13 +194,18 @@ start_origin() {
 }
 
 # --- start everything -----------------------------------------------------
-read -r P_UP P_TETHER P_TETHER_FWD P_TETHER_ADMIN P_H1 P_NGX <<<"$(free_ports 6)"
-declare -A URL PID
+read -r P_UP P_TETHER P_TETHER_FWD P_TETHER_ADMIN P_TB P_TB_FWD P_TB_ADMIN P_H1 P_NGX <<<"$(free_ports 9)"
+# ADMIN: the admin port of each tether target, whose opened-connections counter is read.
+declare -A URL PID ADMIN
 start_origin "$P_UP"
 URL[direct]="https://127.0.0.1:$P_UP"
 if has_target tether; then
     start_tether tether "$P_TETHER" "$P_TETHER_FWD" "$P_TETHER_ADMIN"
-    URL[tether]="http://127.0.0.1:$P_TETHER" PID[tether]=$PROXY_PID
+    URL[tether]="http://127.0.0.1:$P_TETHER" PID[tether]=$PROXY_PID ADMIN[tether]=$P_TETHER_ADMIN
+fi
+if has_target tether-base; then
+    start_tether tether-base "$P_TB" "$P_TB_FWD" "$P_TB_ADMIN" "$TETHER_BASE_BIN"
+    URL[tether-base]="http://127.0.0.1:$P_TB" PID[tether-base]=$PROXY_PID ADMIN[tether-base]=$P_TB_ADMIN
 fi
 if has_target haproxy-1t; then
     start_haproxy haproxy-1t "$P_H1" 1
@@ -245,7 +255,7 @@ run_load() {
     local out="$WORK/$tag.txt" peakf="$WORK/peak.$tag" opens="-" before="" after
     local lpid spid rc=0 pids ticks0="" ticks1 lines0 lines1
     lines0=$(origin_lines)
-    if [[ $target == tether ]]; then before=$(tether_opens "$P_TETHER_ADMIN"); fi
+    if [[ -n ${ADMIN[$target]:-} ]]; then before=$(tether_opens "${ADMIN[$target]}"); fi
     if [[ $target != direct ]]; then
         # shellcheck disable=SC2046
         ticks0=$(cpu_ticks $(proc_tree "${PID[$target]}"))
@@ -285,8 +295,8 @@ run_load() {
     sleep "$SETTLE"
     stop_tree "$spid"
     lines1=$(origin_lines)
-    if [[ $target == tether ]]; then
-        after=$(tether_opens "$P_TETHER_ADMIN")
+    if [[ -n ${ADMIN[$target]:-} ]]; then
+        after=$(tether_opens "${ADMIN[$target]}")
         opens=$(counter_delta "$before" "$after")
     fi
     local new full

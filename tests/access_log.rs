@@ -136,3 +136,38 @@ async fn a_tunnel_is_logged_when_it_closes_with_its_bytes_and_reason() {
     assert!(line["duration_ms"].is_number());
     tether.shutdown().await;
 }
+
+/// The line names the path the origin got, not the client's target: a fragment-only
+/// absolute-form target goes out as `/` (RFC 9110 §4.2.4, the fragment is never sent).
+/// (Here, not beside the other target cases in conformance_requests.rs: that binary's
+/// tests log concurrently with no subscriber, and tracing caches each callsite's
+/// interest process-wide, so a capture installed there missed lines under load.)
+#[tokio::test]
+async fn the_access_log_names_the_path_the_origin_got_for_a_fragment_only_target() {
+    let origin = Origin::start().await;
+    let config = support::config(&[("a", &origin)]);
+    let (logs, _guard) = Captured::install_json();
+    let tether = start(config).await;
+    let authority = origin.authority();
+    let mut client = TcpStream::connect(tether.proxy_addr).await.unwrap();
+    let request = format!(
+        "GET http://{authority}#x HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).await.unwrap();
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    assert!(
+        eventually(WAIT, || async { !access_lines(&logs).is_empty() }).await,
+        "an access line"
+    );
+    let line = &access_lines(&logs)[0];
+    assert_eq!(line["path"], "/", "{line}");
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    tether.shutdown().await;
+}

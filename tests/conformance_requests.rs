@@ -652,60 +652,6 @@ async fn a_fragment_right_after_the_authority_is_forwarded_as_slash() {
     .await;
 }
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// On a current-thread runtime every task of the instance runs on this thread, where
-/// the capturing subscriber is the default.
-#[tokio::test(flavor = "current_thread")]
-async fn the_access_log_names_the_path_the_origin_got_for_a_fragment_only_target() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    Case::forwarded(
-        "GET http://{origin}#x HTTP/1.1\r\nHost: {host}\r\n\r\n",
-        "GET / HTTP/1.1\r\nhost: {origin}\r\nvia: 1.1 tether\r\n\r\n",
-    )
-    .check_on(Listener::Forward)
-    .await;
-    // A line is written when its response body ends, which can be just after the
-    // client has read it: wait for the follow-up's.
-    let lines = || {
-        String::from_utf8_lossy(&capture.0.lock())
-            .matches("tether::access")
-            .count()
-    };
-    eventually(WAIT, || async { lines() >= 3 }).await;
-    let log = String::from_utf8_lossy(&capture.0.lock()).into_owned();
-    let access: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("tether::access"))
-        .collect();
-    // The warm-up, the case, the follow-up.
-    assert_eq!(access.len(), 3, "{log}");
-    assert!(
-        access[1].contains(r#" method=GET path="/" status=200 "#),
-        "{}",
-        access[1]
-    );
-}
-
 #[tokio::test]
 async fn a_query_right_after_the_authority_is_forwarded_after_slash() {
     Case::forwarded(

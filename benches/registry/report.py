@@ -89,6 +89,14 @@ def main():
         full = lambda t: med[t]["full"] + (lmed[t]["full"] if t in lmed else 0)  # noqa: E731
         line += f"; full TLS handshakes after warm-up (all runs): {full('tether')} vs {full(other)}"
         print(line)
+    if "tether-base" in med:
+        line = (
+            f"- tether / tether-base: req/s {fmt(ratio(med['tether']['rps'], med['tether-base']['rps']))}×, "
+            f"CPU/req {fmt(ratio(med['tether']['cpu'], med['tether-base']['cpu']))}×"
+        )
+        if "tether-base" in lmed:
+            line += f"; regload req/s {fmt(ratio(lmed['tether']['rps'], lmed['tether-base']['rps']))}×"
+        print(line)
     if "direct" in med:
         print(
             f"- tether / direct: req/s {fmt(ratio(med['tether']['rps'], med['direct']['rps']))}×, "
