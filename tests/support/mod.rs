@@ -163,31 +163,103 @@ pub async fn assert_sockets(
 }
 
 /// A log writer that keeps what it is given, for tests that read tether's log lines
-/// (install it with `tracing::subscriber::set_default` on a current-thread runtime,
-/// in a test binary where no other test reaches the same log line concurrently:
-/// tracing caches each callsite's interest process-wide).
+/// on a current-thread runtime (every task of the instance then logs on the test's
+/// thread).
+///
+/// One process-wide subscriber writes each event to the capture the current thread
+/// has installed, if any. A subscriber per test (`set_default`) missed lines: tracing
+/// caches each callsite's interest process-wide, and a callsite first reached by a
+/// test with no subscriber, while another installed its own, could stay "never"
+/// (`observability` and `conformance_requests` lost every access line in 1–3 runs of
+/// 8 under load).
 #[derive(Clone, Default)]
 pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
+/// The format a capture wants: the fmt layer of that format writes to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Text,
+    Json,
+}
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<(Captured, Format)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Ends the current thread's capture when dropped.
+pub struct CaptureGuard(());
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| c.borrow_mut().take());
+    }
+}
+
+/// The writer of the layer of one format: the current thread's capture when it
+/// wants that format, otherwise nowhere.
+#[derive(Clone, Copy)]
+struct ToThisThread(Format);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for ToThisThread {
+    type Writer = Sink;
+    fn make_writer(&'a self) -> Sink {
+        Sink(CAPTURE.with(|c| {
+            c.borrow()
+                .as_ref()
+                .filter(|(_, format)| *format == self.0)
+                .map(|(captured, _)| captured.clone())
+        }))
+    }
+}
+
+struct Sink(Option<Captured>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.0 {
+            Some(captured) => captured.write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Captured {
-    /// A capture installed as this thread's subscriber until the guard drops.
-    pub fn install() -> (Captured, tracing::subscriber::DefaultGuard) {
+    fn install_as(format: Format) -> (Captured, CaptureGuard) {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            use tracing_subscriber::layer::SubscriberExt;
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_subscriber::filter::LevelFilter::INFO)
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(false)
+                        .with_writer(ToThisThread(Format::Text)),
+                )
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .with_writer(ToThisThread(Format::Json)),
+                );
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in a test binary");
+        });
         let logs = Captured::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+        CAPTURE.with(|c| *c.borrow_mut() = Some((logs.clone(), format)));
+        (logs, CaptureGuard(()))
+    }
+
+    /// A capture of this thread's log lines until the guard drops.
+    pub fn install() -> (Captured, CaptureGuard) {
+        Captured::install_as(Format::Text)
     }
 
     /// A capture of JSON lines (`--log-format json`), as [`Captured::install`].
-    pub fn install_json() -> (Captured, tracing::subscriber::DefaultGuard) {
-        let logs = Captured::default();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(logs.clone())
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+    pub fn install_json() -> (Captured, CaptureGuard) {
+        Captured::install_as(Format::Json)
     }
 
     /// Everything written so far.
@@ -220,13 +292,6 @@ impl std::io::Write for Captured {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
     }
 }
 
