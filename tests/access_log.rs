@@ -88,11 +88,7 @@ async fn an_abandoned_download_is_logged_as_client_aborted_when_the_client_leave
     let mut first = [0u8; 12];
     client.read_exact(&mut first).await.unwrap();
     drop(client);
-    assert!(
-        eventually(WAIT, || async { !access_lines(&logs).is_empty() }).await,
-        "the line is written when the client leaves"
-    );
-    let line = &access_lines(&logs)[0];
+    let line = &first_access_line(&logs, "the line is written when the client leaves").await;
     assert_eq!(line["error"], "client_aborted", "{line}");
     assert_eq!(line["status"], 200);
     let text = tether.metrics();
@@ -122,11 +118,7 @@ async fn a_tunnel_is_logged_when_it_closes_with_its_bytes_and_reason() {
     assert!(response.ends_with(&[b'x'; 5000]));
     drop(stream);
 
-    assert!(
-        eventually(WAIT, || async { !access_lines(&logs).is_empty() }).await,
-        "the tunnel's line"
-    );
-    let line = &access_lines(&logs)[0];
+    let line = &first_access_line(&logs, "the tunnel's line").await;
     assert_eq!(line["message"], "tunnel closed");
     assert_eq!(line["upstream"], "a");
     assert_eq!(line["target"], target.as_str());
@@ -139,9 +131,6 @@ async fn a_tunnel_is_logged_when_it_closes_with_its_bytes_and_reason() {
 
 /// The line names the path the origin got, not the client's target: a fragment-only
 /// absolute-form target goes out as `/` (RFC 9110 §4.2.4, the fragment is never sent).
-/// (Here, not beside the other target cases in conformance_requests.rs: that binary's
-/// tests log concurrently with no subscriber, and tracing caches each callsite's
-/// interest process-wide, so a capture installed there missed lines under load.)
 #[tokio::test]
 async fn the_access_log_names_the_path_the_origin_got_for_a_fragment_only_target() {
     let origin = Origin::start().await;
@@ -161,11 +150,7 @@ async fn the_access_log_names_the_path_the_origin_got_for_a_fragment_only_target
         "{}",
         String::from_utf8_lossy(&reply)
     );
-    assert!(
-        eventually(WAIT, || async { !access_lines(&logs).is_empty() }).await,
-        "an access line"
-    );
-    let line = &access_lines(&logs)[0];
+    let line = &first_access_line(&logs, "an access line").await;
     assert_eq!(line["path"], "/", "{line}");
     assert_eq!(line["method"], "GET", "{line}");
     assert_eq!(line["status"], 200, "{line}");

@@ -285,6 +285,16 @@ pub fn access_lines(logs: &Captured) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The first access-log line of a JSON capture, once it is written (a line is written
+/// when its exchange ends, which can be just after the client has read the response).
+pub async fn first_access_line(logs: &Captured, what: &str) -> serde_json::Value {
+    assert!(
+        eventually(WAIT, || async { !access_lines(logs).is_empty() }).await,
+        "{what}"
+    );
+    access_lines(logs).swap_remove(0)
+}
+
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
