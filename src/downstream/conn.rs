@@ -415,7 +415,7 @@ impl ClientConn {
     }
 
     /// Parks `socket` in the connection's slot, unless `readable` says it already
-    /// is (then it comes back). `readable` runs under the slot's lock, so that a
+    /// is (then it comes back), or the connection was asked to close (then it drops). `readable` runs under the slot's lock, so that a
     /// wake-up it registers, firing on another thread, finds the socket in place.
     pub(crate) fn park<P: Parked + 'static>(
         &self,
@@ -423,6 +423,15 @@ impl ClientConn {
         readable: impl FnOnce(&P) -> bool,
     ) -> Option<P> {
         let mut slot = self.parked.lock();
+        // Asked to close before its watcher saw it (the request to close came as
+        // hyper handed the socket back): close now rather than park it until its
+        // next request or its idle timeout. Read under the slot's lock, which
+        // `close` takes after setting the bit, so one of the two drops the socket.
+        if self.events.load(Ordering::Acquire) & Events::CLOSE != 0 {
+            drop(slot);
+            drop(socket);
+            return None;
+        }
         if readable(&socket) {
             return Some(socket);
         }

@@ -144,4 +144,32 @@ mod tests {
         assert_eq!(downstream.open(), 0, "closing a parked socket drops it");
         drop(client);
     }
+
+    /// A close request (an eviction) that arrives as hyper hands the idle socket back
+    /// is not lost: the socket is closed instead of parked, so the newcomer waiting
+    /// for its place gets it.
+    #[tokio::test]
+    async fn a_socket_asked_to_close_before_it_parks_is_closed_not_parked() {
+        let (mut client, server, peer) = crate::testkit::tcp_pair().await;
+        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
+        let conn = downstream.register(peer);
+        let socket = ParkedSocket {
+            io: ClientIo::new(server, conn.clone()),
+            shared: std::sync::Weak::new(),
+            mode: Mode::Forward,
+            stop: CancellationToken::new(),
+        };
+        conn.close(ClientClose::Evicted); // nothing parked yet: only the bit is set
+        assert_eq!(downstream.open(), 1);
+        assert!(park(&conn, socket).is_none());
+        assert!(!conn.is_parked(), "not parked");
+        assert_eq!(downstream.open(), 0, "the socket dropped");
+        let mut buf = [0u8; 1];
+        use tokio::io::AsyncReadExt;
+        assert_eq!(
+            client.read(&mut buf).await.unwrap(),
+            0,
+            "the client sees EOF"
+        );
+    }
 }
