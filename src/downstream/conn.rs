@@ -409,6 +409,14 @@ impl ClientConn {
         Events(self.events.swap(0, Ordering::AcqRel) & !POLLING)
     }
 
+    /// The watcher is done with the connection (the socket closes, parks or becomes a
+    /// tunnel): the waker it registered is let go. A waker holds its task's memory
+    /// (512 bytes for a client task), which a parked socket would keep for as long
+    /// as it stays parked.
+    pub(crate) fn unwatch(&self) {
+        drop(self.watcher.take());
+    }
+
     /// Where a CONNECT's tunnel waits for this connection's socket.
     pub fn handoff(&self) -> &Handoff {
         &self.handoff

@@ -61,6 +61,7 @@ where
         + Unpin,
     S::Future: Send + Unpin + 'static,
 {
+    let _watching = Watching(conn);
     let mut closing = false;
     let mut parking = false;
     let mut killed = false;
@@ -169,10 +170,102 @@ where
     }
 }
 
+/// Lets go of the task's waker, which [`drive`] registers in the connection, when
+/// it returns (or is dropped).
+struct Watching<'a>(&'a ClientConn);
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.0.unwatch();
+    }
+}
+
 /// What brought [`drive`] back from its wait.
 enum Wake {
     /// hyper's connection finished: closed, or handed back by a graceful shutdown.
     Hyper(hyper::Result<()>),
     Events(crate::downstream::Events),
     Timer,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Weak;
+    use std::task::{Context, Wake, Waker};
+
+    use hyper::service::service_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::super::park::{park, ParkedSocket};
+    use super::*;
+    use crate::downstream::Downstream;
+    use crate::proxy::body::ProxyBody;
+    use crate::route::Mode;
+
+    /// The waker of the task that serves a connection: it wakes the test's task, and
+    /// counts as held for as long as anything keeps a clone of it.
+    struct TaskWaker(Waker);
+
+    impl Wake for TaskWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.wake_by_ref();
+        }
+    }
+
+    /// A parked socket keeps nothing of the task that served it. A waker keeps its
+    /// task's memory (512 bytes for a client task) until the last clone drops; the
+    /// watcher's, left in the connection, cost every parked socket that much.
+    #[tokio::test]
+    async fn a_parked_socket_holds_no_waker_of_the_task_that_served_it() {
+        let (mut client, server, peer) = crate::testkit::tcp_pair().await;
+        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
+        let conn = downstream.register(peer);
+        let served = conn.clone();
+        let service = service_fn(move |_req| {
+            let guard = served.begin_request();
+            std::future::ready(Ok::<_, Infallible>(hyper::Response::new(
+                ProxyBody::empty().with_guard(guard),
+            )))
+        });
+        let mut connection = http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(TokioIo::new(ClientIo::new(server, conn.clone())), service);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: origin\r\n\r\n")
+            .await
+            .unwrap();
+        let config = crate::config::ProxyConfig::default();
+        let stop = CancellationToken::new();
+
+        let task =
+            std::future::poll_fn(|cx| Poll::Ready(Arc::new(TaskWaker(cx.waker().clone())))).await;
+        let waker = Waker::from(task.clone());
+        let ended = {
+            let mut drive = std::pin::pin!(drive(&mut connection, &conn, &config, &stop));
+            std::future::poll_fn(|_| drive.as_mut().poll(&mut Context::from_waker(&waker))).await
+        };
+        assert!(
+            matches!(ended, Ended::Parked),
+            "the idle connection is handed back"
+        );
+        let mut response = [0u8; 12];
+        client.read_exact(&mut response).await.unwrap();
+        assert_eq!(&response, b"HTTP/1.1 200");
+
+        let socket = ParkedSocket {
+            io: connection.into_parts().io.into_inner(),
+            shared: Weak::new(),
+            mode: Mode::Forward,
+            stop,
+        };
+        assert!(park(&conn, socket).is_none(), "nothing to read: parked");
+        drop(waker);
+        assert_eq!(
+            Arc::strong_count(&task),
+            1,
+            "the parked socket holds a clone of the serving task's waker"
+        );
+        assert!(conn.is_parked());
+    }
 }
