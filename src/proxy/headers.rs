@@ -43,25 +43,66 @@ pub(super) fn prepare_request(
     Ok(())
 }
 
+/// The bit of `name`'s place in [`HOP_BY_HOP`], or 0: a `match` on the name is a
+/// switch on its length and one comparison, where `==` on each `HeaderName` costs a
+/// comparison per entry.
+fn hop_by_hop_bit(name: &HeaderName) -> u16 {
+    let i = match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "te" => 3,
+        "trailer" => 4,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        "proxy-authorization" => 7,
+        "proxy-authenticate" => 8,
+        _ => return 0,
+    };
+    1 << i
+}
+
 /// Removes hop-by-hop headers, including those the Connection header names.
 ///
-/// Runs on every request and response, so it allocates nothing in the usual case:
-/// the Connection values are cloned (a reference count) to read them while other
-/// headers are removed, and names are looked up as `&str`, never built.
+/// Runs on every request and response, so it allocates nothing in the usual case
+/// and looks up only what is there: one pass over the names finds which hop-by-hop
+/// headers the head has (most requests have none, most responses only
+/// `Connection`), and only those are removed. The Connection values are cloned (a
+/// reference count) to read them while other headers are removed, and the names
+/// they list are looked up as `&str`, never built.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut connection = headers.get_all(header::CONNECTION).iter();
-    let first = connection.next().cloned();
-    let more: Vec<HeaderValue> = connection.cloned().collect(); // empty: no allocation
-    for value in first.iter().chain(&more) {
-        // By bytes: a value with obs-text elsewhere in it still names its headers.
-        for name in value.as_bytes().split(|&b| b == b',') {
-            if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
-                headers.remove(name);
+    let mut present = 0u16;
+    for name in headers.keys() {
+        present |= hop_by_hop_bit(name);
+    }
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // HOP_BY_HOP[0] is Connection.
+        let mut connection = headers.get_all(header::CONNECTION).iter();
+        let first = connection.next().cloned();
+        let more: Vec<HeaderValue> = connection.cloned().collect(); // empty: no allocation
+        for value in first.iter().chain(&more) {
+            // By bytes: a value with obs-text elsewhere in it still names its headers.
+            for name in value.as_bytes().split(|&b| b == b',') {
+                let Ok(name) = std::str::from_utf8(name.trim_ascii()) else {
+                    continue;
+                };
+                // A hop-by-hop name (`keep-alive`, mostly) goes below if it is there.
+                if !HOP_BY_HOP
+                    .iter()
+                    .any(|hop| hop.as_str().eq_ignore_ascii_case(name))
+                {
+                    headers.remove(name);
+                }
             }
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -92,6 +133,37 @@ mod tests {
         let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "x-kept"]);
+    }
+
+    /// The names a Connection header lists are matched in any case, hop-by-hop ones
+    /// among them; a head with no hop-by-hop header at all is left as it was.
+    #[test]
+    fn connection_names_in_any_case_are_removed_and_a_clean_head_is_left_alone() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "Upgrade, KEEP-ALIVE, X-Custom"),
+            ("upgrade", "h2c"),
+            ("keep-alive", "timeout=5"),
+            ("x-custom", "1"),
+            ("te", "trailers"),
+            ("accept", "*/*"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["accept"]);
+
+        let mut clean = HeaderMap::new();
+        clean.insert(header::HOST, HeaderValue::from_static("origin.test"));
+        clean.append(header::ACCEPT, HeaderValue::from_static("*/*"));
+        clean.append(header::ACCEPT, HeaderValue::from_static("text/plain"));
+        let before = clean.clone();
+        strip_hop_by_hop(&mut clean);
+        assert_eq!(clean, before);
     }
 
     #[test]
