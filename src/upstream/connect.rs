@@ -68,7 +68,8 @@ pub struct Connected {
 
 impl Connector {
     /// A connector for a listed upstream whose pool opens up to `max_connections`
-    /// sockets: its TLS session store keeps a ticket for each of them.
+    /// sockets: its TLS session store keeps two tickets for each of them (see
+    /// [`tickets::TicketStore::for_pool`]).
     pub fn for_upstream(
         origin: Origin,
         config: &UpstreamConfig,
@@ -77,7 +78,7 @@ impl Connector {
         let tls = if config.tls {
             let mut tls_config = client_config(config)?;
             tls_config.resumption = rustls::client::Resumption::store(Arc::new(
-                tickets::TicketStore::new(max_connections),
+                tickets::TicketStore::for_pool(max_connections),
             ));
             let name = config
                 .sni
