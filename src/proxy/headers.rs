@@ -110,10 +110,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
 
+    /// A head of `fields`, in order.
+    fn head(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for &(name, value) in fields {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        headers
+    }
+
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
-        let mut headers = HeaderMap::new();
-        for (name, value) in [
+        let mut headers = head(&[
             ("connection", "keep-alive, X-Trace-Hop"),
             ("connection", " ,x-second ,, not a name;,"),
             ("keep-alive", "timeout=5"),
@@ -123,12 +134,7 @@ mod tests {
             ("proxy-authorization", "Basic c2VjcmV0"),
             ("content-type", "text/plain"),
             ("x-kept", "3"),
-        ] {
-            headers.append(
-                HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            );
-        }
+        ]);
         strip_hop_by_hop(&mut headers);
         let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
@@ -139,20 +145,14 @@ mod tests {
     /// among them; a head with no hop-by-hop header at all is left as it was.
     #[test]
     fn connection_names_in_any_case_are_removed_and_a_clean_head_is_left_alone() {
-        let mut headers = HeaderMap::new();
-        for (name, value) in [
+        let mut headers = head(&[
             ("connection", "Upgrade, KEEP-ALIVE, X-Custom"),
             ("upgrade", "h2c"),
             ("keep-alive", "timeout=5"),
             ("x-custom", "1"),
             ("te", "trailers"),
             ("accept", "*/*"),
-        ] {
-            headers.append(
-                HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            );
-        }
+        ]);
         strip_hop_by_hop(&mut headers);
         let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["accept"]);
