@@ -41,6 +41,9 @@ pub struct Downstream {
     /// Woken whenever a client socket drops: admission waits on it for its victim.
     pub(super) freed: Notify,
     ids: AtomicU64,
+    /// The zero of every connection's millisecond clock (`ClientConn::now_ms`): one
+    /// for all, so a connection does not carry its own 16-byte `Instant`.
+    clock: Instant,
     /// Per-client-address counters for leak diagnosis.
     pub clients: crate::diagnosis::Clients,
 }
@@ -135,12 +138,11 @@ impl Events {
 pub struct ClientConn {
     pub id: u64,
     pub peer: SocketAddr,
-    pub(super) base: Instant,
     /// Requests in flight, plus [`CLOSED`] once the socket has dropped.
     pub(super) in_flight: AtomicUsize,
-    /// Milliseconds since `base` when the connection last went idle.
+    /// Milliseconds (as [`ClientConn::now_ms`]) when the connection last went idle.
     pub(super) idle_since: AtomicU64,
-    /// Milliseconds since `base` (+1, 0 = none) when the first byte of a request
+    /// Milliseconds (as [`ClientConn::now_ms`], +1; 0 = none) when the first byte of a request
     /// head arrived on an idle connection.
     pub(super) head_started: AtomicU64,
     pub(super) reason: AtomicU8,
@@ -232,6 +234,7 @@ impl Downstream {
             conns: Mutex::default(),
             freed: Notify::new(),
             ids: AtomicU64::new(1),
+            clock: Instant::now(),
             clients: Default::default(),
         })
     }
@@ -296,16 +299,17 @@ impl Downstream {
     /// A new connection's state, counted as opened and idle; the caller inserts it
     /// into `conns`.
     pub(super) fn new_conn(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
-        let base = Instant::now();
+        let now = Instant::now()
+            .saturating_duration_since(self.clock)
+            .as_millis() as u64;
         let conn = Arc::new(ClientConn {
             id: self.ids.fetch_add(1, Ordering::Relaxed),
             peer,
-            base,
             in_flight: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
+            idle_since: AtomicU64::new(now),
             // A new connection is reading its first head from the start, so a client
             // that connects and sends nothing is closed after header_read_timeout.
-            head_started: AtomicU64::new(1),
+            head_started: AtomicU64::new(now + 1),
             reason: AtomicU8::new(ClientClose::ClientClosed as u8),
             evicting: AtomicBool::new(false),
             events: AtomicU8::new(0),
@@ -334,13 +338,15 @@ impl Downstream {
 }
 
 impl ClientConn {
+    /// Milliseconds on the connections' clock (since their [`Downstream`] began).
     pub(crate) fn now_ms(&self) -> u64 {
         self.ms_at(Instant::now())
     }
 
     /// `now` as milliseconds on the connection's clock (as [`ClientConn::now_ms`]).
     pub(crate) fn ms_at(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.base).as_millis() as u64
+        now.saturating_duration_since(self.downstream.clock)
+            .as_millis() as u64
     }
 
     /// A request is in flight.
