@@ -15,9 +15,10 @@
 //! its TLS handshake was finishing, as in a mass disconnect mid-blob) takes one and
 //! gives none. With one ticket per socket kept, a few of those left the next mass
 //! reconnect short: 1–4 full handshakes of 16 in benches/registry.sh's burst. The
-//! surplus that full handshakes bring covers them. A ticket holds a copy of the
-//! server's certificate chain, 1–5 KiB for usual chains: 32 tickets for a pool of
-//! 16 hold 32–160 KiB, and the most a store keeps, 256, up to about 1.3 MiB.
+//! surplus that full handshakes bring covers them. A ticket is the server's opaque
+//! ticket (a few hundred bytes) and a secret; the certificate chain it refers to is
+//! shared (an `Arc`) with the session it came from, so the store holds one chain
+//! per full handshake at most: 32 tickets for a pool of 16 are tens of KiB.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
