@@ -35,6 +35,17 @@ pub(super) struct ParkedSocket {
 }
 
 impl ParkedSocket {
+    /// A forward-proxy socket of no instance, for unit tests: resuming it drops it.
+    #[cfg(test)]
+    pub(super) fn of_no_instance(io: ClientIo) -> ParkedSocket {
+        ParkedSocket {
+            io,
+            shared: std::sync::Weak::new(),
+            mode: Mode::Forward,
+            stop: CancellationToken::new(),
+        }
+    }
+
     pub(super) fn listener_stopped(&self) -> bool {
         self.stop.is_cancelled()
     }
@@ -111,20 +122,24 @@ mod tests {
     use super::*;
     use crate::downstream::{ClientClose, Downstream};
 
+    /// The server side of a fresh client connection, registered and ready to park.
+    fn idle_socket(
+        server: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+    ) -> (Arc<Downstream>, Arc<ClientConn>, ParkedSocket) {
+        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
+        let conn = downstream.register(peer);
+        let socket = ParkedSocket::of_no_instance(ClientIo::new(server, conn.clone()));
+        (downstream, conn, socket)
+    }
+
     /// A connection task can park its socket after spending its whole cooperative
     /// budget on a busy poll. tokio must not then schedule a wake-up of the parked
     /// socket's waker: the socket would leave its slot with nothing to read.
     #[tokio::test]
     async fn parking_with_the_task_budget_spent_keeps_the_socket_parked() {
         let (client, server, peer) = crate::testkit::tcp_pair().await;
-        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
-        let conn = downstream.register(peer);
-        let socket = ParkedSocket {
-            io: ClientIo::new(server, conn.clone()),
-            shared: std::sync::Weak::new(),
-            mode: Mode::Forward,
-            stop: CancellationToken::new(),
-        };
+        let (downstream, conn, socket) = idle_socket(server, peer);
         let parker = conn.clone();
         let parked = tokio::spawn(async move {
             for _ in 0..128 {
@@ -151,14 +166,7 @@ mod tests {
     #[tokio::test]
     async fn a_socket_asked_to_close_before_it_parks_is_closed_not_parked() {
         let (mut client, server, peer) = crate::testkit::tcp_pair().await;
-        let downstream = Downstream::new(crate::telemetry::Telemetry::new());
-        let conn = downstream.register(peer);
-        let socket = ParkedSocket {
-            io: ClientIo::new(server, conn.clone()),
-            shared: std::sync::Weak::new(),
-            mode: Mode::Forward,
-            stop: CancellationToken::new(),
-        };
+        let (downstream, conn, socket) = idle_socket(server, peer);
         conn.close(ClientClose::Evicted); // nothing parked yet: only the bit is set
         assert_eq!(downstream.open(), 1);
         assert!(park(&conn, socket).is_none());

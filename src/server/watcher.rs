@@ -191,7 +191,6 @@ enum Wake {
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
-    use std::sync::Weak;
     use std::task::{Context, Wake, Waker};
 
     use hyper::service::service_fn;
@@ -201,7 +200,6 @@ mod tests {
     use super::*;
     use crate::downstream::Downstream;
     use crate::proxy::body::ProxyBody;
-    use crate::route::Mode;
 
     /// The waker of the task that serves a connection: it wakes the test's task, and
     /// counts as held for as long as anything keeps a clone of it.
@@ -253,12 +251,7 @@ mod tests {
         client.read_exact(&mut response).await.unwrap();
         assert_eq!(&response, b"HTTP/1.1 200");
 
-        let socket = ParkedSocket {
-            io: connection.into_parts().io.into_inner(),
-            shared: Weak::new(),
-            mode: Mode::Forward,
-            stop,
-        };
+        let socket = ParkedSocket::of_no_instance(connection.into_parts().io.into_inner());
         assert!(park(&conn, socket).is_none(), "nothing to read: parked");
         drop(waker);
         assert_eq!(
