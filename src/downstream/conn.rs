@@ -296,12 +296,15 @@ impl Downstream {
             .collect()
     }
 
+    /// `now` as milliseconds on the connections' clock.
+    fn ms_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.clock).as_millis() as u64
+    }
+
     /// A new connection's state, counted as opened and idle; the caller inserts it
     /// into `conns`.
     pub(super) fn new_conn(self: &Arc<Self>, peer: SocketAddr) -> Arc<ClientConn> {
-        let now = Instant::now()
-            .saturating_duration_since(self.clock)
-            .as_millis() as u64;
+        let now = self.ms_at(Instant::now());
         let conn = Arc::new(ClientConn {
             id: self.ids.fetch_add(1, Ordering::Relaxed),
             peer,
@@ -345,8 +348,7 @@ impl ClientConn {
 
     /// `now` as milliseconds on the connection's clock (as [`ClientConn::now_ms`]).
     pub(crate) fn ms_at(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.downstream.clock)
-            .as_millis() as u64
+        self.downstream.ms_at(now)
     }
 
     /// A request is in flight.
