@@ -224,7 +224,7 @@ impl Running {
                 .position(|u| &*u.name == name)
                 .expect("validated")
         };
-        let mut table_routes = HashMap::new();
+        let mut table_routes = foldhash::HashMap::default();
         let mut route_addrs = Vec::new();
         for (key, route) in keys.iter().zip(&config.route) {
             let listener = &routes[key];

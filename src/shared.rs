@@ -3,7 +3,7 @@
 //! connections' registry and the instance's telemetry. Children read it through
 //! accessors; only the instance (start, reload, shutdown) changes it.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -14,7 +14,7 @@
 //!   (LIFO reuse keeps the rest idle long enough to be reaped; the oldest HTTP/2
 //!   connection is filled first so surplus ones go idle), not a second record.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
