@@ -21,7 +21,9 @@ pin_project! {
         #[pin]
         kind: Kind,
         guard: Option<RequestGuard>,
-        exchange: Option<Exchange>,
+        // Boxed: the body is moved several times on its way into hyper, and the
+        // exchange is most of its size.
+        exchange: Option<Box<Exchange>>,
     }
 
     impl PinnedDrop for ProxyBody {
@@ -70,7 +72,7 @@ impl ProxyBody {
     }
 
     /// Writes `exchange`'s access-log line when the body is finished or dropped.
-    pub(super) fn with_exchange(mut self, exchange: Exchange) -> ProxyBody {
+    pub(super) fn with_exchange(mut self, exchange: Box<Exchange>) -> ProxyBody {
         self.exchange = Some(exchange);
         self
     }

@@ -40,7 +40,8 @@ pub async fn handle(
     mode: Mode,
     client: Arc<ClientConn>,
 ) -> Response<ProxyBody> {
-    let mut exchange = Exchange::new(&req, client.peer, Instant::now());
+    // Boxed once here: the body that writes its line at the end carries it.
+    let mut exchange = Box::new(Exchange::new(&req, client.peer, Instant::now()));
     let connect = req.method() == Method::CONNECT;
     let result = match check_host(&req) {
         Err(e) => Err(e),

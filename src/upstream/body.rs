@@ -37,8 +37,9 @@ pin_project! {
         // ([`super::close_after`]); `None` keeps it.
         close: Option<CloseReason>,
         deadline_at: Instant,
-        #[pin]
-        deadline: Sleep,
+        // Armed the first time the body has to wait: most small bodies come with
+        // their head and never do, and every move of the response carries this.
+        deadline: Option<Pin<Box<Sleep>>>,
     }
 
     impl PinnedDrop for UpstreamBody {
@@ -187,7 +188,7 @@ impl UpstreamBody {
             pooled: Some(pooled),
             close,
             deadline_at: deadline,
-            deadline: tokio::time::sleep_until(deadline),
+            deadline: None,
         }
     }
 }
@@ -219,7 +220,11 @@ impl Body for UpstreamBody {
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => {
-                ready!(this.deadline.poll(cx));
+                let at = *this.deadline_at;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                ready!(deadline.as_mut().poll(cx));
                 if let Some(pooled) = this.pooled.take() {
                     pooled.discard(CloseReason::Error);
                 }
