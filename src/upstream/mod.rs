@@ -33,7 +33,7 @@ use connect::Connector;
 pub use pool::{Checkout, Client, CloseReason, Pool, PoolCounts, PoolSnapshot, Pooled, Slot};
 pub use registry::Upstreams;
 pub use request::{BodyBytes, RequestBody};
-use response::{close_after, framed_twice, keep_alive_params};
+use response::{close_after, keep_alive_params};
 use target::forwarded_path;
 pub use target::{h1_form, h1_target};
 pub use tracked::Tracked;
@@ -186,17 +186,25 @@ impl Upstream {
         // handed back unsent), so retrying is always safe; bound it by the cap anyway.
         let mut stale_budget = config.max_connections + 1;
         let mut queued_at = started;
+        // The clock is read three times on the usual path (here, when the request
+        // goes out, and when its head is back); the queue's time ends when the
+        // socket is in hand, which for a reused one is when the request goes out.
         loop {
             let checkout = self.pool.checkout_before(Some(deadline)).await;
-            timing.queue += queued_at.elapsed();
-            let mut pooled = match checkout? {
-                Checkout::Reused(p) => p,
-                Checkout::Connect(slot) => {
+            let mut pooled = match checkout {
+                Err(e) => {
+                    timing.queue += queued_at.elapsed();
+                    return Err(e);
+                }
+                Ok(Checkout::Reused(p)) => p,
+                Ok(Checkout::Connect(slot)) => {
                     let connecting_at = Instant::now();
+                    timing.queue += connecting_at - queued_at;
                     // Boxed: opening a socket (TLS included) is over a kilobyte of
                     // future that every reused request would otherwise carry.
                     let connected = Box::pin(self.connect(slot, &config)).await;
-                    timing.connect = Some(connecting_at.elapsed());
+                    queued_at = Instant::now();
+                    timing.connect = Some(queued_at - connecting_at);
                     connected?
                 }
             };
@@ -204,31 +212,33 @@ impl Upstream {
                 pooled.discard(CloseReason::RemoteClosed);
                 self.pool.metrics().stale_retries.increment(1);
                 stale_budget -= 1;
+                let now = Instant::now();
+                timing.queue += now - queued_at;
                 if stale_budget == 0 {
                     return Err(ProxyError::UpstreamClosed { origin: origin() });
                 }
-                queued_at = Instant::now();
+                queued_at = now;
                 continue;
             }
             let reused = pooled.reused;
             timing.reused = Some(reused);
             self.request_form(&mut req, pooled.is_h2())?;
             let sent_at = Instant::now();
-            let wait = config
-                .response_header_timeout
-                .min(deadline.saturating_duration_since(sent_at));
+            timing.queue += sent_at - queued_at;
+            let head_by = sent_at + config.response_header_timeout;
+            let by_request = deadline < head_by;
             let exchange = pooled.send().try_send_request(req);
             // Owns the socket while the head is awaited: if this request is dropped
             // (its client left), the exchange finishes in the background and the
             // socket is kept.
             let mut in_flight = body::InFlight::new(exchange, pooled, deadline);
-            let result = tokio::time::timeout(wait, &mut in_flight).await;
+            let result = tokio::time::timeout_at(head_by.min(deadline), &mut in_flight).await;
             let pooled = in_flight.pooled();
             let result = match result {
                 Ok(result) => result,
                 Err(_) => {
                     pooled.discard(CloseReason::Error);
-                    return Err(if wait < config.response_header_timeout {
+                    return Err(if by_request {
                         ProxyError::RequestTimeout {
                             origin: origin(),
                             timeout: config.request_timeout,
@@ -255,8 +265,8 @@ impl Upstream {
                         self.pool.close_reason(pooled.id(), reason);
                     }
                     let (mut parts, body) = resp.into_parts();
-                    if framed_twice(&parts.headers) {
-                        // hyper reads the body by its Transfer-Encoding (chunked, or
+                    if close == Some(CloseReason::Error) {
+                        // Framed twice (`close_after`'s `Error`). hyper reads the body by its Transfer-Encoding (chunked, or
                         // to the close) but leaves the length in the map; forwarded,
                         // it would frame the client's copy (RFC 9112 §6.3). Without
                         // it, the body's unknown size makes hyper's server chunk it

@@ -2,15 +2,18 @@
 //! asked to, or its framing was ambiguous), or keep it for the advertised
 //! `Keep-Alive` parameters.
 
-use http::header;
+use http::header::{self, HeaderName};
 
 use super::CloseReason;
+
+/// Named once: a `&str` name is parsed again on every lookup.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// `Keep-Alive: timeout=N, max=M` (RFC 2068 §19.7.1, still what servers send).
 pub(super) fn keep_alive_params(
     headers: &http::HeaderMap,
 ) -> Option<(Option<std::time::Duration>, Option<u64>)> {
-    let value = headers.get("keep-alive")?.to_str().ok()?;
+    let value = headers.get(&KEEP_ALIVE)?.to_str().ok()?;
     let mut timeout = None;
     let mut max = None;
     for param in value.split(',') {
@@ -33,7 +36,8 @@ pub(super) fn keep_alive_params(
 /// would keep the connection, but two framings are how responses are split (RFC 9112
 /// §6.3), and which one the upstream meant cannot be known, so its next bytes are
 /// not trusted to start a response. Counted as `error`: the upstream broke HTTP's
-/// rules, the way a malformed head that hyper rejects is counted.
+/// rules, the way a malformed head that hyper rejects is counted. `Error` is the
+/// answer exactly when the response is [`framed_twice`].
 pub(super) fn close_after(headers: &http::HeaderMap) -> Option<CloseReason> {
     if framed_twice(headers) {
         Some(CloseReason::Error)
@@ -46,7 +50,7 @@ pub(super) fn close_after(headers: &http::HeaderMap) -> Option<CloseReason> {
 
 /// Both `Transfer-Encoding` and `Content-Length`: hyper's client reads the body by
 /// the former and leaves the latter in the header map.
-pub(super) fn framed_twice(headers: &http::HeaderMap) -> bool {
+fn framed_twice(headers: &http::HeaderMap) -> bool {
     headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
 }
 
