@@ -108,6 +108,29 @@ async fn a_request_waiting_past_queue_timeout_gets_503_queue_timeout() {
     assert_eq!(origin.accepted(), 1);
 }
 
+/// The queue's wait and the response head's share one timer: a request that waited
+/// in the queue for less than `queue_timeout` still gets all of
+/// `response_header_timeout` for its head, past the queue's limit.
+#[tokio::test]
+async fn a_request_that_waited_in_the_queue_gets_its_whole_head_timeout() {
+    let origin = Origin::start().await;
+    let tether = start(pool_config(&origin, |c| {
+        c.pool.max_connections = 1;
+        c.pool.queue_timeout = Duration::from_millis(600);
+    }))
+    .await;
+    let route = tether.route_addrs[0];
+    let first = tokio::spawn(async move { route_get(route, "/delay/400").await });
+    assert!(eventually(WAIT, || async { origin.requests() == 1 }).await);
+    // Queued for about 400 ms, then 400 ms for its head: 800 ms after it queued,
+    // past the queue's 600.
+    let second = route_get(route, "/delay/400").await;
+    assert_eq!(second.status, 200, "{:?}", second.tether_error());
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(rejected(&tether, "queue_timeout"), 0.0);
+    assert_eq!(origin.accepted(), 1);
+}
+
 #[tokio::test]
 async fn a_waiter_whose_client_disconnects_leaves_the_queue() {
     let origin = Origin::start().await;

@@ -16,9 +16,11 @@ mod target;
 mod tracked;
 pub mod tunnel;
 
+use std::future::Future;
 use std::net::IpAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::header::HeaderValue;
@@ -189,8 +191,14 @@ impl Upstream {
         // The clock is read three times on the usual path (here, when the request
         // goes out, and when its head is back); the queue's time ends when the
         // socket is in hand, which for a reused one is when the request goes out.
+        // One timer for the queue's wait and then the response head's, reset
+        // between them (later, so without touching the timer wheel).
+        let mut timer = pin!(tokio::time::sleep_until(deadline));
         loop {
-            let checkout = self.pool.checkout_before(Some(deadline)).await;
+            let checkout = self
+                .pool
+                .checkout_timed(Some(deadline), timer.as_mut())
+                .await;
             let mut pooled = match checkout {
                 Err(e) => {
                     timing.queue += queued_at.elapsed();
@@ -232,11 +240,18 @@ impl Upstream {
             // (its client left), the exchange finishes in the background and the
             // socket is kept.
             let mut in_flight = body::InFlight::new(exchange, pooled, deadline);
-            let result = tokio::time::timeout_at(head_by.min(deadline), &mut in_flight).await;
+            timer.as_mut().reset(head_by.min(deadline));
+            let result = std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = Pin::new(&mut in_flight).poll(cx) {
+                    return Poll::Ready(Some(result));
+                }
+                timer.as_mut().poll(cx).map(|()| None)
+            })
+            .await;
             let pooled = in_flight.pooled();
             let result = match result {
-                Ok(result) => result,
-                Err(_) => {
+                Some(result) => result,
+                None => {
                     pooled.discard(CloseReason::Error);
                     return Err(if by_request {
                         ProxyError::RequestTimeout {

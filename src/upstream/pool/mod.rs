@@ -38,13 +38,14 @@
 //!
 //! [`Budget::wake`]: super::budget::Budget::wake
 
+use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::budget::BudgetMember;
 use super::connect::Connector;
@@ -157,6 +158,19 @@ impl Pool {
     /// `queue_timeout`: a request whose whole time is spent never takes a socket only
     /// to time out on it.
     pub async fn checkout_before(&self, deadline: Option<Instant>) -> Result<Checkout, ProxyError> {
+        let timer = pin!(tokio::time::sleep_until(Instant::now()));
+        self.checkout_timed(deadline, timer).await
+    }
+
+    /// [`checkout_before`](Pool::checkout_before), timing a wait in the queue with
+    /// the caller's `timer` (reset to the queue's limit), which the caller then
+    /// resets for what follows: a request's queue wait and its response head share
+    /// one timer, one timer-wheel entry instead of two.
+    pub async fn checkout_timed(
+        &self,
+        deadline: Option<Instant>,
+        timer: Pin<&mut Sleep>,
+    ) -> Result<Checkout, ProxyError> {
         let limits = self.inner.limits();
         let rx = {
             let mut st = self.inner.state.lock();
@@ -181,7 +195,7 @@ impl Pool {
             queued
         };
         match self
-            .wait(rx, &limits, deadline, std::future::pending())
+            .wait(rx, &limits, deadline, std::future::pending(), timer)
             .await?
         {
             Grant::Idle(pooled) => Ok(Checkout::Reused(pooled)),
@@ -222,14 +236,15 @@ impl Pool {
         ))
     }
 
-    /// Waits for a grant up to `queue_timeout` (or `deadline`, if sooner), running
-    /// `meanwhile` alongside.
+    /// Waits for a grant up to `queue_timeout` (or `deadline`, if sooner), on
+    /// `timer`, running `meanwhile` alongside.
     async fn wait(
         &self,
         (rx, _guard): (oneshot::Receiver<Grant>, WaitGuard<'_>),
         config: &PoolConfig,
         deadline: Option<Instant>,
         meanwhile: impl std::future::Future<Output = ()>,
+        mut timer: Pin<&mut Sleep>,
     ) -> Result<Grant, ProxyError> {
         let started = Instant::now();
         let limit = deadline.map_or(config.queue_timeout, |d| {
@@ -237,19 +252,20 @@ impl Pool {
                 .queue_timeout
                 .min(d.saturating_duration_since(started))
         });
-        let granted = tokio::time::timeout(limit, async {
-            tokio::select! {
-                granted = rx => granted,
-                _ = meanwhile => unreachable!("runs until the grant arrives"),
-            }
-        })
-        .await;
+        timer.as_mut().reset(started + limit);
+        let granted = tokio::select! {
+            // A grant that came wins over the timer that fired with it.
+            biased;
+            granted = rx => Some(granted),
+            () = timer => None,
+            _ = meanwhile => unreachable!("runs until the grant arrives"),
+        };
         self.inner.metrics.queued_for(started.elapsed());
         match granted {
-            Ok(Ok(grant)) => Ok(grant),
+            Some(Ok(grant)) => Ok(grant),
             // The sender is only dropped by a pool being torn down.
-            Ok(Err(_)) => Err(ProxyError::ShuttingDown),
-            Err(_) => {
+            Some(Err(_)) => Err(ProxyError::ShuttingDown),
+            None => {
                 self.inner.metrics.reject(Rejection::QueueTimeout);
                 Err(ProxyError::QueueTimeout {
                     upstream: self.inner.name.to_string(),
@@ -277,7 +293,8 @@ impl Pool {
             self.enqueue(st, &limits, true)?
         };
         self.make_budget_room();
-        match self.wait(queued, &limits, None, make_room).await? {
+        let timer = pin!(tokio::time::sleep_until(Instant::now()));
+        match self.wait(queued, &limits, None, make_room, timer).await? {
             Grant::Connect(slot) => Ok(slot),
             Grant::Idle(pooled) => {
                 // Slot-only waiters are skipped by hand-offs; be safe regardless.
