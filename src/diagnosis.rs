@@ -6,7 +6,7 @@
 //! in a rate-limited warning and at `/debug/clients`. Memory stays bounded: clients
 //! with no open connection are forgotten, fewest-opened first, past a fixed bound.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -21,6 +21,8 @@ const BUCKETS: usize = 6;
 /// Per-client counters of a running instance.
 #[derive(Default)]
 pub struct Clients {
+    /// Looked up on every request. foldhash, seeded per process, not SipHash: the
+    /// map is bounded (`prune`), so even chosen addresses cannot grow a chain past it.
     map: Mutex<HashMap<IpAddr, Stats>>,
 }
 

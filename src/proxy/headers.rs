@@ -81,7 +81,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    if present & CONNECTION_BIT != 0 {
+    if present & CONNECTION_BIT != 0 && names_others(headers) {
         let mut connection = headers.get_all(header::CONNECTION).iter();
         let first = connection.next().cloned();
         let more: Vec<HeaderValue> = connection.cloned().collect(); // empty: no allocation
@@ -92,10 +92,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                     continue;
                 };
                 // A hop-by-hop name (`keep-alive`, mostly) goes below if it is there.
-                if !HOP_BY_HOP
-                    .iter()
-                    .any(|hop| hop.as_str().eq_ignore_ascii_case(name))
-                {
+                if !is_hop_by_hop(name.as_bytes()) {
                     headers.remove(name);
                 }
             }
@@ -106,6 +103,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+/// Whether a Connection header names anything but the hop-by-hop headers, which are
+/// removed anyway: the usual `keep-alive` costs no clone of its value. (`close`
+/// counts as a name: a field called that goes too, RFC 9110 §7.6.1.)
+fn names_others(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b',').any(|name| {
+            let name = name.trim_ascii();
+            !(name.is_empty() || is_hop_by_hop(name))
+        })
+    })
+}
+
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]
@@ -178,6 +193,30 @@ mod tests {
         let before = clean.clone();
         strip_hop_by_hop(&mut clean);
         assert_eq!(clean, before);
+    }
+
+    /// The usual Connection values name only what goes anyway (`keep-alive`) or a
+    /// field nobody sends (`close`); the one still goes if it is there.
+    #[test]
+    fn keep_alive_and_close_remove_only_what_they_name() {
+        let mut nginx = head(&[
+            ("server", "nginx"),
+            ("content-length", "2"),
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+        ]);
+        strip_hop_by_hop(&mut nginx);
+        let left: Vec<&str> = nginx.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["server", "content-length"]);
+
+        let mut closing = head(&[
+            ("connection", "Keep-Alive, close"),
+            ("close", "x"),
+            ("etag", "1"),
+        ]);
+        strip_hop_by_hop(&mut closing);
+        let left: Vec<&str> = closing.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["etag"]);
     }
 
     #[test]

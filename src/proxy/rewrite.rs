@@ -21,6 +21,10 @@ pub fn response_headers(
     client_host: Option<&HeaderValue>,
     headers: &mut HeaderMap,
 ) {
+    // Most responses have neither: nothing to work out for them.
+    if !(headers.contains_key(header::LOCATION) || headers.contains_key(header::WWW_AUTHENTICATE)) {
+        return;
+    }
     let client_host = client_host.and_then(|h| h.to_str().ok()).map(host_only);
     let rewrite = |url: &str| rewrite_url(table, mode, client_host, url);
     if let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
