@@ -188,9 +188,6 @@ impl Upstream {
         // handed back unsent), so retrying is always safe; bound it by the cap anyway.
         let mut stale_budget = config.max_connections + 1;
         let mut queued_at = started;
-        // The clock is read three times on the usual path (here, when the request
-        // goes out, and when its head is back); the queue's time ends when the
-        // socket is in hand, which for a reused one is when the request goes out.
         // One timer for the queue's wait and then the response head's, reset
         // between them (later, so without touching the timer wheel).
         let mut timer = pin!(tokio::time::sleep_until(deadline));
@@ -231,6 +228,9 @@ impl Upstream {
             let reused = pooled.reused;
             timing.reused = Some(reused);
             self.request_form(&mut req, pooled.is_h2())?;
+            // The clock is read three times on the usual path (at the start, here,
+            // and when the head is back): the queue's time ends when the socket is
+            // in hand, which for a reused one is when the request goes out.
             let sent_at = Instant::now();
             timing.queue += sent_at - queued_at;
             let head_by = sent_at + config.response_header_timeout;
@@ -281,11 +281,12 @@ impl Upstream {
                     }
                     let (mut parts, body) = resp.into_parts();
                     if close == Some(CloseReason::Error) {
-                        // Framed twice (`close_after`'s `Error`). hyper reads the body by its Transfer-Encoding (chunked, or
-                        // to the close) but leaves the length in the map; forwarded,
-                        // it would frame the client's copy (RFC 9112 §6.3). Without
-                        // it, the body's unknown size makes hyper's server chunk it
-                        // to the client afresh.
+                        // Framed twice (`close_after`'s `Error`). hyper reads the
+                        // body by its Transfer-Encoding (chunked, or to the close)
+                        // but leaves the length in the map; forwarded, it would
+                        // frame the client's copy (RFC 9112 §6.3). Without it, the
+                        // body's unknown size makes hyper's server chunk it to the
+                        // client afresh.
                         parts.headers.remove(header::CONTENT_LENGTH);
                     }
                     return Ok(Response::from_parts(
