@@ -30,11 +30,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=compare/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/compare/lib.sh"
 
-case ${1:-} in
--h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-"") ;;
-*) die "unknown argument $1 (try --help)" ;;
-esac
+help_or_no_args "$@"
 
 TARGETS=${TARGETS:-"tether floor-hyper"}
 split_targets tether tether-base floor-hyper

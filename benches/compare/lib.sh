@@ -341,6 +341,16 @@ resolve_floor() {
     fi
 }
 
+# help_or_no_args "$@" : for a script that takes no arguments: --help prints the
+# comment block at its top (up to `set -euo`), anything else is an error.
+help_or_no_args() {
+    case ${1:-} in
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    "") ;;
+    *) die "unknown argument $1 (try --help)" ;;
+    esac
+}
+
 # split_targets ALLOWED... : TARGET_LIST from $TARGETS; dies on an empty list or a
 # target not in ALLOWED.
 split_targets() {
