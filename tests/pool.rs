@@ -28,6 +28,26 @@ fn rejected(tether: &tether::Running, reason: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// A tether whose one upstream socket is busy: a pool of one, `queue_timeout` as
+/// given (or the default), and a request for `slow` in flight on it.
+async fn one_socket_busy(
+    queue_timeout: Option<Duration>,
+    slow: &'static str,
+) -> (Origin, tether::Running, tokio::task::JoinHandle<Reply>) {
+    let origin = Origin::start().await;
+    let tether = start(pool_config(&origin, |c| {
+        c.pool.max_connections = 1;
+        if let Some(t) = queue_timeout {
+            c.pool.queue_timeout = t;
+        }
+    }))
+    .await;
+    let route = tether.route_addrs[0];
+    let busy = tokio::spawn(async move { route_get(route, slow).await });
+    assert!(eventually(WAIT, || async { origin.requests() == 1 }).await);
+    (origin, tether, busy)
+}
+
 #[tokio::test]
 async fn two_hundred_clients_share_four_upstream_sockets() {
     let origin = Origin::start().await;
@@ -90,16 +110,9 @@ async fn a_full_queue_answers_503_queue_full_at_once() {
 
 #[tokio::test]
 async fn a_request_waiting_past_queue_timeout_gets_503_queue_timeout() {
-    let origin = Origin::start().await;
-    let tether = start(pool_config(&origin, |c| {
-        c.pool.max_connections = 1;
-        c.pool.queue_timeout = Duration::from_millis(200);
-    }))
-    .await;
-    let route = tether.route_addrs[0];
-    let slow = tokio::spawn(async move { route_get(route, "/delay/1500").await });
-    assert!(eventually(WAIT, || async { origin.requests() == 1 }).await);
-    let reply = route_get(route, "/").await;
+    let (origin, tether, slow) =
+        one_socket_busy(Some(Duration::from_millis(200)), "/delay/1500").await;
+    let reply = route_get(tether.route_addrs[0], "/").await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.tether_error(), Some("queue_timeout"));
     assert!(reply.headers.contains_key("retry-after"));
@@ -113,18 +126,11 @@ async fn a_request_waiting_past_queue_timeout_gets_503_queue_timeout() {
 /// `response_header_timeout` for its head, past the queue's limit.
 #[tokio::test]
 async fn a_request_that_waited_in_the_queue_gets_its_whole_head_timeout() {
-    let origin = Origin::start().await;
-    let tether = start(pool_config(&origin, |c| {
-        c.pool.max_connections = 1;
-        c.pool.queue_timeout = Duration::from_millis(600);
-    }))
-    .await;
-    let route = tether.route_addrs[0];
-    let first = tokio::spawn(async move { route_get(route, "/delay/400").await });
-    assert!(eventually(WAIT, || async { origin.requests() == 1 }).await);
+    let (origin, tether, first) =
+        one_socket_busy(Some(Duration::from_millis(600)), "/delay/400").await;
     // Queued for about 400 ms, then 400 ms for its head: 800 ms after it queued,
     // past the queue's 600.
-    let second = route_get(route, "/delay/400").await;
+    let second = route_get(tether.route_addrs[0], "/delay/400").await;
     assert_eq!(second.status, 200, "{:?}", second.tether_error());
     assert_eq!(first.await.unwrap().status, 200);
     assert_eq!(rejected(&tether, "queue_timeout"), 0.0);
@@ -133,11 +139,8 @@ async fn a_request_that_waited_in_the_queue_gets_its_whole_head_timeout() {
 
 #[tokio::test]
 async fn a_waiter_whose_client_disconnects_leaves_the_queue() {
-    let origin = Origin::start().await;
-    let tether = start(pool_config(&origin, |c| c.pool.max_connections = 1)).await;
+    let (origin, tether, slow) = one_socket_busy(None, "/delay/1500").await;
     let route = tether.route_addrs[0];
-    let slow = tokio::spawn(async move { route_get(route, "/delay/1500").await });
-    assert!(eventually(WAIT, || async { origin.requests() == 1 }).await);
     let waiting = tokio::spawn(async move { route_get(route, "/").await });
     let depth = |t: &tether::Running| {
         metric(
