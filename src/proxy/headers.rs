@@ -70,9 +70,10 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
 /// Runs on every request and response, so it allocates nothing in the usual case
 /// and looks up only what is there: one pass over the names finds which hop-by-hop
 /// headers the head has (most requests have none, most responses only
-/// `Connection`), and only those are removed. The Connection values are cloned (a
-/// reference count) to read them while other headers are removed, and the names
-/// they list are looked up as `&str`, never built.
+/// `Connection`), and only those are removed. A Connection that names other headers
+/// has its values cloned (a reference count) to read them while those are removed,
+/// and the names it lists are looked up as `&str`, never built; one that names only
+/// hop-by-hop headers (`keep-alive`, as nginx sends) is just removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = 0u16;
     for name in headers.keys() {
