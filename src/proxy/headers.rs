@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 
 use super::checks::check_framing;
 use crate::error::ProxyError;
-use crate::upstream::Upstream;
+use crate::upstream::{connection_options, Upstream};
 
 pub(super) const VIA: HeaderValue = HeaderValue::from_static("1.1 tether");
 
@@ -87,9 +87,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let first = connection.next().cloned();
         let more: Vec<HeaderValue> = connection.cloned().collect(); // empty: no allocation
         for value in first.iter().chain(&more) {
-            // By bytes: a value with obs-text elsewhere in it still names its headers.
-            for name in value.as_bytes().split(|&b| b == b',') {
-                let Ok(name) = std::str::from_utf8(name.trim_ascii()) else {
+            for name in connection_options(value) {
+                let Ok(name) = std::str::from_utf8(name) else {
                     continue;
                 };
                 // A hop-by-hop name (`keep-alive`, mostly) goes below if it is there.
@@ -111,10 +110,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// counts as a name: a field called that goes too, RFC 9110 §7.6.1.)
 fn names_others(headers: &HeaderMap) -> bool {
     headers.get_all(header::CONNECTION).iter().any(|value| {
-        value.as_bytes().split(|&b| b == b',').any(|name| {
-            let name = name.trim_ascii();
-            !(name.is_empty() || is_hop_by_hop(name))
-        })
+        connection_options(value).any(|name| !(name.is_empty() || is_hop_by_hop(name)))
     })
 }
 

@@ -35,6 +35,7 @@ use connect::Connector;
 pub use pool::{Checkout, Client, CloseReason, Pool, PoolCounts, PoolSnapshot, Pooled, Slot};
 pub use registry::Upstreams;
 pub use request::{BodyBytes, RequestBody};
+pub use response::connection_options;
 use response::{close_after, keep_alive_params};
 use target::forwarded_path;
 pub use target::{h1_form, h1_target};

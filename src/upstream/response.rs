@@ -2,7 +2,7 @@
 //! asked to, or its framing was ambiguous), or keep it for the advertised
 //! `Keep-Alive` parameters.
 
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 
 use super::CloseReason;
 
@@ -55,11 +55,19 @@ fn framed_twice(headers: &http::HeaderMap) -> bool {
 }
 
 fn wants_close(headers: &http::HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| connection_options(v).any(|t| t.eq_ignore_ascii_case(b"close")))
+}
+
+/// The options a `Connection` value lists (RFC 9110 §7.6.1), as bytes, trimmed:
+/// read by bytes, so a value with obs-text elsewhere in it still names its options.
+pub fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
 }
 
 #[cfg(test)]
