@@ -34,82 +34,99 @@ use crate::Shared;
 
 /// Handles one request from a client connection. Its access-log line is written by
 /// the response body when the exchange ends ([`access`]).
-pub async fn handle(
+///
+/// This and [`forward`] return `async move` blocks rather than being `async fn`s,
+/// as [`Upstream::send`](crate::upstream::Upstream::send) does: an `async fn` keeps
+/// its arguments twice in its future, and the request is 264 bytes that every move of
+/// the future copies.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+pub fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
     mode: Mode,
     client: Arc<ClientConn>,
-) -> Response<ProxyBody> {
-    // Boxed once here: the body that writes its line at the end carries it.
-    let mut exchange = Box::new(Exchange::new(&req, client.peer, Instant::now()));
-    let connect = req.method() == Method::CONNECT;
-    let result = match check_host(&req) {
-        Err(e) => Err(e),
-        // Boxed, as the upstream's connect is: a tunnel's set-up would otherwise
-        // make every forwarded request's future that much larger.
-        Ok(()) if connect => {
-            Box::pin(connect::connect(
-                req,
-                &shared,
-                mode,
-                client.clone(),
-                &mut exchange,
-            ))
-            .await
-        }
-        Ok(()) => forward(req, &shared, mode, &mut exchange).await,
-    };
-    match result {
-        // A tunnel's line is written when it closes.
-        Ok(response) if connect => {
-            exchange.head(response.status(), None);
-            response
-        }
-        Ok(response) => {
-            exchange.head(response.status(), None);
-            response.map(|body| body.with_exchange(exchange))
-        }
-        Err(e) => {
-            let class = e.classify();
-            shared.downstream().reject(class.code);
-            let upstream = exchange.upstream.as_ref().map(|u| &*u.name);
-            tracing::warn!(client = %client.peer, upstream, status = class.status.as_u16(), error = %e, "request refused");
-            exchange.head(class.status, Some(class.kind));
-            e.to_response::<ProxyBody>()
-                .map(|body| body.with_exchange(exchange))
+) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+    async move {
+        // Boxed once here: the body that writes its line at the end carries it.
+        let mut exchange = Box::new(Exchange::new(&req, client.peer, Instant::now()));
+        let connect = req.method() == Method::CONNECT;
+        let result = match check_host(&req) {
+            Err(e) => Err(e),
+            // Boxed, as the upstream's connect is: a tunnel's set-up would otherwise
+            // make every forwarded request's future that much larger.
+            Ok(()) if connect => {
+                Box::pin(connect::connect(
+                    req,
+                    &shared,
+                    mode,
+                    client.clone(),
+                    &mut exchange,
+                ))
+                .await
+            }
+            Ok(()) => forward(req, &shared, mode, &mut exchange).await,
+        };
+        match result {
+            // A tunnel's line is written when it closes.
+            Ok(response) if connect => {
+                exchange.head(response.status(), None);
+                response
+            }
+            Ok(response) => {
+                exchange.head(response.status(), None);
+                response.map(|body| body.with_exchange(exchange))
+            }
+            Err(e) => {
+                let class = e.classify();
+                shared.downstream().reject(class.code);
+                let upstream = exchange.upstream.as_ref().map(|u| &*u.name);
+                tracing::warn!(client = %client.peer, upstream, status = class.status.as_u16(), error = %e, "request refused");
+                exchange.head(class.status, Some(class.kind));
+                e.to_response::<ProxyBody>()
+                    .map(|body| body.with_exchange(exchange))
+            }
         }
     }
 }
 
-async fn forward(
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn forward<'a>(
     mut req: Request<Incoming>,
-    shared: &Shared,
+    shared: &'a Shared,
     mode: Mode,
-    exchange: &mut Exchange,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    check_target(req.method(), req.uri(), mode)?;
-    let table = shared.table();
-    let upstream = route::upstream(shared, &table, mode, req.uri()).await?;
-    exchange.upstream = Some(upstream.clone());
-    // The host the client addressed, to point rewritten URLs back at: the target's
-    // authority when it has one, which wins over Host (RFC 9112 §3.2.2).
-    let client_host = match req.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => req.headers().get(header::HOST).cloned(),
-    };
-    let keep_host = matches!(mode, Mode::Intercept(_));
-    prepare_request(&mut req, &upstream, keep_host)?;
-    let (parts, body) = req.into_parts();
-    let (body, bytes) = RequestBody::counted(body);
-    exchange.request_bytes = bytes;
-    let req = Request::from_parts(parts, body);
-    let mut response = upstream.send(req, &mut exchange.timing).await?;
-    strip_hop_by_hop(response.headers_mut());
-    response.headers_mut().append(header::VIA, VIA);
-    if upstream.rewrite_realm {
-        rewrite::response_headers(&table, mode, client_host.as_ref(), response.headers_mut());
+    exchange: &'a mut Exchange,
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
+    async move {
+        check_target(req.method(), req.uri(), mode)?;
+        let table = shared.table();
+        let upstream = route::upstream(shared, &table, mode, req.uri()).await?;
+        exchange.upstream = Some(upstream.clone());
+        // The host the client addressed, to point rewritten URLs back at: the target's
+        // authority when it has one, which wins over Host (RFC 9112 §3.2.2).
+        let client_host = match req.uri().authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => req.headers().get(header::HOST).cloned(),
+        };
+        let keep_host = matches!(mode, Mode::Intercept(_));
+        prepare_request(&mut req, &upstream, keep_host)?;
+        let (parts, body) = req.into_parts();
+        let (body, bytes) = RequestBody::counted(body);
+        exchange.request_bytes = bytes;
+        let req = Request::from_parts(parts, body);
+        let mut response = upstream.send(req, &mut exchange.timing).await?;
+        strip_hop_by_hop(response.headers_mut());
+        response.headers_mut().append(header::VIA, VIA);
+        if upstream.rewrite_realm {
+            rewrite::response_headers(&table, mode, client_host.as_ref(), response.headers_mut());
+        }
+        Ok(response.map(ProxyBody::upstream))
     }
-    Ok(response.map(ProxyBody::upstream))
 }
 
 /// A plain-text response tether writes itself.

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -116,11 +117,11 @@ async fn serve_http(
             let shared = shared.clone();
             let conn = conn.clone();
             // Boxed so hyper can hand the connection back between requests
-            // (`poll_without_shutdown` needs an `Unpin` future).
-            Box::pin(async move {
-                let resp = proxy::handle(req, shared, mode, conn).await;
+            // (`poll_without_shutdown` needs an `Unpin` future). `map`, not an
+            // `async` block around `handle`: that would hold the request twice.
+            Box::pin(proxy::handle(req, shared, mode, conn).map(move |resp| {
                 Ok::<_, std::convert::Infallible>(resp.map(|b| b.with_guard(guard)))
-            })
+            }))
         })
     };
     let mut connection = http1::Builder::new()

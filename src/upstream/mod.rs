@@ -176,144 +176,155 @@ impl Upstream {
     /// Sends `req` (already in origin form, hop-by-hop headers removed) and returns
     /// the response with a body that returns the connection to the pool. `timing`
     /// says where the time went, also when it fails.
-    pub async fn send(
-        &self,
+    ///
+    /// Not an `async fn`: one keeps its arguments twice in its future (as captured
+    /// and again as locals, rust-lang/rust#62958), and the request alone is 272
+    /// bytes that every move of the request's future would copy.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice"
+    )]
+    pub fn send<'a>(
+        &'a self,
         mut req: Request<RequestBody>,
-        timing: &mut Timing,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let config = self.pool.config();
-        let started = Instant::now();
-        let deadline = started + config.request_timeout;
-        let origin = || self.origin.to_string();
-        // A pooled socket the upstream already closed costs no request (the request is
-        // handed back unsent), so retrying is always safe; bound it by the cap anyway.
-        let mut stale_budget = config.max_connections + 1;
-        let mut queued_at = started;
-        // One timer for the queue's wait and then the response head's, reset
-        // between them (later, so without touching the timer wheel).
-        let mut timer = pin!(tokio::time::sleep_until(deadline));
-        loop {
-            let checkout = self
-                .pool
-                .checkout_timed(Some(deadline), timer.as_mut())
-                .await;
-            let mut pooled = match checkout {
-                Err(e) => {
-                    timing.queue += queued_at.elapsed();
-                    return Err(e);
-                }
-                Ok(Checkout::Reused(p)) => p,
-                Ok(Checkout::Connect(slot)) => {
-                    let connecting_at = Instant::now();
-                    timing.queue += connecting_at - queued_at;
-                    // Boxed: opening a socket (TLS included) is over a kilobyte of
-                    // future that every reused request would otherwise carry.
-                    let connected = Box::pin(self.connect(slot, &config)).await;
-                    queued_at = Instant::now();
-                    timing.connect = Some(queued_at - connecting_at);
-                    connected?
-                }
-            };
-            if pooled.ready().await.is_err() {
-                pooled.discard(CloseReason::RemoteClosed);
-                self.pool.metrics().stale_retries.increment(1);
-                stale_budget -= 1;
-                let now = Instant::now();
-                timing.queue += now - queued_at;
-                if stale_budget == 0 {
-                    return Err(ProxyError::UpstreamClosed { origin: origin() });
-                }
-                queued_at = now;
-                continue;
-            }
-            let reused = pooled.reused;
-            timing.reused = Some(reused);
-            self.request_form(&mut req, pooled.is_h2())?;
-            // The clock is read three times on the usual path (at the start, here,
-            // and when the head is back): the queue's time ends when the socket is
-            // in hand, which for a reused one is when the request goes out.
-            let sent_at = Instant::now();
-            timing.queue += sent_at - queued_at;
-            let head_by = sent_at + config.response_header_timeout;
-            let by_request = deadline < head_by;
-            let exchange = pooled.send().try_send_request(req);
-            // Owns the socket while the head is awaited: if this request is dropped
-            // (its client left), the exchange finishes in the background and the
-            // socket is kept.
-            let mut in_flight = body::InFlight::new(exchange, pooled, deadline);
-            timer.as_mut().reset(head_by.min(deadline));
-            let result = std::future::poll_fn(|cx| {
-                if let Poll::Ready(result) = Pin::new(&mut in_flight).poll(cx) {
-                    return Poll::Ready(Some(result));
-                }
-                timer.as_mut().poll(cx).map(|()| None)
-            })
-            .await;
-            let pooled = in_flight.pooled();
-            let result = match result {
-                Some(result) => result,
-                None => {
-                    pooled.discard(CloseReason::Error);
-                    return Err(if by_request {
-                        ProxyError::RequestTimeout {
-                            origin: origin(),
-                            timeout: config.request_timeout,
-                        }
-                    } else {
-                        ProxyError::ResponseHeaderTimeout {
-                            origin: origin(),
-                            timeout: config.response_header_timeout,
-                        }
-                    });
-                }
-            };
-            match result {
-                Ok(resp) => {
-                    let metrics = self.pool.metrics();
-                    metrics.duration.record(sent_at.elapsed().as_secs_f64());
-                    metrics.request(resp.status(), reused);
-                    let close = close_after(resp.headers());
-                    if let Some((timeout, max)) = keep_alive_params(resp.headers()) {
-                        self.pool.advertised_keepalive(pooled.id(), timeout, max);
+        timing: &'a mut Timing,
+    ) -> impl std::future::Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a
+    {
+        async move {
+            let config = self.pool.config();
+            let started = Instant::now();
+            let deadline = started + config.request_timeout;
+            let origin = || self.origin.to_string();
+            // A pooled socket the upstream already closed costs no request (the request is
+            // handed back unsent), so retrying is always safe; bound it by the cap anyway.
+            let mut stale_budget = config.max_connections + 1;
+            let mut queued_at = started;
+            // One timer for the queue's wait and then the response head's, reset
+            // between them (later, so without touching the timer wheel).
+            let mut timer = pin!(tokio::time::sleep_until(deadline));
+            loop {
+                let checkout = self
+                    .pool
+                    .checkout_timed(Some(deadline), timer.as_mut())
+                    .await;
+                let mut pooled = match checkout {
+                    Err(e) => {
+                        timing.queue += queued_at.elapsed();
+                        return Err(e);
                     }
-                    if let Some(reason) = close {
-                        // Known now, before the driver sees the close.
-                        self.pool.close_reason(pooled.id(), reason);
-                    }
-                    let (mut parts, body) = resp.into_parts();
-                    if close == Some(CloseReason::Error) {
-                        // Framed twice (`close_after`'s `Error`). hyper reads the
-                        // body by its Transfer-Encoding (chunked, or to the close)
-                        // but leaves the length in the map; forwarded, it would
-                        // frame the client's copy (RFC 9112 §6.3). Without it, the
-                        // body's unknown size makes hyper's server chunk it to the
-                        // client afresh.
-                        parts.headers.remove(header::CONTENT_LENGTH);
-                    }
-                    return Ok(Response::from_parts(
-                        parts,
-                        UpstreamBody::new(body, pooled, close, deadline),
-                    ));
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if stale_budget > 1 => {
-                        // Closed before our bytes went out: the upstream never saw it.
-                        req = unsent;
+                    Ok(Checkout::Reused(p)) => p,
+                    Ok(Checkout::Connect(slot)) => {
+                        let connecting_at = Instant::now();
+                        timing.queue += connecting_at - queued_at;
+                        // Boxed: opening a socket (TLS included) is over a kilobyte of
+                        // future that every reused request would otherwise carry.
+                        let connected = Box::pin(self.connect(slot, &config)).await;
                         queued_at = Instant::now();
-                        stale_budget -= 1;
-                        pooled.discard(CloseReason::RemoteClosed);
-                        self.pool.metrics().stale_retries.increment(1);
+                        timing.connect = Some(queued_at - connecting_at);
+                        connected?
                     }
-                    _ => {
-                        let error = ProxyError::exchange(origin(), e.into_error());
-                        // The client's own failure still leaves this socket half-written.
-                        pooled.discard(match error {
-                            ProxyError::RequestBody { .. } => CloseReason::RequestAborted,
-                            _ => CloseReason::Error,
+                };
+                if pooled.ready().await.is_err() {
+                    pooled.discard(CloseReason::RemoteClosed);
+                    self.pool.metrics().stale_retries.increment(1);
+                    stale_budget -= 1;
+                    let now = Instant::now();
+                    timing.queue += now - queued_at;
+                    if stale_budget == 0 {
+                        return Err(ProxyError::UpstreamClosed { origin: origin() });
+                    }
+                    queued_at = now;
+                    continue;
+                }
+                let reused = pooled.reused;
+                timing.reused = Some(reused);
+                self.request_form(&mut req, pooled.is_h2())?;
+                // The clock is read three times on the usual path (at the start, here,
+                // and when the head is back): the queue's time ends when the socket is
+                // in hand, which for a reused one is when the request goes out.
+                let sent_at = Instant::now();
+                timing.queue += sent_at - queued_at;
+                let head_by = sent_at + config.response_header_timeout;
+                let by_request = deadline < head_by;
+                let exchange = pooled.send().try_send_request(req);
+                // Owns the socket while the head is awaited: if this request is dropped
+                // (its client left), the exchange finishes in the background and the
+                // socket is kept.
+                let mut in_flight = body::InFlight::new(exchange, pooled, deadline);
+                timer.as_mut().reset(head_by.min(deadline));
+                let result = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(result) = Pin::new(&mut in_flight).poll(cx) {
+                        return Poll::Ready(Some(result));
+                    }
+                    timer.as_mut().poll(cx).map(|()| None)
+                })
+                .await;
+                let pooled = in_flight.pooled();
+                let result = match result {
+                    Some(result) => result,
+                    None => {
+                        pooled.discard(CloseReason::Error);
+                        return Err(if by_request {
+                            ProxyError::RequestTimeout {
+                                origin: origin(),
+                                timeout: config.request_timeout,
+                            }
+                        } else {
+                            ProxyError::ResponseHeaderTimeout {
+                                origin: origin(),
+                                timeout: config.response_header_timeout,
+                            }
                         });
-                        return Err(error);
                     }
-                },
+                };
+                match result {
+                    Ok(resp) => {
+                        let metrics = self.pool.metrics();
+                        metrics.duration.record(sent_at.elapsed().as_secs_f64());
+                        metrics.request(resp.status(), reused);
+                        let close = close_after(resp.headers());
+                        if let Some((timeout, max)) = keep_alive_params(resp.headers()) {
+                            self.pool.advertised_keepalive(pooled.id(), timeout, max);
+                        }
+                        if let Some(reason) = close {
+                            // Known now, before the driver sees the close.
+                            self.pool.close_reason(pooled.id(), reason);
+                        }
+                        let (mut parts, body) = resp.into_parts();
+                        if close == Some(CloseReason::Error) {
+                            // Framed twice (`close_after`'s `Error`). hyper reads the
+                            // body by its Transfer-Encoding (chunked, or to the close)
+                            // but leaves the length in the map; forwarded, it would
+                            // frame the client's copy (RFC 9112 §6.3). Without it, the
+                            // body's unknown size makes hyper's server chunk it to the
+                            // client afresh.
+                            parts.headers.remove(header::CONTENT_LENGTH);
+                        }
+                        return Ok(Response::from_parts(
+                            parts,
+                            UpstreamBody::new(body, pooled, close, deadline),
+                        ));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if stale_budget > 1 => {
+                            // Closed before our bytes went out: the upstream never saw it.
+                            req = unsent;
+                            queued_at = Instant::now();
+                            stale_budget -= 1;
+                            pooled.discard(CloseReason::RemoteClosed);
+                            self.pool.metrics().stale_retries.increment(1);
+                        }
+                        _ => {
+                            let error = ProxyError::exchange(origin(), e.into_error());
+                            // The client's own failure still leaves this socket half-written.
+                            pooled.discard(match error {
+                                ProxyError::RequestBody { .. } => CloseReason::RequestAborted,
+                                _ => CloseReason::Error,
+                            });
+                            return Err(error);
+                        }
+                    },
+                }
             }
         }
     }
