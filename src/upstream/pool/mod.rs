@@ -240,7 +240,7 @@ impl Pool {
     /// `timer`, running `meanwhile` alongside.
     async fn wait(
         &self,
-        (rx, _guard): (oneshot::Receiver<Grant>, WaitGuard<'_>),
+        (rx, guard): (oneshot::Receiver<Grant>, WaitGuard<'_>),
         config: &PoolConfig,
         deadline: Option<Instant>,
         meanwhile: impl std::future::Future<Output = ()>,
@@ -262,7 +262,10 @@ impl Pool {
         };
         self.inner.metrics.queued_for(started.elapsed());
         match granted {
-            Some(Ok(grant)) => Ok(grant),
+            Some(Ok(grant)) => {
+                guard.granted();
+                Ok(grant)
+            }
             // The sender is only dropped by a pool being torn down.
             Some(Err(_)) => Err(ProxyError::ShuttingDown),
             None => {
@@ -506,6 +509,15 @@ impl Pool {
 struct WaitGuard<'a> {
     inner: &'a Arc<Inner>,
     id: u64,
+}
+
+impl WaitGuard<'_> {
+    /// The grant came: whoever sent it took the waiter out of the queue first
+    /// ([`Queue::hand_off`], [`Queue::grant_oldest`]), so there is nothing to remove
+    /// and the lock need not be taken again.
+    fn granted(self) {
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for WaitGuard<'_> {
