@@ -50,10 +50,12 @@ enum Target {
 
 impl Exchange {
     pub(super) fn new<B>(req: &Request<B>, client: SocketAddr, started: Instant) -> Exchange {
-        let target = match (req.uri().authority(), req.headers().get(header::HOST)) {
-            (Some(authority), _) => Target::Authority(authority.clone()),
-            (None, Some(host)) => Target::Host(host.clone()),
-            (None, None) => Target::None,
+        let target = match req.uri().authority() {
+            Some(authority) => Target::Authority(authority.clone()),
+            None => match req.headers().get(header::HOST) {
+                Some(host) => Target::Host(host.clone()),
+                None => Target::None,
+            },
         };
         Exchange {
             started,
@@ -68,6 +70,16 @@ impl Exchange {
             error: None,
             ttfb: std::time::Duration::ZERO,
             response_bytes: 0,
+        }
+    }
+
+    /// The host and port the client addressed: the target's authority, which wins
+    /// over `Host` (RFC 9112 §3.2.2), else `Host` when it is text.
+    pub(super) fn client_host(&self) -> Option<&str> {
+        match &self.target {
+            Target::Authority(authority) => Some(authority.as_str()),
+            Target::Host(host) => host.to_str().ok(),
+            Target::None => None,
         }
     }
 

@@ -107,12 +107,6 @@ fn forward<'a>(
         let table = shared.table();
         let upstream = route::upstream(shared, &table, mode, req.uri()).await?;
         exchange.upstream = Some(upstream.clone());
-        // The host the client addressed, to point rewritten URLs back at: the target's
-        // authority when it has one, which wins over Host (RFC 9112 §3.2.2).
-        let client_host = match req.uri().authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None => req.headers().get(header::HOST).cloned(),
-        };
         let keep_host = matches!(mode, Mode::Intercept(_));
         prepare_request(&mut req, &upstream, keep_host)?;
         let (parts, body) = req.into_parts();
@@ -123,7 +117,9 @@ fn forward<'a>(
         strip_hop_by_hop(response.headers_mut());
         response.headers_mut().append(header::VIA, VIA);
         if upstream.rewrite_realm {
-            rewrite::response_headers(&table, mode, client_host.as_ref(), response.headers_mut());
+            // The host the client addressed points rewritten URLs back at tether.
+            let client_host = || exchange.client_host();
+            rewrite::response_headers(&table, mode, client_host, response.headers_mut());
         }
         Ok(response.map(ProxyBody::upstream))
     }

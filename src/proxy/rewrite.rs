@@ -15,17 +15,24 @@ use crate::route::{self, Mode};
 use crate::Table;
 
 /// Rewrites `WWW-Authenticate` Bearer realms and `Location` in place.
-pub fn response_headers(
+///
+/// `client_host` gives the host the client addressed (read only when there is
+/// something to rewrite).
+pub fn response_headers<'h>(
     table: &Table,
     mode: Mode,
-    client_host: Option<&HeaderValue>,
+    client_host: impl FnOnce() -> Option<&'h str>,
     headers: &mut HeaderMap,
 ) {
-    // Most responses have neither: nothing to work out for them.
-    if !(headers.contains_key(header::LOCATION) || headers.contains_key(header::WWW_AUTHENTICATE)) {
+    // Most responses have neither: nothing to work out for them. One pass over the
+    // few names costs less than hashing both for two lookups.
+    if !headers
+        .keys()
+        .any(|name| name == header::LOCATION || name == header::WWW_AUTHENTICATE)
+    {
         return;
     }
-    let client_host = client_host.and_then(|h| h.to_str().ok()).map(host_only);
+    let client_host = client_host().map(host_only);
     let rewrite = |url: &str| rewrite_url(table, mode, client_host, url);
     if let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
         if let Some(new) = rewrite(location).and_then(|u| HeaderValue::from_str(&u).ok()) {
