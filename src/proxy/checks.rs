@@ -95,6 +95,10 @@ pub(super) fn check_target(method: &Method, uri: &Uri, mode: Mode) -> Result<(),
 /// codings at all. RFC 9112 §6.1: a coding the server does not understand SHOULD get
 /// 501. Chunked twice is a malformed message (a sender MUST NOT, §7): 400.
 pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
+    // Most requests (GETs) have neither.
+    if !super::headers::has_either(headers, &header::CONTENT_LENGTH, &header::TRANSFER_ENCODING) {
+        return Ok(());
+    }
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next() {
         if lengths.any(|other| other != first) {

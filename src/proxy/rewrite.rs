@@ -24,12 +24,8 @@ pub fn response_headers<'h>(
     client_host: impl FnOnce() -> Option<&'h str>,
     headers: &mut HeaderMap,
 ) {
-    // Most responses have neither: nothing to work out for them. One pass over the
-    // few names costs less than hashing both for two lookups.
-    if !headers
-        .keys()
-        .any(|name| name == header::LOCATION || name == header::WWW_AUTHENTICATE)
-    {
+    // Most responses have neither: nothing to work out for them.
+    if !super::headers::has_either(headers, &header::LOCATION, &header::WWW_AUTHENTICATE) {
         return;
     }
     let client_host = client_host().map(host_only);

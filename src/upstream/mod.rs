@@ -36,7 +36,7 @@ pub use pool::{Checkout, Client, CloseReason, Pool, PoolCounts, PoolSnapshot, Po
 pub use registry::Upstreams;
 pub use request::{BodyBytes, RequestBody};
 pub use response::connection_options;
-use response::{close_after, keep_alive_params};
+use response::{close_after, HeadNotes};
 use target::forwarded_path;
 pub use target::{h1_form, h1_target};
 pub use tracked::Tracked;
@@ -282,8 +282,8 @@ impl Upstream {
                         let metrics = self.pool.metrics();
                         metrics.duration.record(sent_at.elapsed().as_secs_f64());
                         metrics.request(resp.status(), reused);
-                        let close = close_after(resp.headers());
-                        if let Some((timeout, max)) = keep_alive_params(resp.headers()) {
+                        let HeadNotes { close, keep_alive } = HeadNotes::of(resp.headers());
+                        if let Some((timeout, max)) = keep_alive {
                             self.pool.advertised_keepalive(pooled.id(), timeout, max);
                         }
                         if let Some(reason) = close {

@@ -9,8 +9,48 @@ use super::CloseReason;
 /// Named once: a `&str` name is parsed again on every lookup.
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
+/// What a response head says about its socket, read in one pass over its names:
+/// the lookups of the headers it lacks (most have neither `Transfer-Encoding` nor
+/// `Keep-Alive`) cost nothing.
+pub(super) struct HeadNotes {
+    /// Why the socket closes after this exchange, if it does ([`close_after`]).
+    pub close: Option<CloseReason>,
+    /// The advertised `Keep-Alive` parameters ([`keep_alive_params`]).
+    pub keep_alive: Option<(Option<std::time::Duration>, Option<u64>)>,
+}
+
+impl HeadNotes {
+    pub(super) fn of(headers: &http::HeaderMap) -> HeadNotes {
+        let (mut coded, mut length, mut connection, mut keep_alive) = (false, false, false, false);
+        // `==` on names, not on their text: `as_str` of a standard name is a `match`
+        // of its own (benches/instructions.sh).
+        for name in headers.keys() {
+            if name == header::TRANSFER_ENCODING {
+                coded = true;
+            } else if name == header::CONTENT_LENGTH {
+                length = true;
+            } else if name == header::CONNECTION {
+                connection = true;
+            } else if name == KEEP_ALIVE {
+                keep_alive = true;
+            }
+        }
+        let close = if coded && length {
+            Some(CloseReason::Error)
+        } else if connection && wants_close(headers) {
+            Some(CloseReason::RemoteClosed)
+        } else {
+            None
+        };
+        HeadNotes {
+            close,
+            keep_alive: keep_alive.then(|| keep_alive_params(headers)).flatten(),
+        }
+    }
+}
+
 /// `Keep-Alive: timeout=N, max=M` (RFC 2068 §19.7.1, still what servers send).
-pub(super) fn keep_alive_params(
+fn keep_alive_params(
     headers: &http::HeaderMap,
 ) -> Option<(Option<std::time::Duration>, Option<u64>)> {
     let value = headers.get(&KEEP_ALIVE)?.to_str().ok()?;
@@ -35,23 +75,12 @@ pub(super) fn keep_alive_params(
 /// `Transfer-Encoding` and `Content-Length`. hyper's client lets the first win and
 /// would keep the connection, but two framings are how responses are split (RFC 9112
 /// §6.3), and which one the upstream meant cannot be known, so its next bytes are
-/// not trusted to start a response. Counted as `error`: the upstream broke HTTP's
-/// rules, the way a malformed head that hyper rejects is counted. `Error` is the
-/// answer exactly when the response is [`framed_twice`].
+/// not trusted to start a response (hyper reads the body by the coding and leaves
+/// the length in the map). Counted as `error`: the upstream broke HTTP's rules, the
+/// way a malformed head that hyper rejects is counted; `Error` is the answer exactly
+/// when the response is framed twice.
 pub(super) fn close_after(headers: &http::HeaderMap) -> Option<CloseReason> {
-    if framed_twice(headers) {
-        Some(CloseReason::Error)
-    } else if wants_close(headers) {
-        Some(CloseReason::RemoteClosed)
-    } else {
-        None
-    }
-}
-
-/// Both `Transfer-Encoding` and `Content-Length`: hyper's client reads the body by
-/// the former and leaves the latter in the header map.
-fn framed_twice(headers: &http::HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
+    HeadNotes::of(headers).close
 }
 
 fn wants_close(headers: &http::HeaderMap) -> bool {
@@ -98,6 +127,29 @@ mod tests {
             close_after(&headers(&[("connection", "keep-alive, close")])),
             Some(CloseReason::RemoteClosed)
         );
+    }
+
+    #[test]
+    fn keep_alive_parameters_are_read_alongside_the_close_reason() {
+        let kept = HeadNotes::of(&headers(&[
+            ("content-length", "2"),
+            ("keep-alive", "timeout=5, max=100"),
+            ("connection", "keep-alive"),
+        ]));
+        assert_eq!(kept.close, None);
+        let five = std::time::Duration::from_secs(5);
+        assert_eq!(kept.keep_alive, Some((Some(five), Some(100))));
+        let closing = HeadNotes::of(&headers(&[
+            ("connection", "close"),
+            ("keep-alive", "max=1"),
+        ]));
+        assert_eq!(closing.close, Some(CloseReason::RemoteClosed));
+        assert_eq!(closing.keep_alive, Some((None, Some(1))));
+        let plain = HeadNotes::of(&headers(&[
+            ("content-length", "2"),
+            ("connection", "keep-alive"),
+        ]));
+        assert_eq!((plain.close, plain.keep_alive), (None, None));
     }
 
     #[test]
