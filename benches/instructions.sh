@@ -17,7 +17,12 @@
 #         TETHER_BASE_BIN  a second build, target "tether-base"
 #         FLOOR_BIN        benches/floor.rs build, target "floor-hyper"
 #         TARGETS          default "tether floor-hyper" (any of tether tether-base floor-hyper)
-#         CONNS=64         wrk connections (64 over a cap of 16 queues most requests)
+#         CONNS=64         wrk connections (64 over a cap of 16 queues every request;
+#                          4 queues none). Under callgrind the proxy runs ~50× slower,
+#                          so with 64 each connection waits ~60 ms between requests and
+#                          the watcher's 10 ms parking timer fires once per request,
+#                          which it does not at full speed (~1,000 instructions); with
+#                          4 a connection's pace is about full speed's.
 #         DURATION=6       measured seconds per target (under callgrind, ~50× slower)
 #         SIZE=1k          1k or 1m
 #         TOP=0            also print the N functions with the most instructions
