@@ -24,12 +24,6 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHENTICATE,
 ];
 
-/// Whether the head has a field named `a` or `b`: one pass over its few names costs
-/// less than the two hashed lookups, for the checks that most heads skip.
-pub(super) fn has_either(headers: &HeaderMap, a: &HeaderName, b: &HeaderName) -> bool {
-    headers.keys().any(|name| name == a || name == b)
-}
-
 /// Turns the client's request headers into the ones the upstream gets: `Host`
 /// naming the upstream (or the client's own, with `keep_host`, when it has one), no
 /// hop-by-hop headers, `Via` added. The target's form is the upstream's to choose,

@@ -25,7 +25,7 @@ pub fn response_headers<'h>(
     headers: &mut HeaderMap,
 ) {
     // Most responses have neither: nothing to work out for them.
-    if !super::headers::has_either(headers, &header::LOCATION, &header::WWW_AUTHENTICATE) {
+    if !super::checks::has_either(headers, &header::LOCATION, &header::WWW_AUTHENTICATE) {
         return;
     }
     let client_host = client_host().map(host_only);
