@@ -169,10 +169,11 @@ where
             Wake::Events(events) if events.close_requested() && !killed => {
                 killed = true;
                 parking = false;
+                // hyper_waiting stays false (every wait takes it): hyper is polled
+                // next round and sees the shutdown.
                 if !closing {
                     closing = true;
                     Pin::new(&mut *connection).graceful_shutdown();
-                    hyper_waiting = false;
                 }
             }
             // A request ended (the parking countdown starts) or the timer fired: the
