@@ -31,6 +31,8 @@
 #         WORKER_THREADS  runtime threads of tether (proxy.worker_threads) and of
 #                         floor-hyper/floor-raw; unset: one per core
 #         BASE_WORKER_THREADS  the same for tether-base (TOKIO_WORKER_THREADS)
+#         PROXY_CPUS      pin each proxy to these CPUs (taskset list, e.g. 1) and the
+#                         origin and load to LOAD_CPUS (default: the other CPUs)
 #         OUT_DIR         keep raw wrk output, results.tsv and the tables here
 #         KEEP_TMP=1      keep the work directory (configs, logs)
 # Output: markdown on stdout (paste into benches/RESULTS.md); progress on stderr.

@@ -56,6 +56,8 @@
 #         SETTLE=1        seconds after each run before its origin-log lines are
 #                         counted (exchanges the proxy finishes after wrk stopped)
 #         WORKER_THREADS  runtime threads of tether (proxy.worker_threads)
+#         PROXY_CPUS      pin each proxy to these CPUs (taskset list, e.g. 1) and the
+#                         origin and load to LOAD_CPUS (default: the other CPUs)
 #         OUT_DIR         keep raw wrk output, the tsv files and the tables here
 #         KEEP_TMP=1      keep the work directory (configs, certificates, logs)
 # Output: markdown on stdout (paste into benches/RESULTS.md); progress on stderr.

@@ -14,6 +14,69 @@ WORK=
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# Where each proxy under test runs:
+# - PROXY_CPUS (a taskset CPU list, e.g. "1"): on those CPUs alone, and this script
+#   with everything it starts besides the proxies (origin, load generator, samplers)
+#   on LOAD_CPUS (default: every other CPU). Pinned, a proxy's throughput is what
+#   its own CPUs give, not what it wins from the origin and wrk on shared ones.
+# - PROXY_CPU_LIMIT (millicores, e.g. 500): in a CPU cgroup of its own with that
+#   quota, as a Kubernetes sidecar with `limits.cpu: 500m` runs. The proxy is then
+#   what runs out of CPU first, so its throughput follows its CPU per request.
+# Unset, nothing is pinned or limited, and all share all CPUs.
+PROXY_PIN=()
+CGROUPS=()
+pin_cpus() {
+    [[ -n ${PROXY_CPUS:-} ]] || return 0
+    command -v taskset >/dev/null || die "PROXY_CPUS needs taskset (util-linux)"
+    if [[ -z ${LOAD_CPUS:-} ]]; then
+        LOAD_CPUS=$(python3 -c 'import os, sys
+proxy = set()
+for part in sys.argv[1].split(","):
+    a, _, b = part.partition("-")
+    proxy.update(range(int(a), int(b or a) + 1))
+rest = sorted(os.sched_getaffinity(0) - proxy)
+print(",".join(map(str, rest)))' "$PROXY_CPUS") || die "bad PROXY_CPUS: $PROXY_CPUS"
+        [[ -n $LOAD_CPUS ]] || die "PROXY_CPUS=$PROXY_CPUS leaves no CPU for the load; set LOAD_CPUS"
+    fi
+    taskset -pc "$LOAD_CPUS" $$ >/dev/null || die "cannot pin the load to CPUs $LOAD_CPUS"
+    PROXY_PIN=(taskset -c "$PROXY_CPUS")
+    log "pinned: proxies on CPUs $PROXY_CPUS, origin and load on CPUs $LOAD_CPUS"
+}
+
+# proxy_wrap NAME : sets WRAP to the prefix that starts proxy NAME pinned and within
+# its CPU limit (both exec, so the PID started is the proxy's), or to nothing.
+proxy_wrap() {
+    WRAP=("${PROXY_PIN[@]}")
+    [[ -n ${PROXY_CPU_LIMIT:-} ]] || return 0
+    [[ $PROXY_CPU_LIMIT =~ ^[1-9][0-9]*$ ]] || die "PROXY_CPU_LIMIT is in millicores, e.g. 500"
+    local cg quota=$((PROXY_CPU_LIMIT * 100)) # per 100 ms period
+    if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then # cgroup v2
+        cg="/sys/fs/cgroup/tether-bench-${WORK##*.}-$1"
+        if ! { mkdir "$cg" && echo "$quota 100000" >"$cg/cpu.max"; }; then
+            die "cannot make a CPU cgroup at $cg (is the cpu controller enabled?)"
+        fi
+    else
+        cg="/sys/fs/cgroup/cpu/tether-bench-${WORK##*.}-$1"
+        if ! { mkdir "$cg" && echo 100000 >"$cg/cpu.cfs_period_us" &&
+            echo "$quota" >"$cg/cpu.cfs_quota_us"; }; then
+            die "cannot make a CPU cgroup at $cg"
+        fi
+    fi
+    CGROUPS+=("$cg")
+    # shellcheck disable=SC2016 # expanded by that sh
+    WRAP+=(sh -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' sh "$cg")
+}
+
+# pin_line : the markdown lines saying how the proxies were pinned or limited.
+pin_line() {
+    if ((${#PROXY_PIN[@]})); then
+        echo "- pinned (taskset): the proxy under test on CPUs $PROXY_CPUS, origin and load generator on CPUs $LOAD_CPUS"
+    fi
+    if [[ -n ${PROXY_CPU_LIMIT:-} ]]; then
+        echo "- CPU limit: each proxy in a CPU cgroup of its own with a quota of ${PROXY_CPU_LIMIT}m (CFS, 100 ms period), as a sidecar with \`limits.cpu: ${PROXY_CPU_LIMIT}m\`"
+    fi
+}
+
 bench_init() {
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/tether-bench.XXXXXX")
     # nginx workers drop to `nobody` when started as root: let them read the tree.
@@ -21,6 +84,7 @@ bench_init() {
     trap bench_cleanup EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM HUP
+    pin_cpus
 }
 
 bench_cleanup() {
@@ -29,6 +93,10 @@ bench_cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do
         stop_tree "$pid"
+    done
+    local cg
+    for cg in "${CGROUPS[@]}"; do
+        rmdir "$cg" 2>/dev/null || { sleep 0.5; rmdir "$cg" 2>/dev/null; } || log "left cgroup $cg"
     done
     if [[ -n $WORK && -d $WORK ]]; then
         if [[ ${KEEP_TMP:-0} == 1 ]]; then
@@ -253,7 +321,8 @@ start_haproxy() { # NAME PORT NBTHREAD
         render "$TEMPLATES/haproxy.cfg.in" "$dir/haproxy.cfg"
     haproxy -c -q -f "$dir/haproxy.cfg" >"$dir/check.log" 2>&1 ||
         { cat "$dir/check.log" >&2; die "haproxy config check failed"; }
-    start_bg "$dir/haproxy.log" haproxy -db -f "$dir/haproxy.cfg"
+    proxy_wrap "$1"
+    start_bg "$dir/haproxy.log" "${WRAP[@]}" haproxy -db -f "$dir/haproxy.cfg"
     PROXY_PID=$BG_PID
     wait_port "$port" "$PROXY_PID" "$dir/haproxy.log"
 }
@@ -264,7 +333,8 @@ start_nginx_proxy() { # NAME PORT WORKERS
     PREFIX=$dir LISTEN_PORT=$port WORKERS=$3 RLIMIT=$(ulimit -n) \
         WORKER_CONNECTIONS=$MAX_CLIENTS \
         render "$TEMPLATES/nginx-proxy.conf.in" "$dir/nginx.conf"
-    start_bg "$dir/stdout.log" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+    proxy_wrap "$1"
+    start_bg "$dir/stdout.log" "${WRAP[@]}" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
     PROXY_PID=$BG_PID
     wait_port "$port" "$PROXY_PID" "$dir/error.log"
 }
@@ -292,7 +362,8 @@ start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT [BINARY, default $TETHE
         if [[ $v == TETHER_* ]]; then clean+=(-u "$v"); fi
     done
     # Quiet logging so per-request log lines do not cost throughput.
-    start_bg "$dir/tether.log" env "${clean[@]}" -u TOKIO_WORKER_THREADS "${threads[@]}" \
+    proxy_wrap "$1"
+    start_bg "$dir/tether.log" "${WRAP[@]}" env "${clean[@]}" -u TOKIO_WORKER_THREADS "${threads[@]}" \
         RUST_LOG="${TETHER_LOG:-warn}" "${5:-$TETHER_BIN}" run --config "$dir/tether.toml"
     PROXY_PID=$BG_PID
     wait_port "$port" "$PROXY_PID" "$dir/tether.log"
@@ -307,7 +378,8 @@ start_floor() { # NAME PORT MODE  (benches/floor.rs: MODE hyper or raw)
     if [[ -n ${WORKER_THREADS:-} && ${WORKER_THREADS:-} != 0 ]]; then
         threads=(TOKIO_WORKER_THREADS="$WORKER_THREADS")
     fi
-    start_bg "$dir/floor.log" env "${threads[@]}" \
+    proxy_wrap "$1"
+    start_bg "$dir/floor.log" "${WRAP[@]}" env "${threads[@]}" \
         "$FLOOR_BIN" "$3" "127.0.0.1:$port" "127.0.0.1:$UPSTREAM_PORT" "$POOL_SIZE"
     PROXY_PID=$BG_PID
     wait_port "$port" "$PROXY_PID" "$dir/floor.log"
@@ -367,7 +439,9 @@ version() { "$@" 2>&1 | head -n 1 || true; }
 
 # host_line : a report's "- host:" line (CPUs, their model, the kernel).
 host_line() {
-    echo "- host: $(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr)"
+    # getconf, not nproc: nproc counts only the CPUs this (maybe pinned) script may use.
+    echo "- host: $(getconf _NPROCESSORS_ONLN) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr)"
+    pin_line
 }
 
 # counter_delta BEFORE AFTER : AFTER - BEFORE as an integer, "?" when either is not a
