@@ -73,7 +73,7 @@ pin_line() {
         echo "- pinned (taskset): the proxy under test on CPUs $PROXY_CPUS, origin and load generator on CPUs $LOAD_CPUS"
     fi
     if [[ -n ${PROXY_CPU_LIMIT:-} ]]; then
-        echo "- CPU limit: each proxy in a CPU cgroup of its own with a quota of ${PROXY_CPU_LIMIT}m (CFS, 100 ms period), as a sidecar with \`limits.cpu: ${PROXY_CPU_LIMIT}m\`"
+        echo "- CPU limit: each proxy in a CPU cgroup of its own with a quota of ${PROXY_CPU_LIMIT}m (CFS, 100 ms period), as a sidecar with \`limits.cpu: ${PROXY_CPU_LIMIT}m\`; tether's and floor's default runtime threads follow the quota (Rust's \`available_parallelism\` reads it: one below 2000m)"
     fi
 }
 
