@@ -33,6 +33,8 @@
 #         BASE_WORKER_THREADS  the same for tether-base (TOKIO_WORKER_THREADS)
 #         PROXY_CPUS      pin each proxy to these CPUs (taskset list, e.g. 1) and the
 #                         origin and load to LOAD_CPUS (default: the other CPUs)
+#         PROXY_CPU_LIMIT each proxy in a CPU cgroup with this quota, in millicores
+#                         (500: deploy/sidecar's limits.cpu); needs root
 #         OUT_DIR         keep raw wrk output, results.tsv and the tables here
 #         KEEP_TMP=1      keep the work directory (configs, logs)
 # Output: markdown on stdout (paste into benches/RESULTS.md); progress on stderr.

@@ -51,12 +51,12 @@ proxy_wrap() {
     [[ $PROXY_CPU_LIMIT =~ ^[1-9][0-9]*$ ]] || die "PROXY_CPU_LIMIT is in millicores, e.g. 500"
     local cg quota=$((PROXY_CPU_LIMIT * 100)) # per 100 ms period
     if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then # cgroup v2
-        cg="/sys/fs/cgroup/tether-bench-${WORK##*.}-$1"
+        cg="/sys/fs/cgroup/tether-bench-${WORK##*.}-$1-${#CGROUPS[@]}"
         if ! { mkdir "$cg" && echo "$quota 100000" >"$cg/cpu.max"; }; then
             die "cannot make a CPU cgroup at $cg (is the cpu controller enabled?)"
         fi
     else
-        cg="/sys/fs/cgroup/cpu/tether-bench-${WORK##*.}-$1"
+        cg="/sys/fs/cgroup/cpu/tether-bench-${WORK##*.}-$1-${#CGROUPS[@]}"
         if ! { mkdir "$cg" && echo 100000 >"$cg/cpu.cfs_period_us" &&
             echo "$quota" >"$cg/cpu.cfs_quota_us"; }; then
             die "cannot make a CPU cgroup at $cg"
