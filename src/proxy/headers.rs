@@ -12,7 +12,9 @@ use crate::upstream::{connection_options, Upstream};
 pub(super) const VIA: HeaderValue = HeaderValue::from_static("1.1 tether");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy-only ones, never forwarded.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// A `static`, not a `const`: each use of a `const` array builds it afresh and drops
+/// it after (benches/instructions.sh: 150 instructions a response).
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -76,13 +78,19 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
 /// hop-by-hop headers (`keep-alive`, as nginx sends) is just removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = 0u16;
-    for name in headers.keys() {
-        present |= hop_by_hop_bit(name);
+    let mut others = false;
+    // The Connection values are read as the pass meets them: no lookup of their own.
+    for (name, value) in headers.iter() {
+        let bit = hop_by_hop_bit(name);
+        if bit == CONNECTION_BIT && !others {
+            others = names_others(value);
+        }
+        present |= bit;
     }
     if present == 0 {
         return;
     }
-    if present & CONNECTION_BIT != 0 && names_others(headers) {
+    if others {
         let mut connection = headers.get_all(header::CONNECTION).iter();
         let first = connection.next().cloned();
         let more: Vec<HeaderValue> = connection.cloned().collect(); // empty: no allocation
@@ -105,19 +113,35 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a Connection header names anything but the hop-by-hop headers, which are
+/// Whether a Connection value names anything but the hop-by-hop headers, which are
 /// removed anyway: the usual `keep-alive` costs no clone of its value. (`close`
 /// counts as a name: a field called that goes too, RFC 9110 §7.6.1.)
-fn names_others(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|value| {
-        connection_options(value).any(|name| !(name.is_empty() || is_hop_by_hop(name)))
-    })
+fn names_others(value: &HeaderValue) -> bool {
+    connection_options(value).any(|name| !(name.is_empty() || is_hop_by_hop(name)))
 }
 
+/// Whether `name`, in any case, is one of [`HOP_BY_HOP`]: lowercased into a buffer
+/// of the longest one's length and matched, as [`hop_by_hop_bit`] matches.
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(name))
+    let mut lower = [0u8; 19];
+    let Some(lower) = lower.get_mut(..name.len()) else {
+        return false;
+    };
+    for (l, b) in lower.iter_mut().zip(name) {
+        *l = b.to_ascii_lowercase();
+    }
+    matches!(
+        &*lower,
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-connection"
+            | b"te"
+            | b"trailer"
+            | b"transfer-encoding"
+            | b"upgrade"
+            | b"proxy-authorization"
+            | b"proxy-authenticate"
+    )
 }
 
 #[cfg(test)]
@@ -145,11 +169,17 @@ mod tests {
             .collect()
     }
 
-    /// `hop_by_hop_bit` names each of `HOP_BY_HOP` by its place, and nothing else.
+    /// `hop_by_hop_bit` names each of `HOP_BY_HOP` by its place, and nothing else;
+    /// `is_hop_by_hop` knows each in any case, and nothing else either.
     #[test]
     fn each_hop_by_hop_name_has_the_bit_of_its_place() {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             assert_eq!(hop_by_hop_bit(name), 1 << i, "{name}");
+            assert!(is_hop_by_hop(name.as_str().as_bytes()), "{name}");
+            assert!(is_hop_by_hop(name.as_str().to_uppercase().as_bytes()));
+        }
+        for other in ["", "te2", "connectio", "x-proxy-authorization-1", "host"] {
+            assert!(!is_hop_by_hop(other.as_bytes()), "{other}");
         }
         assert_eq!(hop_by_hop_bit(&header::CONNECTION), CONNECTION_BIT);
         for name in [header::HOST, header::CONTENT_LENGTH, header::AUTHORIZATION] {

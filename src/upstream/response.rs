@@ -6,8 +6,9 @@ use http::header::{self, HeaderName, HeaderValue};
 
 use super::CloseReason;
 
-/// Named once: a `&str` name is parsed again on every lookup.
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// Named once: a `&str` name is parsed again on every lookup. A `static`: a
+/// `const` name that is not a standard one is built and dropped at each use.
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// What a response head says about its socket, read in one pass over its names:
 /// the lookups of the headers it lacks (most have neither `Transfer-Encoding` nor
@@ -21,39 +22,39 @@ pub(super) struct HeadNotes {
 
 impl HeadNotes {
     pub(super) fn of(headers: &http::HeaderMap) -> HeadNotes {
-        let (mut coded, mut length, mut connection, mut keep_alive) = (false, false, false, false);
+        let (mut coded, mut length, mut asks_close) = (false, false, false);
+        let mut keep_alive = None;
         // `==` on names, not on their text: `as_str` of a standard name is a `match`
-        // of its own (benches/instructions.sh).
-        for name in headers.keys() {
+        // of its own (benches/instructions.sh). The values wanted are read as the
+        // pass meets them, with no lookup of their own.
+        for (name, value) in headers.iter() {
             if name == header::TRANSFER_ENCODING {
                 coded = true;
             } else if name == header::CONTENT_LENGTH {
                 length = true;
             } else if name == header::CONNECTION {
-                connection = true;
-            } else if name == KEEP_ALIVE {
-                keep_alive = true;
+                asks_close = asks_close || wants_close(value);
+            } else if *name == KEEP_ALIVE && keep_alive.is_none() {
+                keep_alive = Some(value);
             }
         }
         let close = if coded && length {
             Some(CloseReason::Error)
-        } else if connection && wants_close(headers) {
+        } else if asks_close {
             Some(CloseReason::RemoteClosed)
         } else {
             None
         };
         HeadNotes {
             close,
-            keep_alive: keep_alive.then(|| keep_alive_params(headers)).flatten(),
+            keep_alive: keep_alive.and_then(keep_alive_params),
         }
     }
 }
 
 /// `Keep-Alive: timeout=N, max=M` (RFC 2068 §19.7.1, still what servers send).
-fn keep_alive_params(
-    headers: &http::HeaderMap,
-) -> Option<(Option<std::time::Duration>, Option<u64>)> {
-    let value = headers.get(&KEEP_ALIVE)?.to_str().ok()?;
+fn keep_alive_params(value: &HeaderValue) -> Option<(Option<std::time::Duration>, Option<u64>)> {
+    let value = value.to_str().ok()?;
     let mut timeout = None;
     let mut max = None;
     for param in value.split(',') {
@@ -61,10 +62,12 @@ fn keep_alive_params(
             continue;
         };
         let v = v.trim().trim_matches('"');
-        match name.trim().to_ascii_lowercase().as_str() {
-            "timeout" => timeout = v.parse::<u64>().ok().map(std::time::Duration::from_secs),
-            "max" => max = v.parse::<u64>().ok(),
-            _ => {}
+        // Compared in any case, not lowercased: no allocation per parameter.
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("timeout") {
+            timeout = v.parse::<u64>().ok().map(std::time::Duration::from_secs);
+        } else if name.eq_ignore_ascii_case("max") {
+            max = v.parse::<u64>().ok();
         }
     }
     (timeout.is_some() || max.is_some()).then_some((timeout, max))
@@ -83,11 +86,9 @@ pub(super) fn close_after(headers: &http::HeaderMap) -> Option<CloseReason> {
     HeadNotes::of(headers).close
 }
 
-fn wants_close(headers: &http::HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| connection_options(v).any(|t| t.eq_ignore_ascii_case(b"close")))
+/// Whether a `Connection` value lists `close`.
+fn wants_close(value: &HeaderValue) -> bool {
+    connection_options(value).any(|t| t.eq_ignore_ascii_case(b"close"))
 }
 
 /// The options a `Connection` value lists (RFC 9110 §7.6.1), as bytes, trimmed:
