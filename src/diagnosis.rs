@@ -129,9 +129,8 @@ impl Clients {
         }
     }
 
-    /// A request from `ip` began.
-    pub fn request(&self, ip: IpAddr) {
-        let now = Instant::now();
+    /// A request from `ip` began, `now`.
+    pub fn request(&self, ip: IpAddr, now: Instant) {
         if let Some(stats) = self.map.lock().get_mut(&ip) {
             stats.requests.add(now);
         }
@@ -222,11 +221,11 @@ mod tests {
         let good: IpAddr = "10.0.3.8".parse().unwrap();
         for _ in 0..20 {
             clients.opened(leaky, &config);
-            clients.request(leaky);
+            clients.request(leaky, Instant::now());
         }
         clients.opened(good, &config);
         for _ in 0..200 {
-            clients.request(good);
+            clients.request(good, Instant::now());
         }
         let top = clients.top(&config);
         assert_eq!(top[0].address, "10.0.3.7");

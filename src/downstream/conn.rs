@@ -473,8 +473,15 @@ impl ClientConn {
 
     /// Marks a request in flight until the returned guard drops.
     pub fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        self.begin_request_at(Instant::now())
+    }
+
+    /// [`begin_request`](Self::begin_request) for a request that began `started`:
+    /// the one clock read its accounting, its access record and its upstream
+    /// deadline share.
+    pub fn begin_request_at(self: &Arc<Self>, started: Instant) -> RequestGuard {
         self.head_started.store(0, Ordering::Relaxed);
-        self.downstream.clients.request(self.peer.ip());
+        self.downstream.clients.request(self.peer.ip(), started);
         if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             self.downstream.idle.decrement(1.0);
             self.downstream.active.increment(1.0);

@@ -93,7 +93,8 @@ impl Exchange {
     pub(super) fn head(&mut self, status: StatusCode, error: Option<ErrorKind>) {
         self.status = status;
         self.error = error;
-        self.ttfb = self.started.elapsed();
+        let head_at = self.timing.head_at.unwrap_or_else(Instant::now);
+        self.ttfb = head_at.saturating_duration_since(self.started);
         if let Some(upstream) = &self.upstream {
             upstream.pool.metrics().responded(status, error);
         }

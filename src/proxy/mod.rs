@@ -11,6 +11,7 @@ mod connect;
 mod headers;
 pub mod rewrite;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,19 +27,21 @@ use checks::{check_host, check_target};
 pub use headers::strip_hop_by_hop;
 use headers::{prepare_request, VIA};
 
-use crate::downstream::ClientConn;
+use crate::downstream::{ClientConn, RequestGuard};
 use crate::error::ProxyError;
 use crate::route::{self, Mode};
 use crate::upstream::RequestBody;
 use crate::Shared;
 
-/// Handles one request from a client connection. Its access-log line is written by
-/// the response body when the exchange ends ([`access`]).
+/// Handles one request from a client connection, which began `started` and holds
+/// `guard` until its response is done. Its access-log line is written by the
+/// response body when the exchange ends ([`access`]).
 ///
 /// This and [`forward`] return `async move` blocks rather than being `async fn`s,
 /// as [`Upstream::send`](crate::upstream::Upstream::send) does: an `async fn` keeps
 /// its arguments twice in its future, and the request is 264 bytes that every move of
-/// the future copies.
+/// the future copies. The output is hyper's service's, so the response is not moved
+/// once more to wrap it, and the guard and the exchange are put in its body in place.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn keeps its arguments twice"
@@ -48,10 +51,12 @@ pub fn handle(
     shared: Arc<Shared>,
     mode: Mode,
     client: Arc<ClientConn>,
-) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+    guard: RequestGuard,
+    started: Instant,
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
     async move {
         // Boxed once here: the body that writes its line at the end carries it.
-        let mut exchange = Box::new(Exchange::new(&req, client.peer, Instant::now()));
+        let mut exchange = Box::new(Exchange::new(&req, client.peer, started));
         let connect = req.method() == Method::CONNECT;
         let result = match check_host(&req) {
             Err(e) => Err(e),
@@ -69,15 +74,15 @@ pub fn handle(
             }
             Ok(()) => forward(req, &shared, mode, &mut exchange).await,
         };
-        match result {
+        let (mut response, exchange) = match result {
             // A tunnel's line is written when it closes.
             Ok(response) if connect => {
                 exchange.head(response.status(), None);
-                response
+                (response, None)
             }
             Ok(response) => {
                 exchange.head(response.status(), None);
-                response.map(|body| body.with_exchange(exchange))
+                (response, Some(exchange))
             }
             Err(e) => {
                 let class = e.classify();
@@ -85,10 +90,11 @@ pub fn handle(
                 let upstream = exchange.upstream.as_ref().map(|u| &*u.name);
                 tracing::warn!(client = %client.peer, upstream, status = class.status.as_u16(), error = %e, "request refused");
                 exchange.head(class.status, Some(class.kind));
-                e.to_response::<ProxyBody>()
-                    .map(|body| body.with_exchange(exchange))
+                (e.to_response::<ProxyBody>(), Some(exchange))
             }
-        }
+        };
+        response.body_mut().attach(guard, exchange);
+        Ok(response)
     }
 }
 
@@ -113,7 +119,9 @@ fn forward<'a>(
         let (body, bytes) = RequestBody::counted(body);
         exchange.request_bytes = bytes;
         let req = Request::from_parts(parts, body);
-        let mut response = upstream.send(req, &mut exchange.timing).await?;
+        let started = exchange.started();
+        let mut response: Response<ProxyBody> =
+            upstream.send(req, started, &mut exchange.timing).await?;
         strip_hop_by_hop(response.headers_mut());
         response.headers_mut().append(header::VIA, VIA);
         if upstream.rewrite_realm {
@@ -121,7 +129,7 @@ fn forward<'a>(
             let client_host = || exchange.client_host();
             rewrite::response_headers(&table, mode, client_host, response.headers_mut());
         }
-        Ok(response.map(ProxyBody::upstream))
+        Ok(response)
     }
 }
 

@@ -5,11 +5,11 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::io::ClientIo;
@@ -113,15 +113,18 @@ async fn serve_http(
         let shared = shared.clone();
         let conn = conn.clone();
         service_fn(move |req| {
-            let guard = conn.begin_request();
-            let shared = shared.clone();
-            let conn = conn.clone();
+            let started = Instant::now();
+            let guard = conn.begin_request_at(started);
             // Boxed so hyper can hand the connection back between requests
-            // (`poll_without_shutdown` needs an `Unpin` future). `map`, not an
-            // `async` block around `handle`: that would hold the request twice.
-            Box::pin(proxy::handle(req, shared, mode, conn).map(move |resp| {
-                Ok::<_, std::convert::Infallible>(resp.map(|b| b.with_guard(guard)))
-            }))
+            // (`poll_without_shutdown` needs an `Unpin` future).
+            Box::pin(proxy::handle(
+                req,
+                shared.clone(),
+                mode,
+                conn.clone(),
+                guard,
+                started,
+            ))
         })
     };
     let mut connection = http1::Builder::new()

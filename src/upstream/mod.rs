@@ -73,6 +73,8 @@ pub struct Timing {
     pub connect: Option<Duration>,
     /// Whether the request went on a pooled socket, once one was had.
     pub reused: Option<bool>,
+    /// When the upstream's response head arrived, if it did.
+    pub head_at: Option<Instant>,
 }
 
 /// How long a resolution of an upstream's host is trusted when matching redirected
@@ -173,9 +175,11 @@ impl Upstream {
         Ok(Tracked::new(tcp, slot))
     }
 
-    /// Sends `req` (already in origin form, hop-by-hop headers removed) and returns
-    /// the response with a body that returns the connection to the pool. `timing`
-    /// says where the time went, also when it fails.
+    /// Sends `req` (already in origin form, hop-by-hop headers removed), which began
+    /// `started`, and returns the response with a body that returns the connection
+    /// to the pool, as the caller's body type `B` (made from it in place, not by
+    /// moving the response again). `timing` says where the time went, also when it
+    /// fails.
     ///
     /// Not an `async fn`: one keeps its arguments twice in its future (as captured
     /// and again as locals, rust-lang/rust#62958), and the request alone is 272
@@ -184,15 +188,14 @@ impl Upstream {
         clippy::manual_async_fn,
         reason = "an async fn keeps its arguments twice"
     )]
-    pub fn send<'a>(
+    pub fn send<'a, B: From<UpstreamBody>>(
         &'a self,
         mut req: Request<RequestBody>,
+        started: Instant,
         timing: &'a mut Timing,
-    ) -> impl std::future::Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a
-    {
+    ) -> impl std::future::Future<Output = Result<Response<B>, ProxyError>> + Send + 'a {
         async move {
             let config = self.pool.config();
-            let started = Instant::now();
             let deadline = started + config.request_timeout;
             let origin = || self.origin.to_string();
             // A pooled socket the upstream already closed costs no request (the request is
@@ -280,7 +283,9 @@ impl Upstream {
                 match result {
                     Ok(resp) => {
                         let metrics = self.pool.metrics();
-                        metrics.duration.record(sent_at.elapsed().as_secs_f64());
+                        let head_at = Instant::now();
+                        timing.head_at = Some(head_at);
+                        metrics.duration.record((head_at - sent_at).as_secs_f64());
                         metrics.request(resp.status(), reused);
                         let HeadNotes { close, keep_alive } = HeadNotes::of(resp.headers());
                         if let Some((timeout, max)) = keep_alive {
@@ -302,7 +307,7 @@ impl Upstream {
                         }
                         return Ok(Response::from_parts(
                             parts,
-                            UpstreamBody::new(body, pooled, close, deadline),
+                            B::from(UpstreamBody::new(body, pooled, close, deadline)),
                         ));
                     }
                     Err(mut e) => match e.take_message() {
