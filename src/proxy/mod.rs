@@ -74,25 +74,22 @@ pub fn handle(
             }
             Ok(()) => forward(req, &shared, mode, &mut exchange).await,
         };
-        let (mut response, exchange) = match result {
-            // A tunnel's line is written when it closes.
-            Ok(response) if connect => {
-                exchange.head(response.status(), None);
-                (response, None)
-            }
-            Ok(response) => {
-                exchange.head(response.status(), None);
-                (response, Some(exchange))
-            }
+        let mut response = match result {
+            Ok(response) => response,
             Err(e) => {
                 let class = e.classify();
                 shared.downstream().reject(class.code);
                 let upstream = exchange.upstream.as_ref().map(|u| &*u.name);
                 tracing::warn!(client = %client.peer, upstream, status = class.status.as_u16(), error = %e, "request refused");
                 exchange.head(class.status, Some(class.kind));
-                (e.to_response::<ProxyBody>(), Some(exchange))
+                let mut response = e.to_response::<ProxyBody>();
+                response.body_mut().attach(guard, Some(exchange));
+                return Ok(response);
             }
         };
+        exchange.head(response.status(), None);
+        // A tunnel's line is written when it closes.
+        let exchange = (!connect).then_some(exchange);
         response.body_mut().attach(guard, exchange);
         Ok(response)
     }

@@ -248,13 +248,19 @@ impl Inner {
             drop(value);
             return;
         }
-        // Hand-off before idling: the oldest live waiter gets it.
-        let pooled = Pooled::new(self.clone(), id, value, true);
-        let Err(mut pooled) = self.hand_to_waiter(&mut st, pooled) else {
-            return;
+        // Hand-off before idling: the oldest live waiter gets it. (With nobody
+        // waiting, no `Pooled`, and no reference to the pool, is made for it.)
+        let value = if st.queue.is_empty() {
+            value
+        } else {
+            let pooled = Pooled::new(self.clone(), id, value, true);
+            let Err(mut pooled) = self.hand_to_waiter(&mut st, pooled) else {
+                return;
+            };
+            let value = pooled.value.take().expect("present until handed on");
+            drop(pooled); // value taken: dropping it does nothing
+            value
         };
-        let value = pooled.value.take().expect("present until handed on");
-        drop(pooled); // value taken: dropping it does nothing
         if st.table.idle_len() >= limits.idle_limit() {
             st.table.close_with(id, CloseReason::MaxIdle);
             drop(st);
