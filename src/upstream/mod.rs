@@ -202,14 +202,9 @@ impl Upstream {
             // handed back unsent), so retrying is always safe; bound it by the cap anyway.
             let mut stale_budget = config.max_connections + 1;
             let mut queued_at = started;
-            // One timer for the queue's wait and then the response head's, reset
-            // between them (later, so without touching the timer wheel).
-            let mut timer = pin!(tokio::time::sleep_until(deadline));
             loop {
-                let checkout = self
-                    .pool
-                    .checkout_timed(Some(deadline), timer.as_mut())
-                    .await;
+                // A wait in the queue has no timer of its own: the pool's expires it.
+                let checkout = self.pool.checkout_before(Some(deadline)).await;
                 let mut pooled = match checkout {
                     Err(e) => {
                         timing.queue += queued_at.elapsed();
@@ -254,7 +249,7 @@ impl Upstream {
                 // (its client left), the exchange finishes in the background and the
                 // socket is kept.
                 let mut in_flight = body::InFlight::new(exchange, pooled, deadline);
-                timer.as_mut().reset(head_by.min(deadline));
+                let mut timer = pin!(tokio::time::sleep_until(head_by.min(deadline)));
                 let result = std::future::poll_fn(|cx| {
                     if let Poll::Ready(result) = Pin::new(&mut in_flight).poll(cx) {
                         return Poll::Ready(Some(result));

@@ -33,6 +33,9 @@ pub(super) struct Inner {
     pub(super) budget: Option<Arc<Budget>>,
     /// This pool's counts as the budget sees them.
     pub(super) member: Arc<MemberStats>,
+    /// Tells the reaper that a waiter's deadline is earlier than any it knew of
+    /// ([`Queue::armed`](super::queue::Queue::armed)).
+    pub(super) queue_due: Arc<tokio::sync::Notify>,
 }
 
 /// What the pool's lock guards.
@@ -150,6 +153,16 @@ impl Inner {
                 Grant::Idle(pooled) => pooled,
                 Grant::Connect(_) => unreachable!("handed off a connection"),
             })
+    }
+
+    /// Sends `Expired` to the waiters past their deadline at `now`; when the reaper
+    /// must look at the queue next.
+    pub(super) fn expire_waiters(&self, now: Instant) -> Option<Instant> {
+        let mut st = self.state.lock();
+        if st.queue.expire(now) > 0 {
+            self.publish(&st);
+        }
+        st.queue.armed()
     }
 
     /// Pops the most recently used idle connection that is still open.

@@ -29,8 +29,9 @@
 //!   connections, drain, reconfigure, snapshots;
 //! - `inner`: the lock and what it guards, [`Slot`] and [`Pooled`], check-in and
 //!   release, the budget's side of the pool;
-//! - `reap`: the reaper, the warm floor, adaptive keep-alive;
-//! - `h2`: HTTP/2 stream sharing; `queue`: the waiters' FIFO and hand-off;
+//! - `reap`: the reaper (which also expires the queue's waiters), the warm floor,
+//!   adaptive keep-alive;
+//! - `h2`: HTTP/2 stream sharing; `queue`: the waiters' FIFO, hand-off and deadlines;
 //!   `expire`: when a socket must close, as pure functions; `snapshot`: typed
 //!   pictures for `/debug/pools` and the status page;
 //! - `table`: the connection table and the cap; `metrics`: handles and typed label
@@ -38,14 +39,13 @@
 //!
 //! [`Budget::wake`]: super::budget::Budget::wake
 
-use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::budget::BudgetMember;
 use super::connect::Connector;
@@ -68,7 +68,7 @@ use inner::Inner;
 use inner::{Grant, State};
 pub use inner::{Pooled, Slot};
 pub use metrics::{CloseReason, ConnState, PoolMetrics, Rejection};
-use queue::Queue;
+use queue::{Expired, Granted, Queue};
 pub use snapshot::{ConnSnapshot, PoolCounts, PoolSnapshot};
 pub use table::Keepalive;
 use table::{Limits, Table};
@@ -118,6 +118,7 @@ impl Pool {
             metrics,
             budget: budget.clone(),
             member: Default::default(),
+            queue_due: Default::default(),
         });
         let pool = Pool { inner };
         let limits = pool.inner.limits();
@@ -156,23 +157,11 @@ impl Pool {
     /// [`checkout`](Pool::checkout), waiting in the queue no later than `deadline`
     /// (the request's own, `request_timeout` from its start) nor longer than
     /// `queue_timeout`: a request whose whole time is spent never takes a socket only
-    /// to time out on it.
+    /// to time out on it. The wait has no timer of its own: the pool's expires it
+    /// ([`Queue::expire`](queue::Queue::expire)).
     pub async fn checkout_before(&self, deadline: Option<Instant>) -> Result<Checkout, ProxyError> {
-        let timer = pin!(tokio::time::sleep_until(Instant::now()));
-        self.checkout_timed(deadline, timer).await
-    }
-
-    /// [`checkout_before`](Pool::checkout_before), timing a wait in the queue with
-    /// the caller's `timer` (reset to the queue's limit), which the caller then
-    /// resets for what follows: a request's queue wait and its response head share
-    /// one timer, one timer-wheel entry instead of two.
-    pub async fn checkout_timed(
-        &self,
-        deadline: Option<Instant>,
-        timer: Pin<&mut Sleep>,
-    ) -> Result<Checkout, ProxyError> {
         let limits = self.inner.limits();
-        let rx = {
+        let queued = {
             let mut st = self.inner.state.lock();
             if let Some(pooled) = self.inner.take_stream(&mut st, &limits) {
                 return Ok(Checkout::Reused(pooled));
@@ -188,16 +177,13 @@ impl Pool {
                     None => over_budget = true,
                 }
             }
-            let queued = self.enqueue(st, &limits, false)?;
+            let queued = self.enqueue(st, &limits, false, deadline)?;
             if over_budget {
                 self.make_budget_room();
             }
             queued
         };
-        match self
-            .wait(rx, &limits, deadline, std::future::pending(), timer)
-            .await?
-        {
+        match self.wait(queued, std::future::pending()).await? {
             Grant::Idle(pooled) => Ok(Checkout::Reused(pooled)),
             Grant::Connect(slot) => Ok(Checkout::Connect(slot)),
         }
@@ -212,12 +198,17 @@ impl Pool {
 
     /// Joins the FIFO queue, or refuses with `queue_full`. `slot_only` waiters (CONNECT
     /// tunnels) need a socket of their own and are skipped by connection hand-offs.
+    ///
+    /// The waiter is sent [`Expired`] after `queue_timeout`, or at `deadline` if
+    /// that is sooner; the pool's timer is told when that is earlier than any
+    /// deadline it knows of.
     fn enqueue<'a>(
         &'a self,
         mut st: parking_lot::MutexGuard<'_, State>,
         config: &PoolConfig,
         slot_only: bool,
-    ) -> Result<(oneshot::Receiver<Grant>, WaitGuard<'a>), ProxyError> {
+        deadline: Option<Instant>,
+    ) -> Result<Queued<'a>, ProxyError> {
         if st.queue.len() >= config.queue_limit {
             drop(st);
             self.inner.metrics.reject(Rejection::QueueFull);
@@ -225,56 +216,63 @@ impl Pool {
                 upstream: self.inner.name.to_string(),
             });
         }
-        let (id, rx) = st.queue.push(slot_only);
-        self.inner.publish(&st);
-        Ok((
-            rx,
-            WaitGuard {
-                inner: &self.inner,
-                id,
-            },
-        ))
-    }
-
-    /// Waits for a grant up to `queue_timeout` (or `deadline`, if sooner), on
-    /// `timer`, running `meanwhile` alongside.
-    async fn wait(
-        &self,
-        (rx, guard): (oneshot::Receiver<Grant>, WaitGuard<'_>),
-        config: &PoolConfig,
-        deadline: Option<Instant>,
-        meanwhile: impl std::future::Future<Output = ()>,
-        mut timer: Pin<&mut Sleep>,
-    ) -> Result<Grant, ProxyError> {
         let started = Instant::now();
         let limit = deadline.map_or(config.queue_timeout, |d| {
             config
                 .queue_timeout
                 .min(d.saturating_duration_since(started))
         });
-        timer.as_mut().reset(started + limit);
+        let (id, rx, rearm) = st.queue.push(slot_only, started + limit);
+        self.inner.publish(&st);
+        drop(st);
+        if rearm {
+            self.inner.queue_due.notify_one();
+        }
+        Ok(Queued {
+            rx,
+            guard: WaitGuard {
+                inner: &self.inner,
+                id,
+            },
+            started,
+            limit,
+        })
+    }
+
+    /// Waits for the grant (or [`Expired`]) of a place in the queue, running
+    /// `meanwhile` alongside.
+    async fn wait(
+        &self,
+        queued: Queued<'_>,
+        meanwhile: impl std::future::Future<Output = ()>,
+    ) -> Result<Grant, ProxyError> {
+        let Queued {
+            rx,
+            guard,
+            started,
+            limit,
+        } = queued;
         let granted = tokio::select! {
-            // A grant that came wins over the timer that fired with it.
             biased;
-            granted = rx => Some(granted),
-            () = timer => None,
+            granted = rx => granted,
             _ = meanwhile => unreachable!("runs until the grant arrives"),
         };
         self.inner.metrics.queued_for(started.elapsed());
         match granted {
-            Some(Ok(grant)) => {
+            Ok(Ok(grant)) => {
                 guard.granted();
                 Ok(grant)
             }
-            // The sender is only dropped by a pool being torn down.
-            Some(Err(_)) => Err(ProxyError::ShuttingDown),
-            None => {
+            Ok(Err(Expired)) => {
+                guard.granted(); // expiring took it out of the queue
                 self.inner.metrics.reject(Rejection::QueueTimeout);
                 Err(ProxyError::QueueTimeout {
                     upstream: self.inner.name.to_string(),
                     timeout: limit,
                 })
             }
+            // The sender is only dropped by a pool being torn down.
+            Err(_) => Err(ProxyError::ShuttingDown),
         }
     }
 
@@ -293,11 +291,10 @@ impl Pool {
                     return Ok(slot);
                 }
             }
-            self.enqueue(st, &limits, true)?
+            self.enqueue(st, &limits, true, None)?
         };
         self.make_budget_room();
-        let timer = pin!(tokio::time::sleep_until(Instant::now()));
-        match self.wait(queued, &limits, None, make_room, timer).await? {
+        match self.wait(queued, make_room).await? {
             Grant::Connect(slot) => Ok(slot),
             Grant::Idle(pooled) => {
                 // Slot-only waiters are skipped by hand-offs; be safe regardless.
@@ -506,6 +503,15 @@ impl Pool {
 }
 
 /// Removes a waiter that gave up (timeout, or its client went away) from the queue.
+/// A place in the queue: where its grant arrives, and since when and for how long
+/// it waits.
+struct Queued<'a> {
+    rx: oneshot::Receiver<Granted<Grant>>,
+    guard: WaitGuard<'a>,
+    started: Instant,
+    limit: std::time::Duration,
+}
+
 struct WaitGuard<'a> {
     inner: &'a Arc<Inner>,
     id: u64,

@@ -4,18 +4,34 @@
 //! oneshot channel; one that gave up has dropped its receiver, so a grant it could not
 //! take comes back to the pool. The queue moves its depth gauge with every change.
 //!
+//! Each waiter has a deadline, and the queue keeps the time its pool's timer must
+//! next look at it ([`Queue::armed`]): the reaper's one timer sends [`Expired`] to the
+//! waiters past theirs ([`Queue::expire`]), so a request that waits registers no
+//! timer of its own. In a FIFO with one timeout the oldest waiter's deadline comes
+//! first, so the timer is moved only when the queue was empty (or a request with
+//! less time left joins it).
+//!
 //! Generic over the grant so that it knows nothing of what is granted.
 
 use std::collections::VecDeque;
 
 use metrics::Gauge;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// What a waiter whose deadline passed is sent instead of a grant.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Expired;
+
+/// What a waiter receives: a grant, or [`Expired`].
+pub(super) type Granted<G> = Result<G, Expired>;
 
 struct Waiter<G> {
     id: u64,
-    tx: oneshot::Sender<G>,
+    tx: oneshot::Sender<Granted<G>>,
     /// Needs a socket of its own (a tunnel), not a pooled connection.
     slot_only: bool,
+    deadline: Instant,
 }
 
 /// The waiters of one pool, oldest first.
@@ -23,6 +39,9 @@ pub(super) struct Queue<G> {
     waiters: VecDeque<Waiter<G>>,
     next_id: u64,
     depth: Gauge,
+    /// When the pool's timer looks at the queue next: no later than the earliest
+    /// deadline of a waiter.
+    armed: Option<Instant>,
 }
 
 impl<G> Queue<G> {
@@ -31,7 +50,39 @@ impl<G> Queue<G> {
             waiters: VecDeque::new(),
             next_id: 0,
             depth,
+            armed: None,
         }
+    }
+
+    /// When the pool's timer must next [`expire`](Queue::expire) waiters, if any wait.
+    pub(super) fn armed(&self) -> Option<Instant> {
+        self.armed
+    }
+
+    /// Sends [`Expired`] to the waiters whose deadline is past at `now`, and moves
+    /// [`armed`](Queue::armed) to the earliest deadline left. How many it expired.
+    pub(super) fn expire(&mut self, now: Instant) -> usize {
+        let before = self.waiters.len();
+        let mut earliest: Option<Instant> = None;
+        let mut i = 0;
+        // Deadlines follow the queue's order but for requests with less time left,
+        // so the expired are mostly at the front, where removing one is cheap.
+        while let Some(waiter) = self.waiters.get(i) {
+            if waiter.deadline > now {
+                earliest = Some(earliest.map_or(waiter.deadline, |e| e.min(waiter.deadline)));
+                i += 1;
+                continue;
+            }
+            let waiter = self.waiters.remove(i).expect("index is in range");
+            // One that gave up has dropped its receiver: nothing to tell.
+            let _ = waiter.tx.send(Err(Expired));
+        }
+        self.armed = earliest;
+        let expired = before - self.waiters.len();
+        if expired > 0 {
+            self.depth.set(self.waiters.len() as f64);
+        }
+        expired
     }
 
     pub(super) fn len(&self) -> usize {
@@ -47,15 +98,29 @@ impl<G> Queue<G> {
         self.waiters.iter().any(|w| !w.slot_only)
     }
 
-    /// A new waiter at the back: its id (to leave with [`Queue::remove`]) and where
-    /// its grant will arrive.
-    pub(super) fn push(&mut self, slot_only: bool) -> (u64, oneshot::Receiver<G>) {
+    /// A new waiter at the back, to be sent [`Expired`] at `deadline`: its id (to
+    /// leave with [`Queue::remove`]), where its grant will arrive, and whether the
+    /// pool's timer must be told (its deadline is now the earliest it knows of).
+    pub(super) fn push(
+        &mut self,
+        slot_only: bool,
+        deadline: Instant,
+    ) -> (u64, oneshot::Receiver<Granted<G>>, bool) {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id;
         self.next_id += 1;
-        self.waiters.push_back(Waiter { id, tx, slot_only });
+        self.waiters.push_back(Waiter {
+            id,
+            tx,
+            slot_only,
+            deadline,
+        });
         self.depth.set(self.waiters.len() as f64);
-        (id, rx)
+        let rearm = self.armed.is_none_or(|armed| deadline < armed);
+        if rearm {
+            self.armed = Some(deadline);
+        }
+        (id, rx, rearm)
     }
 
     /// Waiter `id` gave up; whether it was still queued.
@@ -74,12 +139,12 @@ impl<G> Queue<G> {
     pub(super) fn hand_off(&mut self, mut grant: G) -> Result<(), G> {
         while let Some(pos) = self.waiters.iter().position(|w| !w.slot_only) {
             let waiter = self.waiters.remove(pos).expect("position is in range");
-            match waiter.tx.send(grant) {
+            match waiter.tx.send(Ok(grant)) {
                 Ok(()) => {
                     self.depth.set(self.waiters.len() as f64);
                     return Ok(());
                 }
-                Err(back) => grant = back,
+                Err(back) => grant = back.unwrap_or_else(|_| unreachable!("sent a grant")),
             }
         }
         self.depth.set(self.waiters.len() as f64);
@@ -94,26 +159,40 @@ impl<G> Queue<G> {
             return Err(grant);
         };
         self.depth.set(self.waiters.len() as f64);
-        waiter.tx.send(grant)
+        waiter
+            .tx
+            .send(Ok(grant))
+            .map_err(|back| back.unwrap_or_else(|_| unreachable!("sent a grant")))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn queue() -> Queue<&'static str> {
         Queue::new(Gauge::noop())
     }
 
+    /// A waiter far from its deadline.
+    fn push(
+        q: &mut Queue<&'static str>,
+        slot_only: bool,
+    ) -> (u64, oneshot::Receiver<Granted<&'static str>>) {
+        let (id, rx, _) = q.push(slot_only, Instant::now() + Duration::from_secs(3600));
+        (id, rx)
+    }
+
     #[test]
     fn a_connection_goes_to_the_oldest_waiter_that_takes_one() {
         let mut q = queue();
-        let (_, mut tunnel) = q.push(true);
-        let (_, mut first) = q.push(false);
-        let (_, mut second) = q.push(false);
+        let (_, mut tunnel) = push(&mut q, true);
+        let (_, mut first) = push(&mut q, false);
+        let (_, mut second) = push(&mut q, false);
         assert!(q.hand_off("conn").is_ok());
-        assert_eq!(first.try_recv(), Ok("conn"));
+        assert_eq!(first.try_recv(), Ok(Ok("conn")));
         assert!(tunnel.try_recv().is_err() && second.try_recv().is_err());
         assert_eq!(q.len(), 2);
         assert!(q.wants_connection());
@@ -122,9 +201,9 @@ mod tests {
     #[test]
     fn a_hand_off_skips_waiters_that_gave_up_and_comes_back_when_none_is_left() {
         let mut q = queue();
-        let (_, gone) = q.push(false);
+        let (_, gone) = push(&mut q, false);
         drop(gone);
-        let (_, _tunnel) = q.push(true);
+        let (_, _tunnel) = push(&mut q, true);
         assert_eq!(q.hand_off("conn"), Err("conn"));
         assert_eq!(
             q.len(),
@@ -137,11 +216,11 @@ mod tests {
     #[test]
     fn the_right_to_connect_goes_to_the_oldest_waiter_of_any_kind() {
         let mut q = queue();
-        let (_, mut tunnel) = q.push(true);
-        let (_, _pooled) = q.push(false);
+        let (_, mut tunnel) = push(&mut q, true);
+        let (_, _pooled) = push(&mut q, false);
         assert!(q.grant_oldest("slot").is_ok());
-        assert_eq!(tunnel.try_recv(), Ok("slot"));
-        let (_, gone) = q.push(false);
+        assert_eq!(tunnel.try_recv(), Ok(Ok("slot")));
+        let (_, gone) = push(&mut q, false);
         drop(gone);
         q.remove(1);
         assert_eq!(q.grant_oldest("slot"), Err("slot"), "back, not passed on");
@@ -151,9 +230,37 @@ mod tests {
     #[test]
     fn a_waiter_that_gives_up_leaves_the_queue() {
         let mut q = queue();
-        let ids: Vec<u64> = (0..3).map(|_| q.push(false).0).collect();
+        let ids: Vec<u64> = (0..3).map(|_| push(&mut q, false).0).collect();
         assert!(q.remove(ids[1]));
         assert!(!q.remove(ids[1]));
         assert_eq!(q.len(), 2);
+    }
+
+    /// The timer is told only of a deadline earlier than any it knows; at a
+    /// deadline, exactly the waiters past theirs are sent `Expired` and leave, and
+    /// the timer moves to the earliest deadline left (none once the queue is empty).
+    #[test]
+    fn waiters_past_their_deadline_are_expired_and_the_timer_follows_the_earliest() {
+        let mut q = queue();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let (_, mut first, rearm) = q.push(false, t0 + s(10));
+        assert!(rearm);
+        let (_, mut second, rearm) = q.push(false, t0 + s(20));
+        assert!(!rearm, "a later deadline needs no re-arm");
+        let (_, mut hurried, rearm) = q.push(true, t0 + s(5));
+        assert!(rearm, "less time left than the oldest waiter");
+        assert_eq!(q.armed(), Some(t0 + s(5)));
+        assert_eq!(q.expire(t0 + s(4)), 0);
+        assert_eq!(q.armed(), Some(t0 + s(5)));
+        assert_eq!(q.expire(t0 + s(10)), 2);
+        assert_eq!(hurried.try_recv(), Ok(Err(Expired)));
+        assert_eq!(first.try_recv(), Ok(Err(Expired)));
+        assert!(second.try_recv().is_err(), "still waiting");
+        assert_eq!((q.len(), q.armed()), (1, Some(t0 + s(20))));
+        assert!(q.hand_off("conn").is_ok());
+        assert_eq!(second.try_recv(), Ok(Ok("conn")));
+        assert_eq!(q.expire(t0 + s(30)), 0);
+        assert_eq!(q.armed(), None);
     }
 }

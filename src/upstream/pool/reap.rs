@@ -20,19 +20,31 @@ use super::table::Keepalive;
 use crate::config::PoolConfig;
 
 /// Runs a pass every `reap_interval` (read again after each pass, so a reload
-/// changes it) until the pool is gone.
+/// changes it) until the pool is gone, and expires the queue's waiters at their
+/// deadlines: the pool's one timer, so that a request that waits sets none.
 pub(super) fn spawn(weak: Weak<Inner>) {
     let Some(inner) = weak.upgrade() else { return };
     let mut period = inner.limits.read().reap_interval;
+    let queue_due = inner.queue_due.clone();
     drop(inner);
     tokio::spawn(async move {
         let mut next = Instant::now() + period;
+        let mut queue_at = None;
         loop {
-            tokio::time::sleep_until(next).await;
+            let wake = queue_at.map_or(next, |at: Instant| at.min(next));
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {}
+                // An earlier deadline joined the queue.
+                () = queue_due.notified() => {}
+            }
             let Some(inner) = weak.upgrade() else { return };
-            pass(&inner, Instant::now());
-            period = inner.limits.read().reap_interval;
-            next = Instant::now() + period.max(Duration::from_millis(10));
+            let now = Instant::now();
+            queue_at = inner.expire_waiters(now);
+            if now >= next {
+                pass(&inner, now);
+                period = inner.limits.read().reap_interval;
+                next = Instant::now() + period.max(Duration::from_millis(10));
+            }
         }
     });
 }
