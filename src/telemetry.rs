@@ -225,6 +225,18 @@ pub struct Telemetry {
     reload: parking_lot::Mutex<ReloadStatus>,
     reload_ok: Gauge,
     reload_time: Gauge,
+    /// What sets gauges from its own state at each render ([`Collect`]).
+    collectors: parking_lot::Mutex<Vec<Weak<dyn Collect>>>,
+}
+
+/// Something that sets its gauges from its own state when a scrape renders them,
+/// rather than moving them as the state changes: a set of gauges read together
+/// (one pool's connections by state, which a dashboard sums) is then one consistent
+/// picture. Moved live, a scrape that read one state before a socket left it and the
+/// next after the socket entered it would count the socket twice, and show a pool
+/// over its cap that never was.
+pub trait Collect: Send + Sync {
+    fn collect(&self);
 }
 
 /// The version and commit of this build (the commit from `build.rs`, as
@@ -285,7 +297,15 @@ impl Telemetry {
             }),
             reload_ok,
             reload_time,
+            collectors: Default::default(),
         })
+    }
+
+    /// Has `collector` set its gauges before each render while it lives.
+    pub fn collect_on_render(&self, collector: Weak<dyn Collect>) {
+        let mut collectors = self.collectors.lock();
+        collectors.retain(|c| c.strong_count() > 0);
+        collectors.push(collector);
     }
 
     /// A configuration reload finished: `ok` if it is now in force.
@@ -327,6 +347,16 @@ impl Telemetry {
 
     /// The Prometheus text exposition of every metric, the process's own read now.
     pub fn render(&self) -> String {
+        // Upgraded under the lock, collected after it: a collector takes locks of its own.
+        let live: Vec<Arc<dyn Collect>> = self
+            .collectors
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for collector in live {
+            collector.collect();
+        }
         metrics::with_local_recorder(&self.recorder, || self.process.collect());
         self.handle.render()
     }

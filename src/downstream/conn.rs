@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
@@ -26,8 +26,12 @@ use crate::telemetry::{self as t, Telemetry};
 
 /// Downstream accounting shared by all listeners.
 pub struct Downstream {
-    pub(super) active: Gauge,
-    pub(super) idle: Gauge,
+    /// The open client connections (low half) and those of them with a request in
+    /// flight (high half), in one word so that a scrape reads the two together
+    /// ([`Downstream::collect`]): two gauges moved live would be read at two moments.
+    counts: AtomicU64,
+    active: Gauge,
+    idle: Gauge,
     /// Idle connections held as bare sockets (a subset of `idle`).
     pub(super) parked: Gauge,
     /// `tether_suspected_leaking_clients`, set at each scrape.
@@ -209,9 +213,25 @@ impl Handoff {
     }
 }
 
+/// One open connection in [`Downstream::counts`].
+const ONE_OPEN: u64 = 1;
+/// One connection with a request in flight in [`Downstream::counts`].
+const ONE_ACTIVE: u64 = 1 << 32;
+
+/// The `active` and `idle` gauges, set from one read of the counts at each render.
+impl t::Collect for Downstream {
+    fn collect(&self) {
+        let counts = self.counts.load(Ordering::Relaxed);
+        let (open, active) = (counts & (ONE_ACTIVE - 1), counts >> 32);
+        self.active.set(active as f64);
+        self.idle.set(open.saturating_sub(active) as f64);
+    }
+}
+
 impl Downstream {
     pub fn new(telemetry: Arc<Telemetry>) -> Arc<Downstream> {
-        Arc::new(Downstream {
+        let downstream = Arc::new(Downstream {
+            counts: AtomicU64::new(0),
             active: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "active")]),
             idle: telemetry.gauge(t::DOWNSTREAM_CONNECTIONS, &[("state", "idle")]),
             parked: telemetry.gauge(t::DOWNSTREAM_PARKED, &[]),
@@ -230,13 +250,15 @@ impl Downstream {
                     })
                     .collect(),
             ),
-            telemetry,
+            telemetry: telemetry.clone(),
             conns: Mutex::default(),
             freed: Notify::new(),
             ids: AtomicU64::new(1),
             clock: Instant::now(),
             clients: Default::default(),
-        })
+        });
+        telemetry.collect_on_render(Arc::downgrade(&downstream) as Weak<dyn t::Collect>);
+        downstream
     }
 
     /// Counts a request tether answered with an error of its own, by its
@@ -322,7 +344,7 @@ impl Downstream {
             parked: Mutex::new(None),
         });
         self.opened.increment(1);
-        self.idle.increment(1.0);
+        self.counts.fetch_add(ONE_OPEN, Ordering::Relaxed);
         conn
     }
 
@@ -483,8 +505,9 @@ impl ClientConn {
         self.head_started.store(0, Ordering::Relaxed);
         self.downstream.clients.request(self.peer.ip(), started);
         if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.downstream.idle.decrement(1.0);
-            self.downstream.active.increment(1.0);
+            self.downstream
+                .counts
+                .fetch_add(ONE_ACTIVE, Ordering::Relaxed);
         }
         RequestGuard { conn: self.clone() }
     }
@@ -522,8 +545,9 @@ impl Drop for RequestGuard {
         // Only while the socket is open: once it has dropped (a client that left
         // mid-request), its guard took the connection out of the gauges.
         if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            conn.downstream.active.decrement(1.0);
-            conn.downstream.idle.increment(1.0);
+            conn.downstream
+                .counts
+                .fetch_sub(ONE_ACTIVE, Ordering::Relaxed);
             conn.signal(Events::REQUEST_ENDED);
         }
     }
@@ -541,12 +565,63 @@ impl Drop for ClientGuard {
         let d = &conn.downstream;
         d.conns.lock().remove(conn);
         d.clients.closed(conn.peer.ip());
-        if conn.in_flight.fetch_or(CLOSED, Ordering::AcqRel) & !CLOSED > 0 {
-            d.active.decrement(1.0);
+        let gone = if conn.in_flight.fetch_or(CLOSED, Ordering::AcqRel) & !CLOSED > 0 {
+            ONE_OPEN + ONE_ACTIVE
         } else {
-            d.idle.decrement(1.0);
-        }
+            ONE_OPEN
+        };
+        d.counts.fetch_sub(gone, Ordering::Relaxed);
         d.count_close(conn.reason());
         d.freed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scrape reads the client connections' states together: while two connections
+    /// begin and end requests as fast as they can, `active` and `idle` add up to the
+    /// two that are open in every render.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_client_state_gauges_of_every_scrape_add_up_to_the_open_connections() {
+        let telemetry = Telemetry::new();
+        let downstream = Downstream::new(telemetry.clone());
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let conns = [downstream.register(peer), downstream.register(peer)];
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut cycles = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    drop(conns[(cycles % 2) as usize].begin_request());
+                    cycles += 1;
+                }
+                cycles
+            }
+        });
+        let sums: Vec<f64> = (0..300)
+            .map(|_| {
+                let text = telemetry.render();
+                ["active", "idle"]
+                    .iter()
+                    .filter_map(|state| {
+                        crate::testkit::metric(
+                            &text,
+                            t::DOWNSTREAM_CONNECTIONS,
+                            &[("state", state)],
+                        )
+                    })
+                    .sum()
+            })
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        let cycles = churn.join().unwrap();
+        assert!(cycles > 300, "requests came and went throughout ({cycles})");
+        assert!(
+            sums.iter().all(|&s| s == 2.0),
+            "client gauges per scrape: {sums:?}"
+        );
     }
 }

@@ -424,6 +424,20 @@ impl Drop for Pooled {
     }
 }
 
+/// The state gauges, set from the table under the lock when a scrape renders.
+impl crate::telemetry::Collect for Inner {
+    fn collect(&self) {
+        self.state.lock().table.publish_gauges();
+    }
+}
+
+/// A pool goes once its last socket has: its gauges fall to the table's zeros.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.state.get_mut().table.publish_gauges();
+    }
+}
+
 impl BudgetMember for Inner {
     fn grant_from_budget(self: Arc<Self>) {
         let limits = self.limits();

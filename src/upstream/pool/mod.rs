@@ -12,8 +12,9 @@
 //!   to connect (FIFO).
 //! - An HTTP/2 connection is shared while it has free streams; another opens only when
 //!   every open one is saturated and the cap allows (`h2`).
-//! - A state change and its gauge change happen under the same lock, so a scrape never
-//!   sees more than the cap.
+//! - The state gauges are set from the table's counts under the pool's lock when a
+//!   scrape renders them, all of one pool at once, so a scrape never sees more than
+//!   the cap (gauges moved live would count a socket changing state twice).
 //! - The reaper holds only a weak reference; a pool nobody uses goes away.
 //!
 //! Lock order: the `limits` lock is only ever held alone (read, cloned, released).
@@ -129,6 +130,7 @@ impl Pool {
             budget.join(member, inner.member.clone());
         }
         reap::spawn(Arc::downgrade(inner));
+        telemetry.collect_on_render(Arc::downgrade(inner) as Weak<dyn crate::telemetry::Collect>);
         pool
     }
 

@@ -6,8 +6,10 @@
 //! - [`Table::open`] counts every entry (connecting, active, idle, tunnels), and
 //!   [`Table::room`] is the one comparison of it with the cap in force,
 //!   [`Limits::cap`].
-//! - An entry's state, its `state` gauge and the per-state count change together, in
-//!   one call (so under the pool's lock: a scrape never sees more than the cap).
+//! - An entry's state and the per-state count change together, in one call, under
+//!   the pool's lock; the `state` gauges are set from those counts, all at once, when
+//!   a scrape renders them ([`Table::publish_gauges`]), so a scrape never sees more
+//!   than the cap.
 //! - An entry holds its client handle exactly while it is an idle HTTP/1.1
 //!   connection, listed in the idle stack, or an HTTP/2 connection open to new
 //!   streams, listed in the sharing order. Those two lists are orders over entries
@@ -148,7 +150,8 @@ impl Entry {
     }
 }
 
-/// A state's gauge and the number of entries in it.
+/// A state's gauge and the number of entries in it, which the gauge shows from the
+/// next render on.
 struct StateCount {
     gauge: Gauge,
     n: usize,
@@ -211,9 +214,7 @@ impl Table {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.insert(id, Entry::new(state, now));
-        let count = self.states.get_mut(state);
-        count.n += 1;
-        count.gauge.increment(1.0);
+        self.states.get_mut(state).n += 1;
         id
     }
 
@@ -221,9 +222,7 @@ impl Table {
     /// the lock).
     pub(super) fn remove(&mut self, id: u64) -> Option<Entry> {
         let entry = self.entries.remove(&id)?;
-        let count = self.states.get_mut(entry.state);
-        count.n -= 1;
-        count.gauge.decrement(1.0);
+        self.states.get_mut(entry.state).n -= 1;
         if entry.held.is_some() {
             let order = if entry.h2 {
                 &mut self.sharing
@@ -249,19 +248,24 @@ impl Table {
         self.entries.iter().map(|(&id, e)| (id, e))
     }
 
-    /// Moves entry `id` to `state`, its gauge with it.
+    /// Moves entry `id` to `state`, its count with it.
     pub(super) fn set_state(&mut self, id: u64, state: ConnState) -> Option<&mut Entry> {
         let entry = self.entries.get_mut(&id)?;
         if entry.state != state {
-            let from = self.states.get_mut(entry.state);
-            from.n -= 1;
-            from.gauge.decrement(1.0);
-            let to = self.states.get_mut(state);
-            to.n += 1;
-            to.gauge.increment(1.0);
+            self.states.get_mut(entry.state).n -= 1;
+            self.states.get_mut(state).n += 1;
             entry.state = state;
         }
         Some(entry)
+    }
+
+    /// Sets every `state` gauge to its count: one consistent picture of the pool for
+    /// the scrape about to render them.
+    pub(super) fn publish_gauges(&self) {
+        for state in ConnState::ALL {
+            let count = self.states.get(state);
+            count.gauge.set(count.n as f64);
+        }
     }
 
     /// Chooses the reason socket `id` will be counted as closed with, if none was.

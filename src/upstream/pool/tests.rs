@@ -296,3 +296,60 @@ async fn a_budget_floor_above_the_share_is_lowered_to_it() {
     pool.set_share(None);
     assert_eq!(floor(), 4);
 }
+
+/// Every scrape sees each pool as one picture: while two sockets go from idle to
+/// active and back as fast as they can, the state gauges of every render add up to
+/// exactly the two that are open. (Moved live, a render that read one state before a
+/// socket left it and the next after it arrived counted it twice: 3 over a cap of 2.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_gauges_of_every_scrape_add_up_to_the_open_sockets() {
+    let (pool, telemetry) = pool(|c| c.max_connections = 2);
+    let _held = fill_idle(&pool, 2).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = tokio::spawn({
+        let (pool, stop) = (pool.clone(), stop.clone());
+        async move {
+            let mut cycles = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(Checkout::Reused(p)) = pool.checkout().await else {
+                    panic!("two idle sockets for one checkout at a time")
+                };
+                p.check_in();
+                cycles += 1;
+                if cycles % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            cycles
+        }
+    });
+    let sums = tokio::task::spawn_blocking(move || {
+        (0..300)
+            .map(|_| {
+                let text = telemetry.render();
+                ["connecting", "active", "idle"]
+                    .iter()
+                    .filter_map(|state| {
+                        metric(
+                            &text,
+                            crate::telemetry::UPSTREAM_CONNECTIONS,
+                            &[("upstream", "up"), ("state", state)],
+                        )
+                    })
+                    .sum::<f64>()
+            })
+            .collect::<Vec<f64>>()
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cycles = churn.await.unwrap();
+    assert!(
+        cycles > 300,
+        "the sockets changed state throughout ({cycles} cycles)"
+    );
+    assert!(
+        sums.iter().all(|&s| s == 2.0),
+        "state gauges per scrape: {sums:?}"
+    );
+}
