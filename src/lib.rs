@@ -7,7 +7,8 @@
 //! share is in [`shared`], [`downstream`] and [`upstream`]; [`instance`] starts,
 //! reloads and stops it all. [`admin`] serves metrics and health; [`telemetry`]
 //! names every metric; [`cluster`] splits cluster-wide caps between gateway
-//! replicas. `ARCHITECTURE.md` has the map.
+//! replicas; [`hop_by_hop`] is the one list of the headers no hop forwards.
+//! `ARCHITECTURE.md` has the map.
 
 pub mod admin;
 pub mod cluster;
@@ -18,6 +19,7 @@ pub mod demo;
 pub mod diagnosis;
 pub mod downstream;
 pub mod error;
+pub mod hop_by_hop;
 pub mod instance;
 pub mod iptables;
 pub mod policy;

@@ -20,11 +20,11 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+pub use crate::hop_by_hop::strip_hop_by_hop;
 use access::Exchange;
 use body::ProxyBody;
 pub use checks::check_framing;
 use checks::{check_host, check_target};
-pub use headers::strip_hop_by_hop;
 use headers::{prepare_request, VIA};
 
 use crate::downstream::{ClientConn, RequestGuard};
@@ -119,7 +119,7 @@ fn forward<'a>(
         let started = exchange.started();
         let mut response: Response<ProxyBody> =
             upstream.send(req, started, &mut exchange.timing).await?;
-        strip_hop_by_hop(response.headers_mut());
+        // Its hop-by-hop headers are gone (`Upstream::send`).
         response.headers_mut().append(header::VIA, VIA);
         if upstream.rewrite_realm {
             // The host the client addressed points rewritten URLs back at tether.

@@ -35,7 +35,6 @@ use connect::Connector;
 pub use pool::{Checkout, Client, CloseReason, Pool, PoolCounts, PoolSnapshot, Pooled, Slot};
 pub use registry::Upstreams;
 pub use request::{BodyBytes, RequestBody};
-pub use response::connection_options;
 use response::{close_after, HeadNotes};
 use target::forwarded_path;
 pub use target::{h1_form, h1_target};
@@ -176,10 +175,10 @@ impl Upstream {
     }
 
     /// Sends `req` (already in origin form, hop-by-hop headers removed), which began
-    /// `started`, and returns the response with a body that returns the connection
-    /// to the pool, as the caller's body type `B` (made from it in place, not by
-    /// moving the response again). `timing` says where the time went, also when it
-    /// fails.
+    /// `started`, and returns the response, its hop-by-hop headers removed, with a
+    /// body that returns the connection to the pool, as the caller's body type `B`
+    /// (made from it in place, not by moving the response again). `timing` says
+    /// where the time went, also when it fails.
     ///
     /// Not an `async fn`: one keeps its arguments twice in its future (as captured
     /// and again as locals, rust-lang/rust#62958), and the request alone is 272
@@ -282,7 +281,11 @@ impl Upstream {
                         timing.head_at = Some(head_at);
                         metrics.duration.record((head_at - sent_at).as_secs_f64());
                         metrics.request(resp.status(), reused);
-                        let HeadNotes { close, keep_alive } = HeadNotes::of(resp.headers());
+                        let HeadNotes {
+                            close,
+                            keep_alive,
+                            hop_by_hop,
+                        } = HeadNotes::of(resp.headers());
                         if let Some((timeout, max)) = keep_alive {
                             self.pool.advertised_keepalive(pooled.id(), timeout, max);
                         }
@@ -291,6 +294,8 @@ impl Upstream {
                             self.pool.close_reason(pooled.id(), reason);
                         }
                         let (mut parts, body) = resp.into_parts();
+                        // Not for the client: found in the pass above.
+                        hop_by_hop.strip(&mut parts.headers);
                         if close == Some(CloseReason::Error) {
                             // Framed twice (`close_after`'s `Error`). hyper reads the
                             // body by its Transfer-Encoding (chunked, or to the close)

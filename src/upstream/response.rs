@@ -2,42 +2,40 @@
 //! asked to, or its framing was ambiguous), or keep it for the advertised
 //! `Keep-Alive` parameters.
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 
 use super::CloseReason;
+use crate::hop_by_hop::{self as hop, connection_options, Present};
 
-/// Named once: a `&str` name is parsed again on every lookup. A `static`: a
-/// `const` name that is not a standard one is built and dropped at each use.
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
-/// What a response head says about its socket, read in one pass over its names:
-/// the lookups of the headers it lacks (most have neither `Transfer-Encoding` nor
-/// `Keep-Alive`) cost nothing.
+/// What a response head says about its socket, and which of its headers are
+/// hop-by-hop, read in one pass over its fields: the lookups of the headers it lacks
+/// (most have neither `Transfer-Encoding` nor `Keep-Alive`) cost nothing.
 pub(super) struct HeadNotes {
     /// Why the socket closes after this exchange, if it does ([`close_after`]).
     pub close: Option<CloseReason>,
     /// The advertised `Keep-Alive` parameters ([`keep_alive_params`]).
     pub keep_alive: Option<(Option<std::time::Duration>, Option<u64>)>,
+    /// The hop-by-hop headers to remove before the head goes to the client.
+    pub hop_by_hop: Present,
 }
 
 impl HeadNotes {
     pub(super) fn of(headers: &http::HeaderMap) -> HeadNotes {
-        let (mut coded, mut length, mut asks_close) = (false, false, false);
+        let (mut length, mut asks_close) = (false, false);
+        let mut hop_by_hop = Present::default();
         let mut keep_alive = None;
-        // `==` on names, not on their text: `as_str` of a standard name is a `match`
-        // of its own (benches/instructions.sh). The values wanted are read as the
-        // pass meets them, with no lookup of their own.
+        // The hop-by-hop headers are found by their bits, and Content-Length, the one
+        // end-to-end name wanted, by `==` among the rest. The values wanted are read
+        // as the pass meets them, with no lookup of their own.
         for (name, value) in headers.iter() {
-            if name == header::TRANSFER_ENCODING {
-                coded = true;
-            } else if name == header::CONTENT_LENGTH {
-                length = true;
-            } else if name == header::CONNECTION {
-                asks_close = asks_close || wants_close(value);
-            } else if *name == KEEP_ALIVE && keep_alive.is_none() {
-                keep_alive = Some(value);
+            match hop_by_hop.note(name, value) {
+                0 => length = length || name == header::CONTENT_LENGTH,
+                hop::CONNECTION => asks_close = asks_close || wants_close(value),
+                hop::KEEP_ALIVE if keep_alive.is_none() => keep_alive = Some(value),
+                _ => {}
             }
         }
+        let coded = hop_by_hop.has(hop::TRANSFER_ENCODING);
         let close = if coded && length {
             Some(CloseReason::Error)
         } else if asks_close {
@@ -48,6 +46,7 @@ impl HeadNotes {
         HeadNotes {
             close,
             keep_alive: keep_alive.and_then(keep_alive_params),
+            hop_by_hop,
         }
     }
 }
@@ -89,15 +88,6 @@ pub(super) fn close_after(headers: &http::HeaderMap) -> Option<CloseReason> {
 /// Whether a `Connection` value lists `close`.
 fn wants_close(value: &HeaderValue) -> bool {
     connection_options(value).any(|t| t.eq_ignore_ascii_case(b"close"))
-}
-
-/// The options a `Connection` value lists (RFC 9110 §7.6.1), as bytes, trimmed:
-/// read by bytes, so a value with obs-text elsewhere in it still names its options.
-pub fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
 }
 
 #[cfg(test)]
@@ -159,5 +149,26 @@ mod tests {
         assert_eq!(close_after(&headers(&twice)), Some(CloseReason::Error));
         let closing = [twice[0], twice[1], ("connection", "close")];
         assert_eq!(close_after(&headers(&closing)), Some(CloseReason::Error));
+    }
+
+    /// The pass that reads a head's socket notes also finds its hop-by-hop headers,
+    /// those its Connection header names included, and removes exactly those.
+    #[test]
+    fn the_same_pass_finds_the_hop_by_hop_headers_to_remove() {
+        let mut head = headers(&[
+            ("content-length", "2"),
+            ("connection", "keep-alive, x-trace"),
+            ("keep-alive", "timeout=5"),
+            ("x-trace", "1"),
+            ("upgrade", "h2c"),
+            ("etag", "\"1\""),
+        ]);
+        let notes = HeadNotes::of(&head);
+        assert_eq!(notes.close, None);
+        let five = std::time::Duration::from_secs(5);
+        assert_eq!(notes.keep_alive, Some((Some(five), None)));
+        notes.hop_by_hop.strip(&mut head);
+        let left: Vec<&str> = head.keys().map(|n| n.as_str()).collect();
+        assert_eq!(left, ["content-length", "etag"]);
     }
 }
