@@ -376,6 +376,53 @@ async fn a_clean_response_leaves_its_socket_for_the_next_request() {
     }
 }
 
+/// RFC 9110 §7.6.1: a proxy removes the hop-by-hop fields of a response, and those
+/// its `Connection` header names, before forwarding it, and keeps everything else.
+/// The origin's socket stays in the pool: a `Connection` that lists options is no
+/// reason to close it.
+#[tokio::test]
+async fn a_responses_hop_by_hop_fields_and_those_connection_names_never_reach_the_client() {
+    let hostile = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\
+        connection: keep-alive, X-Hop-Secret\r\nkeep-alive: timeout=30\r\n\
+        x-hop-secret: token\r\nproxy-authenticate: Basic realm=x\r\n\
+        trailer: x-checksum\r\nx-kept: 1\r\n\r\nok";
+    for via in BOTH {
+        let case = Case::start(via, hostile, Then::Serve).await;
+        let first = case.get("/first").await;
+        assert_eq!(
+            (first.status, &first.body[..]),
+            (200, &b"ok"[..]),
+            "{via:?}"
+        );
+        let names: Vec<&str> = first.headers.iter().map(|(n, _)| n.as_str()).collect();
+        for hop in [
+            "keep-alive",
+            "x-hop-secret",
+            "proxy-authenticate",
+            "trailer",
+        ] {
+            assert!(
+                !names.contains(&hop),
+                "{via:?}: {hop} was forwarded: {first:?}"
+            );
+        }
+        // The client's own `connection: close` is answered, not the origin's list.
+        assert!(
+            first.header("connection").iter().all(|v| v == "close"),
+            "{via:?}: {first:?}"
+        );
+        assert_eq!(first.header("x-kept"), ["1"], "{via:?}");
+        assert_eq!(first.header("via"), ["1.1 tether"], "{via:?}");
+        assert!(case.settles_at(1).await, "{via:?}: the socket is kept");
+        let next = case.get("/next").await;
+        assert_eq!(
+            case.origin.last_served(),
+            Some((0, 1)),
+            "{via:?}: reused: {next:?}"
+        );
+    }
+}
+
 /// The hostile response `response` gets 502 `upstream_error` through both listeners,
 /// and its socket is closed: the next request gets a fresh one.
 async fn refused_as_upstream_error(response: &[u8]) {
