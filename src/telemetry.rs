@@ -227,6 +227,9 @@ pub struct Telemetry {
     reload_time: Gauge,
     /// What sets gauges from its own state at each render ([`Collect`]).
     collectors: parking_lot::Mutex<Vec<Weak<dyn Collect>>>,
+    /// Held from the collectors' pass to the end of the render: two scrapes at once
+    /// would otherwise each render some gauges of the other's pass.
+    rendering: parking_lot::Mutex<()>,
 }
 
 /// Something that sets its gauges from its own state when a scrape renders them,
@@ -298,6 +301,7 @@ impl Telemetry {
             reload_ok,
             reload_time,
             collectors: Default::default(),
+            rendering: Default::default(),
         })
     }
 
@@ -347,6 +351,7 @@ impl Telemetry {
 
     /// The Prometheus text exposition of every metric, the process's own read now.
     pub fn render(&self) -> String {
+        let _rendering = self.rendering.lock();
         // Upgraded under the lock, collected after it: a collector takes locks of its own.
         let live: Vec<Arc<dyn Collect>> = self
             .collectors

@@ -32,7 +32,9 @@ pub struct Downstream {
     counts: AtomicU64,
     active: Gauge,
     idle: Gauge,
-    /// Idle connections held as bare sockets (a subset of `idle`).
+    /// Idle connections held as bare sockets (a subset of `idle`), moved live: a
+    /// scrape reads it apart from `counts`, so it may differ from them by the
+    /// connections that changed in between.
     pub(super) parked: Gauge,
     /// `tether_suspected_leaking_clients`, set at each scrape.
     suspects: Gauge,
@@ -113,7 +115,8 @@ pub struct ClientShare {
 }
 
 /// Set in [`ClientConn::in_flight`] when the socket drops: the request guards still
-/// alive (hyper may drop a response body after the socket) then leave the gauges alone.
+/// alive (hyper may drop a response body after the socket) then leave
+/// [`Downstream::counts`] alone.
 const CLOSED: usize = 1 << (usize::BITS - 1);
 
 /// Set in [`ClientConn::events`] while the watcher polls hyper.
@@ -543,7 +546,7 @@ impl Drop for RequestGuard {
         let conn = &self.conn;
         conn.idle_since.store(conn.now_ms(), Ordering::Relaxed);
         // Only while the socket is open: once it has dropped (a client that left
-        // mid-request), its guard took the connection out of the gauges.
+        // mid-request), its guard took the connection out of the counts.
         if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             conn.downstream
                 .counts

@@ -150,11 +150,14 @@ impl Entry {
     }
 }
 
-/// A state's gauge and the number of entries in it, which the gauge shows from the
-/// next render on.
+/// A state's gauge, the number of entries in it, and how many of them the gauge was
+/// last given. Pools may share a gauge (every unlisted origin's is `upstream` =
+/// `unlisted`; a pool draining after a reload shares its successor's), so each adds
+/// the change since its last publication rather than setting its own count.
 struct StateCount {
     gauge: Gauge,
     n: usize,
+    published: usize,
 }
 
 /// The connection table (see the module docs).
@@ -166,7 +169,7 @@ pub(super) struct Table {
     sharing: Vec<u64>,
     /// Sockets that closed while a request still held them and no reason was chosen
     /// yet: the holder's check-in (completed) or discard (its reason) decides how the
-    /// close is counted. The gauge fell when the socket did.
+    /// close is counted. Its count fell when the socket did.
     closed_in_use: HashSet<u64>,
     states: PerLabel<ConnState, StateCount, 5>,
     next_id: u64,
@@ -179,7 +182,11 @@ impl Table {
             idle: Vec::new(),
             sharing: Vec::new(),
             closed_in_use: HashSet::new(),
-            states: gauges.map(|gauge| StateCount { gauge, n: 0 }),
+            states: gauges.map(|gauge| StateCount {
+                gauge,
+                n: 0,
+                published: 0,
+            }),
             next_id: 1,
         }
     }
@@ -259,12 +266,17 @@ impl Table {
         Some(entry)
     }
 
-    /// Sets every `state` gauge to its count: one consistent picture of the pool for
-    /// the scrape about to render them.
-    pub(super) fn publish_gauges(&self) {
+    /// Brings this pool's part of every `state` gauge to its count: one consistent
+    /// picture of the pool for the scrape about to render them.
+    pub(super) fn publish_gauges(&mut self) {
         for state in ConnState::ALL {
-            let count = self.states.get(state);
-            count.gauge.set(count.n as f64);
+            let count = self.states.get_mut(state);
+            if count.n != count.published {
+                count
+                    .gauge
+                    .increment(count.n as f64 - count.published as f64);
+                count.published = count.n;
+            }
         }
     }
 

@@ -353,3 +353,41 @@ async fn the_state_gauges_of_every_scrape_add_up_to_the_open_sockets() {
         "state gauges per scrape: {sums:?}"
     );
 }
+
+/// Pools that share a name share its gauges (every unlisted origin's pool, a pool
+/// draining after a reload beside its successor): each adds its own sockets, and
+/// one that goes takes only its own away.
+#[tokio::test(start_paused = true)]
+async fn pools_of_one_name_add_up_in_their_gauges() {
+    let telemetry = Telemetry::new();
+    let origin = Origin::parse_authority("upstream.test:80").unwrap();
+    let new_pool = || {
+        let connector = Connector::plain(origin.clone(), false);
+        Pool::new("up", connector, PoolConfig::default(), &telemetry)
+    };
+    let (first, second) = (new_pool(), new_pool());
+    let idle = || {
+        let text = telemetry.render();
+        metric(
+            &text,
+            crate::telemetry::UPSTREAM_CONNECTIONS,
+            &[("upstream", "up"), ("state", "idle")],
+        )
+    };
+    let held_first = fill_idle(&first, 1).await;
+    let held_second = fill_idle(&second, 2).await;
+    assert_eq!(idle(), Some(3.0));
+    drop(held_second);
+    settle().await;
+    assert_eq!(second.counts().open(), 0);
+    assert_eq!(
+        idle(),
+        Some(1.0),
+        "the second pool's sockets left, the first's stay"
+    );
+    drop(second);
+    assert_eq!(idle(), Some(1.0));
+    drop(held_first);
+    settle().await;
+    assert_eq!(idle(), Some(0.0));
+}
