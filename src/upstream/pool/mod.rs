@@ -224,6 +224,17 @@ impl Pool {
                 .queue_timeout
                 .min(d.saturating_duration_since(started))
         });
+        if limit.is_zero() {
+            // No time to wait (`queue_timeout = 0`, or the request's deadline has
+            // come): refused at once, never handed a socket it has no time for.
+            drop(st);
+            self.inner.metrics.queued_for(std::time::Duration::ZERO);
+            self.inner.metrics.reject(Rejection::QueueTimeout);
+            return Err(ProxyError::QueueTimeout {
+                upstream: self.inner.name.to_string(),
+                timeout: limit,
+            });
+        }
         let (id, rx, rearm) = st.queue.push(slot_only, started + limit);
         self.inner.publish(&st);
         drop(st);
@@ -504,7 +515,6 @@ impl Pool {
     }
 }
 
-/// Removes a waiter that gave up (timeout, or its client went away) from the queue.
 /// A place in the queue: where its grant arrives, and since when and for how long
 /// it waits.
 struct Queued<'a> {
@@ -514,15 +524,16 @@ struct Queued<'a> {
     limit: std::time::Duration,
 }
 
+/// Removes a waiter that gave up (its client went away) from the queue.
 struct WaitGuard<'a> {
     inner: &'a Arc<Inner>,
     id: u64,
 }
 
 impl WaitGuard<'_> {
-    /// The grant came: whoever sent it took the waiter out of the queue first
-    /// ([`Queue::hand_off`], [`Queue::grant_oldest`]), so there is nothing to remove
-    /// and the lock need not be taken again.
+    /// The grant (or `Expired`) came: whoever sent it took the waiter out of the
+    /// queue first ([`Queue::hand_off`], [`Queue::grant_oldest`], [`Queue::expire`]),
+    /// so there is nothing to remove and the lock need not be taken again.
     fn granted(self) {
         std::mem::forget(self);
     }

@@ -8,8 +8,9 @@
 //! next look at it ([`Queue::armed`]): the reaper's one timer sends [`Expired`] to the
 //! waiters past theirs ([`Queue::expire`]), so a request that waits registers no
 //! timer of its own. In a FIFO with one timeout the oldest waiter's deadline comes
-//! first, so the timer is moved only when the queue was empty (or a request with
-//! less time left joins it).
+//! first, so the timer is moved earlier only when a request joins an empty queue (or
+//! one with less time left joins); a grant leaves it where it was, and the reaper
+//! then wakes once for nothing and moves it on.
 //!
 //! Generic over the grant so that it knows nothing of what is granted.
 
@@ -42,6 +43,10 @@ pub(super) struct Queue<G> {
     /// When the pool's timer looks at the queue next: no later than the earliest
     /// deadline of a waiter.
     armed: Option<Instant>,
+    /// Waiters that joined with a deadline before the one ahead of them (less time
+    /// left than `queue_timeout`): while there are none, deadlines rise along the
+    /// queue and [`Queue::expire`] stops at the first waiter not yet due.
+    hurried: usize,
 }
 
 impl<G> Queue<G> {
@@ -51,6 +56,7 @@ impl<G> Queue<G> {
             next_id: 0,
             depth,
             armed: None,
+            hurried: 0,
         }
     }
 
@@ -63,21 +69,31 @@ impl<G> Queue<G> {
     /// [`armed`](Queue::armed) to the earliest deadline left. How many it expired.
     pub(super) fn expire(&mut self, now: Instant) -> usize {
         let before = self.waiters.len();
-        let mut earliest: Option<Instant> = None;
-        let mut i = 0;
-        // Deadlines follow the queue's order but for requests with less time left,
-        // so the expired are mostly at the front, where removing one is cheap.
-        while let Some(waiter) = self.waiters.get(i) {
-            if waiter.deadline > now {
-                earliest = Some(earliest.map_or(waiter.deadline, |e| e.min(waiter.deadline)));
-                i += 1;
-                continue;
+        if self.hurried == 0 {
+            // In deadline order: the expired are at the front.
+            while self.waiters.front().is_some_and(|w| w.deadline <= now) {
+                let waiter = self.waiters.pop_front().expect("front exists");
+                // One that gave up has dropped its receiver: nothing to tell.
+                let _ = waiter.tx.send(Err(Expired));
             }
-            let waiter = self.waiters.remove(i).expect("index is in range");
-            // One that gave up has dropped its receiver: nothing to tell.
-            let _ = waiter.tx.send(Err(Expired));
+            self.armed = self.waiters.front().map(|w| w.deadline);
+        } else {
+            let mut earliest: Option<Instant> = None;
+            let mut i = 0;
+            while let Some(waiter) = self.waiters.get(i) {
+                if waiter.deadline > now {
+                    earliest = Some(earliest.map_or(waiter.deadline, |e| e.min(waiter.deadline)));
+                    i += 1;
+                    continue;
+                }
+                let waiter = self.waiters.remove(i).expect("index is in range");
+                let _ = waiter.tx.send(Err(Expired));
+            }
+            self.armed = earliest;
         }
-        self.armed = earliest;
+        if self.waiters.is_empty() {
+            self.hurried = 0;
+        }
         let expired = before - self.waiters.len();
         if expired > 0 {
             self.depth.set(self.waiters.len() as f64);
@@ -109,6 +125,11 @@ impl<G> Queue<G> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id;
         self.next_id += 1;
+        match self.waiters.back() {
+            None => self.hurried = 0,
+            Some(last) if deadline < last.deadline => self.hurried += 1,
+            Some(_) => {}
+        }
         self.waiters.push_back(Waiter {
             id,
             tx,
@@ -262,5 +283,21 @@ mod tests {
         assert_eq!(second.try_recv(), Ok(Ok("conn")));
         assert_eq!(q.expire(t0 + s(30)), 0);
         assert_eq!(q.armed(), None);
+    }
+
+    /// Waiters in deadline order (one `queue_timeout` for all) expire from the front,
+    /// and the timer follows the oldest one left.
+    #[test]
+    fn in_deadline_order_the_oldest_waiters_expire_first() {
+        let mut q = queue();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut rxs: Vec<_> = (1..=3).map(|i| q.push(false, t0 + s(10 * i)).1).collect();
+        assert_eq!(q.armed(), Some(t0 + s(10)));
+        assert_eq!(q.expire(t0 + s(25)), 2);
+        assert_eq!(rxs[0].try_recv(), Ok(Err(Expired)));
+        assert_eq!(rxs[1].try_recv(), Ok(Err(Expired)));
+        assert!(rxs[2].try_recv().is_err(), "not yet due");
+        assert_eq!((q.len(), q.armed()), (1, Some(t0 + s(30))));
     }
 }

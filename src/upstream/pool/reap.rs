@@ -39,9 +39,19 @@ pub(super) fn spawn(weak: Weak<Inner>) {
             }
             let Some(inner) = weak.upgrade() else { return };
             let now = Instant::now();
-            queue_at = inner.expire_waiters(now);
+            // The queue's deadlines are kept by this task alone: a pass that panics
+            // is logged and the task goes on (the pool's locks do not poison).
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                queue_at = inner.expire_waiters(now);
+                if now >= next {
+                    pass(&inner, now);
+                }
+            }));
+            if ran.is_err() {
+                tracing::error!(upstream = %inner.name, "the pool's reaper panicked; it carries on");
+                queue_at = Some(now + Duration::from_millis(10));
+            }
             if now >= next {
-                pass(&inner, now);
                 period = inner.limits.read().reap_interval;
                 next = Instant::now() + period.max(Duration::from_millis(10));
             }

@@ -354,6 +354,50 @@ async fn the_state_gauges_of_every_scrape_add_up_to_the_open_sockets() {
     );
 }
 
+/// The pool's timer keeps every waiter's deadline, also one that joins later with
+/// less time left while the timer sleeps towards an older waiter's: that one is
+/// answered at its own deadline, the older one at `queue_timeout`. A request with
+/// no time left is refused at once and never queued.
+#[tokio::test(start_paused = true)]
+async fn each_waiter_is_expired_at_its_own_deadline() {
+    let (pool, _) = pool(|c| {
+        c.max_connections = 1;
+        c.queue_timeout = Duration::from_secs(5);
+    });
+    let (_held, _far) = connect(&pool, slot(&pool).await).await;
+    let t0 = tokio::time::Instant::now();
+    let waiter = |deadline: Option<tokio::time::Instant>| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let refused = pool.checkout_before(deadline).await.err();
+            (
+                refused.map(|e| e.classify().code),
+                tokio::time::Instant::now() - t0,
+            )
+        })
+    };
+    let patient = waiter(None);
+    settle().await;
+    let hurried = waiter(Some(t0 + Duration::from_secs(1)));
+    settle().await;
+    assert_eq!(pool.counts().queued, 2);
+    let (code, after) = hurried.await.unwrap();
+    assert_eq!(code, Some("queue_timeout"));
+    assert_eq!(after, Duration::from_secs(1), "at its own deadline");
+    assert_eq!(pool.counts().queued, 1, "the patient one still waits");
+    let (code, after) = patient.await.unwrap();
+    assert_eq!(code, Some("queue_timeout"));
+    assert_eq!(after, Duration::from_secs(5));
+    let none_left = pool
+        .checkout_before(Some(tokio::time::Instant::now()))
+        .await;
+    assert_eq!(
+        none_left.err().map(|e| e.classify().code),
+        Some("queue_timeout")
+    );
+    assert_eq!(pool.counts().queued, 0);
+}
+
 /// Pools that share a name share its gauges (every unlisted origin's pool, a pool
 /// draining after a reload beside its successor): each adds its own sockets, and
 /// one that goes takes only its own away.
