@@ -236,9 +236,10 @@ impl Upstream {
                 let reused = pooled.reused;
                 timing.reused = Some(reused);
                 self.request_form(&mut req, pooled.is_h2())?;
-                // The clock is read three times on the usual path (at the start, here,
-                // and when the head is back): the queue's time ends when the socket is
-                // in hand, which for a reused one is when the request goes out.
+                // The clock is read twice here on the usual path (now, and when the
+                // head is back; the start is the service's read): the queue's time
+                // ends when the socket is in hand, which for a reused one is when the
+                // request goes out.
                 let sent_at = Instant::now();
                 timing.queue += sent_at - queued_at;
                 let head_by = sent_at + config.response_header_timeout;
