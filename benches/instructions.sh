@@ -108,7 +108,7 @@ for target in "${TARGET_LIST[@]}"; do
     if ((TOP > 0)); then
         callgrind_annotate --auto=no --inclusive=no --threshold=100 "$dump" 2>/dev/null |
             awk -v n="$requests" -v top="$TOP" '
-                /^ *[0-9,]+ \(/ && !/PROGRAM TOTALS/ && !/clone|start_thread|thread_start|call_once|__rust_begin/ {
+                /^ *[0-9,]+ \(/ && !/PROGRAM TOTALS/ && !/\(100\.0%\)/ && !/clone|start_thread|thread_start|call_once|__rust_begin/ {
                     ir = $1; gsub(",", "", ir); sub(/^[^ ]+ +\([^)]*\) +/, ""); sub(/^[^:]*:/, "")
                     if (++k <= top) printf "%s\t%.0f\t%s\n", "'"$target"'", ir / n, $0 }' >>"$WORK/top.tsv"
     fi
