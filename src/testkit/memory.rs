@@ -24,7 +24,7 @@ pub async fn connect(pool: &Pool, slot: Slot) -> (Pooled, DuplexStream) {
         let result = conn.await;
         driver_pool.driver_ended(id, result.is_err());
     });
-    (pool.fresh(id, Client::H1(send)), far)
+    (pool.fresh(id, Client::h1(send)), far)
 }
 
 /// Opens an HTTP/2 "connection" for `slot` over an in-memory pipe, with no server

@@ -113,6 +113,11 @@ impl InFlight {
     pub(super) fn pooled(&mut self) -> Pooled {
         self.pooled.take().expect("taken once")
     }
+
+    /// The socket's response-head watch (HTTP/1.1).
+    pub(super) fn head(&self) -> Option<&super::pool::HeadWatch> {
+        self.pooled.as_ref().and_then(Pooled::head)
+    }
 }
 
 impl Future for InFlight {

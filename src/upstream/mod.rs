@@ -248,16 +248,32 @@ impl Upstream {
                 // Owns the socket while the head is awaited: if this request is dropped
                 // (its client left), the exchange finishes in the background and the
                 // socket is kept.
+                // The head's deadline: an HTTP/1.1 connection's watch, which the
+                // pool's reaper fires (no timer of the request's own); a timer for
+                // an HTTP/2 stream.
+                let head_limit = head_by.min(deadline);
+                let mut timer = pin!(None::<tokio::time::Sleep>);
+                match pooled.head() {
+                    Some(_) => pooled.arm_head(head_limit),
+                    None => timer.set(Some(tokio::time::sleep_until(head_limit))),
+                }
                 let mut in_flight = body::InFlight::new(exchange, pooled, deadline);
-                let mut timer = pin!(tokio::time::sleep_until(head_by.min(deadline)));
                 let result = std::future::poll_fn(|cx| {
                     if let Poll::Ready(result) = Pin::new(&mut in_flight).poll(cx) {
                         return Poll::Ready(Some(result));
                     }
-                    timer.as_mut().poll(cx).map(|()| None)
+                    let fired = match (timer.as_mut().as_pin_mut(), in_flight.head()) {
+                        (Some(timer), _) => timer.poll(cx),
+                        (None, Some(head)) => head.poll_fired(cx),
+                        (None, None) => unreachable!("an HTTP/1.1 connection has a watch"),
+                    };
+                    fired.map(|()| None)
                 })
                 .await;
                 let pooled = in_flight.pooled();
+                if let Some(head) = pooled.head() {
+                    head.disarm();
+                }
                 let result = match result {
                     Some(result) => result,
                     None => {
@@ -373,7 +389,7 @@ impl Upstream {
                 let result = conn.as_mut().await;
                 pool.driver_ended(id, result.is_err());
             });
-            Client::H1(send)
+            Client::h1(send)
         };
         Ok(self.pool.fresh(id, client))
     }

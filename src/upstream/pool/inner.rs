@@ -6,7 +6,7 @@
 //! when an exchange completed. Everything here runs under the pool's lock, taken once
 //! per call; handles that may close a socket are dropped after it.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::client::{Client, SendRequest};
 use super::expire::{close_at_check_in, AtCheckIn};
 use super::h2;
+use super::head::HeadWatch;
 use super::metrics::{CloseReason, ConnState, PoolMetrics};
 use super::queue::Queue;
 use super::table::{Limits, Table};
@@ -33,9 +34,15 @@ pub(super) struct Inner {
     pub(super) budget: Option<Arc<Budget>>,
     /// This pool's counts as the budget sees them.
     pub(super) member: Arc<MemberStats>,
-    /// Tells the reaper that a waiter's deadline is earlier than any it knew of
-    /// ([`Queue::armed`](super::queue::Queue::armed)).
-    pub(super) queue_due: Arc<tokio::sync::Notify>,
+    /// Tells the reaper that a deadline is earlier than any it knew of: a waiter's
+    /// ([`Queue::armed`](super::queue::Queue::armed)) or a response head's
+    /// ([`Inner::heads_due`]).
+    pub(super) due: Arc<tokio::sync::Notify>,
+    /// The zero of the pool's millisecond clock, on which response heads are due.
+    pub(super) epoch: Instant,
+    /// The earliest response-head deadline the reaper will wake for (pool
+    /// milliseconds; `u64::MAX`: none).
+    pub(super) heads_due: AtomicU64,
 }
 
 /// What the pool's lock guards.
@@ -163,6 +170,43 @@ impl Inner {
             self.publish(&st);
         }
         st.queue.armed()
+    }
+
+    /// `at` on the pool's millisecond clock, rounded up: a deadline never fires early.
+    pub(super) fn ms_after(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.epoch);
+        since.as_millis() as u64 + u64::from(since.subsec_nanos() % 1_000_000 != 0)
+    }
+
+    /// Arms `head` with the deadline `at` and wakes the reaper if it would sleep past it.
+    pub(super) fn arm_head(&self, head: &HeadWatch, at: Instant) {
+        let at = self.ms_after(at);
+        head.arm(at);
+        // Read first: with one timeout for all, a later request's deadline is later
+        // than the one the reaper waits for, and the word is not written.
+        if at < self.heads_due.load(Ordering::SeqCst)
+            && at < self.heads_due.fetch_min(at, Ordering::SeqCst)
+        {
+            self.due.notify_one();
+        }
+    }
+
+    /// Fires the response-head deadlines due at `now`; when the reaper must look
+    /// again, if any deadline is armed.
+    pub(super) fn expire_heads(&self, now: Instant) -> Option<Instant> {
+        // Cleared before the scan, lowered after it: a deadline armed meanwhile
+        // either is seen by the scan or finds the word above it and wakes the reaper.
+        self.heads_due.store(u64::MAX, Ordering::SeqCst);
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let next = {
+            let st = self.state.lock();
+            st.table
+                .heads()
+                .filter_map(|head| head.fire_if_due(now_ms))
+                .min()
+        }?;
+        self.heads_due.fetch_min(next, Ordering::SeqCst);
+        Some(self.epoch + std::time::Duration::from_millis(next))
     }
 
     /// Pops the most recently used idle connection that is still open.
@@ -377,6 +421,19 @@ impl Pooled {
 
     pub fn is_h2(&self) -> bool {
         self.value.as_ref().is_some_and(Client::is_h2)
+    }
+
+    /// The watch on the response-head deadline of an HTTP/1.1 connection.
+    pub fn head(&self) -> Option<&HeadWatch> {
+        self.value.as_ref().and_then(Client::head).map(|h| &**h)
+    }
+
+    /// Arms this connection's response-head deadline `at` (HTTP/1.1): the pool's
+    /// reaper fires it then.
+    pub fn arm_head(&self, at: Instant) {
+        if let Some(head) = self.head() {
+            self.inner.arm_head(head, at);
+        }
     }
 
     /// Waits until the connection can take a request; an error means it closed.

@@ -40,7 +40,7 @@
 //!
 //! [`Budget::wake`]: super::budget::Budget::wake
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -57,6 +57,7 @@ use crate::telemetry::Telemetry;
 mod client;
 mod expire;
 mod h2;
+mod head;
 mod inner;
 mod metrics;
 mod queue;
@@ -65,6 +66,7 @@ mod snapshot;
 mod table;
 
 pub use client::{Client, SendRequest};
+pub use head::HeadWatch;
 use inner::Inner;
 use inner::{Grant, State};
 pub use inner::{Pooled, Slot};
@@ -119,7 +121,9 @@ impl Pool {
             metrics,
             budget: budget.clone(),
             member: Default::default(),
-            queue_due: Default::default(),
+            due: Default::default(),
+            epoch: Instant::now(),
+            heads_due: AtomicU64::new(u64::MAX),
         });
         let pool = Pool { inner };
         let limits = pool.inner.limits();
@@ -239,7 +243,7 @@ impl Pool {
         self.inner.publish(&st);
         drop(st);
         if rearm {
-            self.inner.queue_due.notify_one();
+            self.inner.due.notify_one();
         }
         Ok(Queued {
             rx,
@@ -336,6 +340,12 @@ impl Pool {
     /// A [`Pooled`] handle for the fresh connection `id`. An HTTP/2 connection is
     /// shared at once: waiting requests get streams on it.
     pub fn fresh(&self, id: u64, value: SendRequest) -> Pooled {
+        if let Some(head) = value.head() {
+            // Where the reaper finds it.
+            if let Some(entry) = self.inner.state.lock().table.get_mut(id) {
+                entry.head = Some(head.clone());
+            }
+        }
         if let Client::H2(h2) = &value {
             let limits = self.inner.limits();
             let mut st = self.inner.state.lock();

@@ -20,22 +20,27 @@ use super::table::Keepalive;
 use crate::config::PoolConfig;
 
 /// Runs a pass every `reap_interval` (read again after each pass, so a reload
-/// changes it) until the pool is gone, and expires the queue's waiters at their
-/// deadlines: the pool's one timer, so that a request that waits sets none.
+/// changes it) until the pool is gone, expires the queue's waiters at their
+/// deadlines, and fires the HTTP/1.1 response-head deadlines (`head`): the pool's one
+/// timer, so that a request sets none of its own.
 pub(super) fn spawn(weak: Weak<Inner>) {
     let Some(inner) = weak.upgrade() else { return };
     let mut period = inner.limits.read().reap_interval;
-    let queue_due = inner.queue_due.clone();
+    let due = inner.due.clone();
     drop(inner);
     tokio::spawn(async move {
         let mut next = Instant::now() + period;
         let mut queue_at = None;
+        let mut heads_at = None;
         loop {
-            let wake = queue_at.map_or(next, |at: Instant| at.min(next));
+            let wake = [queue_at, heads_at]
+                .into_iter()
+                .flatten()
+                .fold(next, Instant::min);
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}
-                // An earlier deadline joined the queue.
-                () = queue_due.notified() => {}
+                // An earlier deadline: a waiter's, or a response head's.
+                () = due.notified() => {}
             }
             let Some(inner) = weak.upgrade() else { return };
             let now = Instant::now();
@@ -43,6 +48,7 @@ pub(super) fn spawn(weak: Weak<Inner>) {
             // is logged and the task goes on (the pool's locks do not poison).
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 queue_at = inner.expire_waiters(now);
+                heads_at = inner.expire_heads(now);
                 if now >= next {
                     pass(&inner, now);
                 }
@@ -50,6 +56,7 @@ pub(super) fn spawn(weak: Weak<Inner>) {
             if ran.is_err() {
                 tracing::error!(upstream = %inner.name, "the pool's reaper panicked; it carries on");
                 queue_at = Some(now + Duration::from_millis(10));
+                heads_at = queue_at;
             }
             if now >= next {
                 period = inner.limits.read().reap_interval;

@@ -102,6 +102,8 @@ pub(super) struct Entry {
     pub(super) keepalive: Option<Keepalive>,
     /// The client handle while the pool holds it (see the module docs).
     held: Option<Client>,
+    /// An HTTP/1.1 connection's response-head watch, for the reaper to fire.
+    pub(super) head: Option<Arc<super::head::HeadWatch>>,
 }
 
 impl Entry {
@@ -119,6 +121,7 @@ impl Entry {
             opened: false,
             keepalive: None,
             held: None,
+            head: None,
         }
     }
 
@@ -264,6 +267,11 @@ impl Table {
             entry.state = state;
         }
         Some(entry)
+    }
+
+    /// The response-head watches of the HTTP/1.1 connections.
+    pub(super) fn heads(&self) -> impl Iterator<Item = &super::head::HeadWatch> {
+        self.entries.values().filter_map(|e| e.head.as_deref())
     }
 
     /// Brings this pool's part of every `state` gauge to its count: one consistent

@@ -435,3 +435,43 @@ async fn pools_of_one_name_add_up_in_their_gauges() {
     settle().await;
     assert_eq!(idle(), Some(0.0));
 }
+
+/// The pool's reaper fires each HTTP/1.1 exchange's response-head deadline at its
+/// time, also one armed later with less time left while the reaper sleeps towards
+/// another's, and a deadline disarmed when the head came never fires.
+#[tokio::test(start_paused = true)]
+async fn the_reaper_fires_each_response_head_deadline_at_its_time() {
+    let (pool, _) = pool(|c| {
+        c.max_connections = 3;
+        // Only a deadline may wake the reaper within the test.
+        c.reap_interval = Duration::from_secs(60);
+    });
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(connect(&pool, slot(&pool).await).await);
+    }
+    let t0 = tokio::time::Instant::now();
+    let fired = |pooled: &Pooled| {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        pooled
+            .head()
+            .expect("HTTP/1.1")
+            .poll_fired(&mut cx)
+            .is_ready()
+    };
+    let s = Duration::from_secs;
+    conns[0].0.arm_head(t0 + s(5));
+    settle().await;
+    conns[1].0.arm_head(t0 + s(1)); // less time left, armed while the reaper sleeps
+    conns[2].0.arm_head(t0 + s(2));
+    conns[2].0.head().unwrap().disarm(); // its head came
+    tokio::time::sleep_until(t0 + Duration::from_millis(999)).await;
+    assert!(!fired(&conns[1].0), "not before its deadline");
+    tokio::time::sleep_until(t0 + s(1) + Duration::from_millis(1)).await;
+    assert!(fired(&conns[1].0), "at its own deadline");
+    assert!(!fired(&conns[0].0), "the other's is still to come");
+    tokio::time::sleep_until(t0 + s(5) + Duration::from_millis(1)).await;
+    assert!(fired(&conns[0].0));
+    assert!(!fired(&conns[2].0), "a disarmed deadline never fires");
+}
