@@ -133,6 +133,10 @@ impl Drop for InFlight {
         let Some(pooled) = self.pooled.take() else {
             return;
         };
+        // The background finish has a timer of its own.
+        if let Some(head) = pooled.head() {
+            head.disarm();
+        }
         if pooled.is_h2() {
             return; // dropping the exchange resets its stream only
         }

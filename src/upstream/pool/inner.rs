@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use tokio::time::Instant;
@@ -15,7 +16,7 @@ use tokio::time::Instant;
 use super::client::{Client, SendRequest};
 use super::expire::{close_at_check_in, AtCheckIn};
 use super::h2;
-use super::head::HeadWatch;
+use super::head::{Due, HeadWatch};
 use super::metrics::{CloseReason, ConnState, PoolMetrics};
 use super::queue::Queue;
 use super::table::{Limits, Table};
@@ -194,19 +195,33 @@ impl Inner {
     /// Fires the response-head deadlines due at `now`; when the reaper must look
     /// again, if any deadline is armed.
     pub(super) fn expire_heads(&self, now: Instant) -> Option<Instant> {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let at = |ms| self.epoch + std::time::Duration::from_millis(ms);
+        let due = self.heads_due.load(Ordering::SeqCst);
+        if due > now_ms {
+            // Nothing can be due: the reaper woke for something else.
+            return (due != u64::MAX).then(|| at(due));
+        }
         // Cleared before the scan, lowered after it: a deadline armed meanwhile
         // either is seen by the scan or finds the word above it and wakes the reaper.
         self.heads_due.store(u64::MAX, Ordering::SeqCst);
-        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        let next = {
+        let mut next = None;
+        let mut fired = Vec::new();
+        {
             let st = self.state.lock();
-            st.table
-                .heads()
-                .filter_map(|head| head.fire_if_due(now_ms))
-                .min()
-        }?;
+            for head in st.table.heads() {
+                match head.fire_if_due(now_ms) {
+                    Due::Idle => {}
+                    Due::Later(ms) => next = Some(next.map_or(ms, |n: u64| n.min(ms))),
+                    Due::Fired(waker) => fired.extend(waker),
+                }
+            }
+        }
+        // Woken after the lock: a wake-up may unpark another worker.
+        fired.into_iter().for_each(Waker::wake);
+        let next = next?;
         self.heads_due.fetch_min(next, Ordering::SeqCst);
-        Some(self.epoch + std::time::Duration::from_millis(next))
+        Some(at(next))
     }
 
     /// Pops the most recently used idle connection that is still open.
@@ -423,9 +438,15 @@ impl Pooled {
         self.value.as_ref().is_some_and(Client::is_h2)
     }
 
-    /// The watch on the response-head deadline of an HTTP/1.1 connection.
+    /// The watch on the response-head deadline of an HTTP/1.1 connection, once the
+    /// pool's reaper keeps it (a connection whose entry was gone before it was
+    /// registered has none, and its request a timer).
     pub fn head(&self) -> Option<&HeadWatch> {
-        self.value.as_ref().and_then(Client::head).map(|h| &**h)
+        self.value
+            .as_ref()
+            .and_then(Client::head)
+            .map(|h| &**h)
+            .filter(|h| h.is_registered())
     }
 
     /// Arms this connection's response-head deadline `at` (HTTP/1.1): the pool's

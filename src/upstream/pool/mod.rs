@@ -30,8 +30,9 @@
 //!   connections, drain, reconfigure, snapshots;
 //! - `inner`: the lock and what it guards, [`Slot`] and [`Pooled`], check-in and
 //!   release, the budget's side of the pool;
-//! - `reap`: the reaper (which also expires the queue's waiters), the warm floor,
-//!   adaptive keep-alive;
+//! - `reap`: the reaper (which also expires the queue's waiters and fires the
+//!   HTTP/1.1 response-head deadlines of `head`), the warm floor, adaptive
+//!   keep-alive;
 //! - `h2`: HTTP/2 stream sharing; `queue`: the waiters' FIFO, hand-off and deadlines;
 //!   `expire`: when a socket must close, as pure functions; `snapshot`: typed
 //!   pictures for `/debug/pools` and the status page;
@@ -343,6 +344,7 @@ impl Pool {
         if let Some(head) = value.head() {
             // Where the reaper finds it.
             if let Some(entry) = self.inner.state.lock().table.get_mut(id) {
+                head.register();
                 entry.head = Some(head.clone());
             }
         }

@@ -55,8 +55,9 @@ pub(super) fn spawn(weak: Weak<Inner>) {
             }));
             if ran.is_err() {
                 tracing::error!(upstream = %inner.name, "the pool's reaper panicked; it carries on");
-                queue_at = Some(now + Duration::from_millis(10));
-                heads_at = queue_at;
+                let soon = now + Duration::from_millis(10);
+                queue_at = Some(soon);
+                heads_at = Some(heads_at.map_or(soon, |at| at.min(soon)));
             }
             if now >= next {
                 period = inner.limits.read().reap_interval;

@@ -474,4 +474,14 @@ async fn the_reaper_fires_each_response_head_deadline_at_its_time() {
     tokio::time::sleep_until(t0 + s(5) + Duration::from_millis(1)).await;
     assert!(fired(&conns[0].0));
     assert!(!fired(&conns[2].0), "a disarmed deadline never fires");
+    // A deadline between two milliseconds fires after it, never before.
+    let odd = tokio::time::Instant::now() + Duration::from_micros(1_000_400);
+    conns[2].0.arm_head(odd);
+    tokio::time::sleep_until(odd - Duration::from_micros(100)).await;
+    assert!(!fired(&conns[2].0), "not early");
+    tokio::time::sleep_until(odd + Duration::from_millis(2)).await;
+    assert!(
+        fired(&conns[2].0),
+        "within the pool's millisecond and tokio's"
+    );
 }
