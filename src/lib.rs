@@ -11,6 +11,7 @@
 //! `ARCHITECTURE.md` has the map.
 
 pub mod admin;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod control;

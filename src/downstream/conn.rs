@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use super::close::ClientClose;
+use crate::clock::MsClock;
 use crate::error::ProxyError;
 use crate::telemetry::{self as t, Telemetry};
 
@@ -49,7 +50,7 @@ pub struct Downstream {
     ids: AtomicU64,
     /// The zero of every connection's millisecond clock (`ClientConn::now_ms`): one
     /// for all, so a connection does not carry its own 16-byte `Instant`.
-    clock: Instant,
+    clock: MsClock,
     /// Per-client-address counters for leak diagnosis.
     pub clients: crate::diagnosis::Clients,
 }
@@ -257,7 +258,7 @@ impl Downstream {
             conns: Mutex::default(),
             freed: Notify::new(),
             ids: AtomicU64::new(1),
-            clock: Instant::now(),
+            clock: MsClock::new(),
             clients: Default::default(),
         });
         telemetry.collect_on_render(Arc::downgrade(&downstream) as Weak<dyn t::Collect>);
@@ -323,7 +324,7 @@ impl Downstream {
 
     /// `now` as milliseconds on the connections' clock.
     fn ms_at(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.clock).as_millis() as u64
+        self.clock.ms(now)
     }
 
     /// A new connection's state, counted as opened and idle; the caller inserts it

@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::pool::{CloseReason, Pool, Slot};
+use crate::clock::MsClock;
 use crate::error::ProxyError;
 
 /// The live tunnels of one upstream, for idle-first eviction.
@@ -33,8 +34,8 @@ pub struct Tunnels {
 
 /// Shared between a tunnel's two copy directions and its watcher.
 pub struct Activity {
-    base: Instant,
-    /// Milliseconds since `base` of the last byte either way.
+    clock: MsClock,
+    /// Milliseconds on `clock` of the last byte either way.
     last: AtomicU64,
     /// The watcher marked the tunnel idle; the next byte wakes it.
     idle: AtomicBool,
@@ -47,7 +48,7 @@ pub struct Activity {
 impl Activity {
     fn new() -> Arc<Activity> {
         Arc::new(Activity {
-            base: Instant::now(),
+            clock: MsClock::new(),
             last: AtomicU64::new(0),
             idle: AtomicBool::new(false),
             wake: Notify::new(),
@@ -57,17 +58,18 @@ impl Activity {
     }
 
     fn touch(&self) {
-        self.last
-            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last.store(self.clock.now_ms(), Ordering::Relaxed);
         if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel) {
             self.wake.notify_one();
         }
     }
 
     fn idle_for(&self) -> Duration {
-        self.base
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
+        let idle = self
+            .clock
+            .now_ms()
+            .saturating_sub(self.last.load(Ordering::Relaxed));
+        Duration::from_millis(idle)
     }
 }
 

@@ -20,6 +20,7 @@ use super::head::{Due, HeadWatch};
 use super::metrics::{CloseReason, ConnState, PoolMetrics};
 use super::queue::Queue;
 use super::table::{Limits, Table};
+use crate::clock::MsClock;
 use crate::upstream::budget::{Budget, BudgetMember, MemberStats};
 use crate::upstream::connect::Connector;
 
@@ -39,8 +40,8 @@ pub(super) struct Inner {
     /// ([`Queue::armed`](super::queue::Queue::armed)) or a response head's
     /// ([`Inner::heads_due`]).
     pub(super) due: Arc<tokio::sync::Notify>,
-    /// The zero of the pool's millisecond clock, on which response heads are due.
-    pub(super) epoch: Instant,
+    /// The pool's millisecond clock, on which response heads are due.
+    pub(super) clock: MsClock,
     /// The earliest response-head deadline the reaper will wake for (pool
     /// milliseconds; `u64::MAX`: none).
     pub(super) heads_due: AtomicU64,
@@ -173,15 +174,10 @@ impl Inner {
         st.queue.armed()
     }
 
-    /// `at` on the pool's millisecond clock, rounded up: a deadline never fires early.
-    pub(super) fn ms_after(&self, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(self.epoch);
-        since.as_millis() as u64 + u64::from(since.subsec_nanos() % 1_000_000 != 0)
-    }
-
     /// Arms `head` with the deadline `at` and wakes the reaper if it would sleep past it.
     pub(super) fn arm_head(&self, head: &HeadWatch, at: Instant) {
-        let at = self.ms_after(at);
+        // Rounded up: a deadline never fires early.
+        let at = self.clock.ms_ceil(at);
         head.arm(at);
         // Read first: with one timeout for all, a later request's deadline is later
         // than the one the reaper waits for, and the word is not written.
@@ -195,8 +191,8 @@ impl Inner {
     /// Fires the response-head deadlines due at `now`; when the reaper must look
     /// again, if any deadline is armed.
     pub(super) fn expire_heads(&self, now: Instant) -> Option<Instant> {
-        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        let at = |ms| self.epoch + std::time::Duration::from_millis(ms);
+        let now_ms = self.clock.ms(now);
+        let at = |ms| self.clock.at(ms);
         let due = self.heads_due.load(Ordering::SeqCst);
         if due > now_ms {
             // Nothing can be due: the reaper woke for something else.

@@ -51,6 +51,7 @@ use tokio::time::Instant;
 
 use super::budget::BudgetMember;
 use super::connect::Connector;
+use crate::clock::MsClock;
 use crate::config::PoolConfig;
 use crate::error::ProxyError;
 use crate::telemetry::Telemetry;
@@ -123,7 +124,7 @@ impl Pool {
             budget: budget.clone(),
             member: Default::default(),
             due: Default::default(),
-            epoch: Instant::now(),
+            clock: MsClock::new(),
             heads_due: AtomicU64::new(u64::MAX),
         });
         let pool = Pool { inner };
