@@ -253,9 +253,8 @@ impl Upstream {
                 // an HTTP/2 stream.
                 let head_limit = head_by.min(deadline);
                 let mut timer = pin!(None::<tokio::time::Sleep>);
-                match pooled.head() {
-                    Some(_) => pooled.arm_head(head_limit),
-                    None => timer.set(Some(tokio::time::sleep_until(head_limit))),
+                if !pooled.arm_head(head_limit) {
+                    timer.set(Some(tokio::time::sleep_until(head_limit)));
                 }
                 let mut in_flight = body::InFlight::new(exchange, pooled, deadline);
                 let result = std::future::poll_fn(|cx| {

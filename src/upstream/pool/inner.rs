@@ -445,12 +445,15 @@ impl Pooled {
             .filter(|h| h.is_registered())
     }
 
-    /// Arms this connection's response-head deadline `at` (HTTP/1.1): the pool's
-    /// reaper fires it then.
-    pub fn arm_head(&self, at: Instant) {
-        if let Some(head) = self.head() {
+    /// Arms this connection's response-head deadline `at`, for the pool's reaper to
+    /// fire then; false if the connection has no watch (HTTP/2), whose request
+    /// needs a timer of its own.
+    pub fn arm_head(&self, at: Instant) -> bool {
+        let head = self.head();
+        if let Some(head) = head {
             self.inner.arm_head(head, at);
         }
+        head.is_some()
     }
 
     /// Waits until the connection can take a request; an error means it closed.

@@ -461,7 +461,10 @@ async fn the_reaper_fires_each_response_head_deadline_at_its_time() {
             .is_ready()
     };
     let s = Duration::from_secs;
-    conns[0].0.arm_head(t0 + s(5));
+    assert!(
+        conns[0].0.arm_head(t0 + s(5)),
+        "an HTTP/1.1 connection has a watch"
+    );
     settle().await;
     conns[1].0.arm_head(t0 + s(1)); // less time left, armed while the reaper sleeps
     conns[2].0.arm_head(t0 + s(2));
