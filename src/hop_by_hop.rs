@@ -24,11 +24,24 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 pub const CONNECTION: u16 = 1;
 pub const KEEP_ALIVE: u16 = 1 << 1;
 pub const TRANSFER_ENCODING: u16 = 1 << 5;
+/// The bits of [`HOP_BY_HOP`]'s names; [`Present`] keeps only these.
+const HOP_BITS: u16 = (1 << HOP_BY_HOP.len()) - 1;
 
-/// The bit of `name`'s place in [`HOP_BY_HOP`], or 0: a `match` on the name is a
-/// switch on its length and one comparison, where `==` on each `HeaderName` (or on
-/// each one's `as_str`) costs a comparison per entry, 3–4× the time in
-/// benches/headers.rs. The two lists are held together by a test.
+/// Bits past the hop-by-hop ones, for the end-to-end names a pass over a head looks
+/// for: [`bit`] finds them in the same `match`, where a `==` on each field's name
+/// would cost a comparison per field (the head's pass in `proxy::checks` reads
+/// `Host` and `Content-Length`, the response's in `upstream::response` reads
+/// `Content-Length`, `Location` and `WWW-Authenticate`).
+pub const CONTENT_LENGTH: u16 = 1 << 9;
+pub const HOST: u16 = 1 << 10;
+pub const LOCATION: u16 = 1 << 11;
+pub const WWW_AUTHENTICATE: u16 = 1 << 12;
+
+/// The bit of `name`'s place in [`HOP_BY_HOP`], or of one of the end-to-end names
+/// above, or 0: a `match` on the name is a switch on its length and one comparison,
+/// where `==` on each `HeaderName` (or on each one's `as_str`) costs a comparison
+/// per entry, 3–4× the time in benches/headers.rs. The two lists are held together
+/// by a test.
 pub fn bit(name: &HeaderName) -> u16 {
     let i = match name.as_str() {
         "connection" => 0,
@@ -40,6 +53,10 @@ pub fn bit(name: &HeaderName) -> u16 {
         "upgrade" => 6,
         "proxy-authorization" => 7,
         "proxy-authenticate" => 8,
+        "content-length" => return CONTENT_LENGTH,
+        "host" => return HOST,
+        "location" => return LOCATION,
+        "www-authenticate" => return WWW_AUTHENTICATE,
         _ => return 0,
     };
     1 << i
@@ -64,14 +81,15 @@ impl Present {
         present
     }
 
-    /// Notes one field; its bit (0 for an end-to-end field).
+    /// Notes one field; its [`bit`] (0 for an end-to-end field other than the few
+    /// [`bit`] knows).
     pub fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> u16 {
         let bit = bit(name);
         // The Connection values are read as the pass meets them: no lookup of their own.
         if bit == CONNECTION && !self.others {
             self.others = names_others(value);
         }
-        self.bits |= bit;
+        self.bits |= bit & HOP_BITS;
         bit
     }
 
@@ -200,7 +218,21 @@ mod tests {
             assert!(!is_hop_by_hop(other.as_bytes()), "{other}");
         }
         assert_eq!(bit(&header::CONNECTION), CONNECTION);
-        for name in [header::HOST, header::CONTENT_LENGTH, header::AUTHORIZATION] {
+        let wanted = [
+            (header::CONTENT_LENGTH, CONTENT_LENGTH),
+            (header::HOST, HOST),
+            (header::LOCATION, LOCATION),
+            (header::WWW_AUTHENTICATE, WWW_AUTHENTICATE),
+        ];
+        for (name, wanted) in wanted {
+            assert_eq!(bit(&name), wanted, "{name}");
+            assert_eq!(wanted & HOP_BITS, 0, "{name}");
+            // A pass notes it, and strips nothing for it.
+            let mut present = Present::default();
+            assert_eq!(present.note(&name, &HeaderValue::from_static("x")), wanted);
+            assert_eq!(present.bits, 0, "{name}");
+        }
+        for name in [header::AUTHORIZATION, header::CONTENT_TYPE, header::DATE] {
             assert_eq!(bit(&name), 0, "{name}");
         }
     }

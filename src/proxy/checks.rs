@@ -5,26 +5,71 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::Authority;
-use http::{Method, Request, Uri, Version};
-use hyper::body::Incoming;
+use http::{Method, Uri, Version};
 
 use crate::error::ProxyError;
+use crate::hop_by_hop::{self as hop, Present};
 use crate::route::Mode;
+
+/// What tether reads of a request head before it forwards it, in one pass over its
+/// fields: its `Host` fields, whether it is framed by a length or a coding, and its
+/// hop-by-hop headers. The lookups of what a head lacks (most have no
+/// `Content-Length`, `Transfer-Encoding` or hop-by-hop field) cost nothing.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RequestNotes {
+    /// How many `Host` fields, counted to 2.
+    hosts: u8,
+    /// Whether the first `Host` is `host[:port]` ([`is_host_and_port`]).
+    host_ok: bool,
+    /// Whether it has `Content-Length` or `Transfer-Encoding` ([`check_framing`]).
+    framed: bool,
+    /// The hop-by-hop headers to remove before it goes upstream.
+    pub(super) hop_by_hop: Present,
+}
+
+impl RequestNotes {
+    pub(super) fn of(headers: &HeaderMap) -> RequestNotes {
+        let mut notes = RequestNotes {
+            hosts: 0,
+            host_ok: false,
+            framed: false,
+            hop_by_hop: Present::default(),
+        };
+        for (name, value) in headers.iter() {
+            match notes.hop_by_hop.note(name, value) {
+                0 => {}
+                hop::HOST => {
+                    if notes.hosts == 0 {
+                        notes.host_ok = is_host_and_port(value.as_bytes());
+                    }
+                    notes.hosts = (notes.hosts + 1).min(2);
+                }
+                hop::CONTENT_LENGTH | hop::TRANSFER_ENCODING => notes.framed = true,
+                _ => {}
+            }
+        }
+        notes
+    }
+
+    /// Whether [`check_framing`] has anything to look at.
+    pub(super) fn framed(&self) -> bool {
+        self.framed
+    }
+}
 
 /// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without `Host`,
 /// and to any request with more than one or with one that is not `host[:port]`
 /// (empty is allowed). Filling in or choosing a Host would let tether and the next
-/// hop disagree about which site a request is for.
-pub(super) fn check_host(req: &Request<Incoming>) -> Result<(), ProxyError> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (None, _) if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest(
+/// hop disagree about which site a request is for. `notes` are the request's.
+pub(super) fn check_host(version: Version, notes: &RequestNotes) -> Result<(), ProxyError> {
+    match notes.hosts {
+        0 if version == Version::HTTP_11 => Err(ProxyError::BadRequest(
             "an HTTP/1.1 request needs a Host header",
         )),
-        (None, _) => Ok(()),
-        (Some(_), Some(_)) => Err(ProxyError::BadRequest("more than one Host header")),
-        (Some(host), None) if is_host_and_port(host.as_bytes()) => Ok(()),
-        (Some(_), None) => Err(ProxyError::BadRequest("the Host header is not host[:port]")),
+        0 => Ok(()),
+        1 if notes.host_ok => Ok(()),
+        1 => Err(ProxyError::BadRequest("the Host header is not host[:port]")),
+        _ => Err(ProxyError::BadRequest("more than one Host header")),
     }
 }
 
@@ -137,6 +182,53 @@ pub(super) fn has_either(headers: &HeaderMap, a: &HeaderName, b: &HeaderName) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn notes(fields: &[(&'static str, &'static str)]) -> RequestNotes {
+        let mut headers = HeaderMap::new();
+        for &(name, value) in fields {
+            headers.append(
+                HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            );
+        }
+        RequestNotes::of(&headers)
+    }
+
+    /// The one pass finds what the checks need wherever in the head it is.
+    #[test]
+    fn one_pass_over_the_head_reads_its_host_framing_and_hop_by_hop_fields() {
+        let v11 = Version::HTTP_11;
+        let usual = notes(&[("user-agent", "x"), ("host", "registry:5000")]);
+        assert!(check_host(v11, &usual).is_ok());
+        assert!(!usual.framed());
+        assert!(!usual.hop_by_hop.has(hop::CONNECTION));
+
+        assert!(check_host(v11, &notes(&[("accept", "*/*")])).is_err());
+        assert!(check_host(Version::HTTP_10, &notes(&[("accept", "*/*")])).is_ok());
+        let two = notes(&[("host", "a"), ("accept", "*/*"), ("host", "a")]);
+        assert!(matches!(
+            check_host(v11, &two),
+            Err(ProxyError::BadRequest("more than one Host header"))
+        ));
+        // The first Host is the one judged; a bad second one is still a second one.
+        let bad_second = notes(&[("host", "a"), ("host", "a b")]);
+        assert!(matches!(
+            check_host(v11, &bad_second),
+            Err(ProxyError::BadRequest("more than one Host header"))
+        ));
+        let bad = notes(&[("host", "user@a")]);
+        assert!(matches!(
+            check_host(v11, &bad),
+            Err(ProxyError::BadRequest("the Host header is not host[:port]"))
+        ));
+
+        let length = notes(&[("host", "a"), ("content-length", "3")]);
+        assert!(length.framed());
+        let coded = notes(&[("transfer-encoding", "chunked"), ("host", "a")]);
+        assert!(coded.framed() && coded.hop_by_hop.has(hop::TRANSFER_ENCODING));
+        let closing = notes(&[("host", "a"), ("connection", "close")]);
+        assert!(closing.hop_by_hop.has(hop::CONNECTION) && !closing.framed());
+    }
 
     #[test]
     fn a_host_header_is_a_host_with_an_optional_port() {

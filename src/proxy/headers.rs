@@ -7,25 +7,28 @@ use http::header::{self, HeaderValue};
 use http::Request;
 use hyper::body::Incoming;
 
-use super::checks::check_framing;
+use super::checks::{check_framing, RequestNotes};
 use crate::error::ProxyError;
-use crate::hop_by_hop::strip_hop_by_hop;
 use crate::upstream::Upstream;
 
 pub(super) const VIA: HeaderValue = HeaderValue::from_static("1.1 tether");
 
 /// Turns the client's request headers into the ones the upstream gets: `Host`
 /// naming the upstream (or the client's own, with `keep_host`, when it has one), no
-/// hop-by-hop headers, `Via` added. The target's form is the upstream's to choose,
-/// per connection (see [`Upstream::send`]).
+/// hop-by-hop headers, `Via` added. `notes` are the head's, read once
+/// ([`RequestNotes`]). The target's form is the upstream's to choose, per
+/// connection (see [`Upstream::send`]).
 pub(super) fn prepare_request(
     req: &mut Request<Incoming>,
+    notes: &RequestNotes,
     upstream: &Upstream,
     keep_host: bool,
 ) -> Result<(), ProxyError> {
-    check_framing(req.headers())?;
+    if notes.framed() {
+        check_framing(req.headers())?;
+    }
     let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
+    notes.hop_by_hop.strip(headers);
     if !(keep_host && headers.contains_key(header::HOST)) {
         headers.insert(header::HOST, upstream.host_header()?);
     }

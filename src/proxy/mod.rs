@@ -24,7 +24,7 @@ pub use crate::hop_by_hop::strip_hop_by_hop;
 use access::Exchange;
 use body::ProxyBody;
 pub use checks::check_framing;
-use checks::{check_host, check_target};
+use checks::{check_host, check_target, RequestNotes};
 use headers::{prepare_request, VIA};
 
 use crate::downstream::{ClientConn, RequestGuard};
@@ -58,7 +58,9 @@ pub fn handle(
         // Boxed once here: the body that writes its line at the end carries it.
         let mut exchange = Box::new(Exchange::new(&req, client.peer, started));
         let connect = req.method() == Method::CONNECT;
-        let result = match check_host(&req) {
+        // The head's fields are read once, for every check and rewrite below.
+        let notes = RequestNotes::of(req.headers());
+        let result = match check_host(req.version(), &notes) {
             Err(e) => Err(e),
             // Boxed, as the upstream's connect is: a tunnel's set-up would otherwise
             // make every forwarded request's future that much larger.
@@ -72,7 +74,7 @@ pub fn handle(
                 ))
                 .await
             }
-            Ok(()) => forward(req, &shared, mode, &mut exchange).await,
+            Ok(()) => forward(req, notes, &shared, mode, &mut exchange).await,
         };
         let mut response = match result {
             Ok(response) => response,
@@ -101,6 +103,7 @@ pub fn handle(
 )]
 fn forward<'a>(
     mut req: Request<Incoming>,
+    notes: RequestNotes,
     shared: &'a Shared,
     mode: Mode,
     exchange: &'a mut Exchange,
@@ -111,7 +114,7 @@ fn forward<'a>(
         let upstream = route::upstream(shared, &table, mode, req.uri()).await?;
         exchange.upstream = Some(upstream.clone());
         let keep_host = matches!(mode, Mode::Intercept(_));
-        prepare_request(&mut req, &upstream, keep_host)?;
+        prepare_request(&mut req, &notes, &upstream, keep_host)?;
         let (parts, body) = req.into_parts();
         let (body, bytes) = RequestBody::counted(body);
         exchange.request_bytes = bytes;
@@ -121,7 +124,8 @@ fn forward<'a>(
             upstream.send(req, started, &mut exchange.timing).await?;
         // Its hop-by-hop headers are gone (`Upstream::send`).
         response.headers_mut().append(header::VIA, VIA);
-        if upstream.rewrite_realm {
+        // Most responses have neither Location nor WWW-Authenticate (`Timing::links`).
+        if upstream.rewrite_realm && exchange.timing.links {
             // The host the client addressed points rewritten URLs back at tether.
             let client_host = || exchange.client_host();
             rewrite::response_headers(&table, mode, client_host, response.headers_mut());

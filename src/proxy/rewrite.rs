@@ -14,7 +14,9 @@ use crate::policy::Origin;
 use crate::route::{self, Mode};
 use crate::Table;
 
-/// Rewrites `WWW-Authenticate` Bearer realms and `Location` in place.
+/// Rewrites `WWW-Authenticate` Bearer realms and `Location` in place. (`forward`
+/// calls it only for a head that has either, as the pass over the response head
+/// found: `Timing::links`.)
 ///
 /// `client_host` gives the host the client addressed (read only when there is
 /// something to rewrite).
@@ -24,10 +26,6 @@ pub fn response_headers<'h>(
     client_host: impl FnOnce() -> Option<&'h str>,
     headers: &mut HeaderMap,
 ) {
-    // Most responses have neither: nothing to work out for them.
-    if !super::checks::has_either(headers, &header::LOCATION, &header::WWW_AUTHENTICATE) {
-        return;
-    }
     let client_host = client_host().map(host_only);
     let rewrite = |url: &str| rewrite_url(table, mode, client_host, url);
     if let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {

@@ -63,7 +63,8 @@ pub struct Upstream {
     host: Result<HeaderValue, http::header::InvalidHeaderValue>,
 }
 
-/// Where an exchange's time went before its response head, for the access log.
+/// Where an exchange's time went before its response head, for the access log, and
+/// what the head's one pass found that the caller reads.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Timing {
     /// Waiting for a socket (or the right to open one), retries included.
@@ -74,6 +75,8 @@ pub struct Timing {
     pub reused: Option<bool>,
     /// When the upstream's response head arrived, if it did.
     pub head_at: Option<Instant>,
+    /// The head has `Location` or `WWW-Authenticate`, for `proxy::rewrite`.
+    pub links: bool,
 }
 
 /// How long a resolution of an upstream's host is trusted when matching redirected
@@ -301,7 +304,9 @@ impl Upstream {
                             close,
                             keep_alive,
                             hop_by_hop,
+                            links,
                         } = HeadNotes::of(resp.headers());
+                        timing.links = links;
                         if let Some((timeout, max)) = keep_alive {
                             self.pool.advertised_keepalive(pooled.id(), timeout, max);
                         }

@@ -2,7 +2,7 @@
 //! asked to, or its framing was ambiguous), or keep it for the advertised
 //! `Keep-Alive` parameters.
 
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 
 use super::CloseReason;
 use crate::hop_by_hop::{self as hop, connection_options, Present};
@@ -17,21 +17,26 @@ pub(super) struct HeadNotes {
     pub keep_alive: Option<(Option<std::time::Duration>, Option<u64>)>,
     /// The hop-by-hop headers to remove before the head goes to the client.
     pub hop_by_hop: Present,
+    /// It has `Location` or `WWW-Authenticate`, URLs `proxy::rewrite` may point
+    /// back at tether.
+    pub links: bool,
 }
 
 impl HeadNotes {
     pub(super) fn of(headers: &http::HeaderMap) -> HeadNotes {
-        let (mut length, mut asks_close) = (false, false);
+        let (mut length, mut asks_close, mut links) = (false, false, false);
         let mut hop_by_hop = Present::default();
         let mut keep_alive = None;
-        // The hop-by-hop headers are found by their bits, and Content-Length, the one
-        // end-to-end name wanted, by `==` among the rest. The values wanted are read
-        // as the pass meets them, with no lookup of their own.
+        // The names wanted are found by their bits, hop-by-hop and end-to-end alike,
+        // and the values wanted read as the pass meets them, with no lookup of their
+        // own.
         for (name, value) in headers.iter() {
             match hop_by_hop.note(name, value) {
-                0 => length = length || name == header::CONTENT_LENGTH,
+                0 => {}
+                hop::CONTENT_LENGTH => length = true,
                 hop::CONNECTION => asks_close = asks_close || wants_close(value),
                 hop::KEEP_ALIVE if keep_alive.is_none() => keep_alive = Some(value),
+                hop::LOCATION | hop::WWW_AUTHENTICATE => links = true,
                 _ => {}
             }
         }
@@ -47,6 +52,7 @@ impl HeadNotes {
             close,
             keep_alive: keep_alive.and_then(keep_alive_params),
             hop_by_hop,
+            links,
         }
     }
 }
@@ -171,5 +177,23 @@ mod tests {
         let mut left: Vec<&str> = head.keys().map(|n| n.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-length", "etag"]);
+        assert!(!notes.links);
+    }
+
+    /// The same pass tells the caller whether the head carries a URL it may rewrite.
+    #[test]
+    fn the_same_pass_finds_a_location_or_a_challenge() {
+        for (name, value) in [
+            ("location", "http://auth:8080/"),
+            ("www-authenticate", "Bearer realm=\"http://auth/token\""),
+        ] {
+            let notes = HeadNotes::of(&headers(&[("content-length", "0"), (name, value)]));
+            assert!(notes.links, "{name}");
+            // Neither is hop-by-hop: both reach the client.
+            let mut head = headers(&[(name, value)]);
+            notes.hop_by_hop.strip(&mut head);
+            assert!(head.contains_key(name), "{name}");
+        }
+        assert!(!HeadNotes::of(&headers(&[("content-location", "/x")])).links);
     }
 }
