@@ -501,17 +501,23 @@ impl Drop for Pooled {
     }
 }
 
-/// The state gauges, set from the table under the lock when a scrape renders.
+/// The state and queue gauges, set from the table and the queue under the lock when
+/// a scrape renders.
 impl crate::telemetry::Collect for Inner {
     fn collect(&self) {
-        self.state.lock().table.publish_gauges();
+        let mut st = self.state.lock();
+        st.table.publish_gauges();
+        st.queue.publish_depth();
     }
 }
 
-/// A pool goes once its last socket has: its gauges fall to the table's zeros.
+/// A pool goes once its last socket has: its gauges fall to the table's zeros, and
+/// its queue's to none waiting.
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.state.get_mut().table.publish_gauges();
+        let st = self.state.get_mut();
+        st.table.publish_gauges();
+        st.queue.unpublish_depth();
     }
 }
 

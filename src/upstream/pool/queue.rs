@@ -2,7 +2,8 @@
 //!
 //! A waiter is sent a grant (a ready connection, or the right to open one) through a
 //! oneshot channel; one that gave up has dropped its receiver, so a grant it could not
-//! take comes back to the pool. The queue moves its depth gauge with every change.
+//! take comes back to the pool. Its depth gauge is set when a scrape renders
+//! ([`Queue::publish_depth`]), not at each change.
 //!
 //! Each waiter has a deadline, and the queue keeps the time its pool's timer must
 //! next look at it ([`Queue::armed`]): the reaper's one timer sends [`Expired`] to the
@@ -40,6 +41,9 @@ pub(super) struct Queue<G> {
     waiters: VecDeque<Waiter<G>>,
     next_id: u64,
     depth: Gauge,
+    /// The depth last added to `depth`, which the pools of one name share (every
+    /// unlisted origin's, and a draining pool's with its successor's).
+    published: usize,
     /// When the pool's timer looks at the queue next: no later than the earliest
     /// deadline of a waiter.
     armed: Option<Instant>,
@@ -55,6 +59,7 @@ impl<G> Queue<G> {
             waiters: VecDeque::new(),
             next_id: 0,
             depth,
+            published: 0,
             armed: None,
             hurried: 0,
         }
@@ -94,15 +99,29 @@ impl<G> Queue<G> {
         if self.waiters.is_empty() {
             self.hurried = 0;
         }
-        let expired = before - self.waiters.len();
-        if expired > 0 {
-            self.depth.set(self.waiters.len() as f64);
-        }
-        expired
+        before - self.waiters.len()
     }
 
     pub(super) fn len(&self) -> usize {
         self.waiters.len()
+    }
+
+    /// Adds to the depth gauge the change since its last publication (at a scrape):
+    /// the gauge says how many wait when it is read, and the hot path moves no float.
+    pub(super) fn publish_depth(&mut self) {
+        self.publish(self.waiters.len());
+    }
+
+    /// Takes this queue's share out of the depth gauge: its pool is gone.
+    pub(super) fn unpublish_depth(&mut self) {
+        self.publish(0);
+    }
+
+    fn publish(&mut self, n: usize) {
+        if n != self.published {
+            self.depth.increment(n as f64 - self.published as f64);
+            self.published = n;
+        }
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -136,7 +155,6 @@ impl<G> Queue<G> {
             slot_only,
             deadline,
         });
-        self.depth.set(self.waiters.len() as f64);
         let rearm = self.armed.is_none_or(|armed| deadline < armed);
         if rearm {
             self.armed = Some(deadline);
@@ -151,7 +169,6 @@ impl<G> Queue<G> {
             return false;
         };
         self.waiters.remove(pos);
-        self.depth.set(self.waiters.len() as f64);
         true
     }
 
@@ -161,14 +178,10 @@ impl<G> Queue<G> {
         while let Some(pos) = self.waiters.iter().position(|w| !w.slot_only) {
             let waiter = self.waiters.remove(pos).expect("position is in range");
             match waiter.tx.send(Ok(grant)) {
-                Ok(()) => {
-                    self.depth.set(self.waiters.len() as f64);
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(back) => grant = back.unwrap_or_else(|_| unreachable!("sent a grant")),
             }
         }
-        self.depth.set(self.waiters.len() as f64);
         Err(grant)
     }
 
@@ -179,7 +192,6 @@ impl<G> Queue<G> {
         let Some(waiter) = self.waiters.pop_front() else {
             return Err(grant);
         };
-        self.depth.set(self.waiters.len() as f64);
         waiter
             .tx
             .send(Ok(grant))

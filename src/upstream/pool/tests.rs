@@ -436,6 +436,60 @@ async fn pools_of_one_name_add_up_in_their_gauges() {
     assert_eq!(idle(), Some(0.0));
 }
 
+/// The queue depth is read at the scrape, and pools of one name add their waiters
+/// up in it: with `set` at each change, the last pool to move its queue would win.
+#[tokio::test(start_paused = true)]
+async fn the_queue_depth_of_pools_of_one_name_adds_up_at_each_scrape() {
+    let telemetry = Telemetry::new();
+    let origin = Origin::parse_authority("upstream.test:80").unwrap();
+    let new_pool = || {
+        let connector = Connector::plain(origin.clone(), false);
+        let config = PoolConfig {
+            max_connections: 1,
+            ..PoolConfig::default()
+        };
+        Pool::new("up", connector, config, &telemetry)
+    };
+    let (first, second) = (new_pool(), new_pool());
+    let depth = || {
+        let text = telemetry.render();
+        metric(
+            &text,
+            crate::telemetry::UPSTREAM_QUEUE_DEPTH,
+            &[("upstream", "up")],
+        )
+    };
+    let (_held_first, _far_first) = connect(&first, slot(&first).await).await;
+    let (held_second, _far_second) = connect(&second, slot(&second).await).await;
+    let wait = |pool: &Pool| {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.checkout().await.is_ok() })
+    };
+    let waiters = [wait(&first), wait(&first), wait(&second)];
+    settle().await;
+    assert_eq!(
+        depth(),
+        Some(3.0),
+        "two wait on the first pool, one on the second"
+    );
+    // The second pool's socket goes back: its waiter takes it and leaves the queue.
+    drop(held_second);
+    settle().await;
+    assert_eq!(second.counts().queued, 0);
+    assert_eq!(depth(), Some(2.0), "the first pool's two still wait");
+    let [a, b, c] = waiters;
+    assert!(c.await.unwrap(), "the second pool's waiter was served");
+    a.abort();
+    b.abort();
+    settle().await;
+    assert_eq!(first.counts().queued, 0);
+    assert_eq!(
+        depth(),
+        Some(0.0),
+        "waiters that gave up are gone from the gauge"
+    );
+}
+
 /// The pool's reaper fires each HTTP/1.1 exchange's response-head deadline at its
 /// time, also one armed later with less time left while the reaper sleeps towards
 /// another's, and a deadline disarmed when the head came never fires.
