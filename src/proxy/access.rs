@@ -7,7 +7,9 @@
 //! are milliseconds rounded to microseconds. Only the path of the target is logged
 //! (query strings carry tokens), the target authority without any userinfo, and no
 //! header value at all. An [`Exchange`] holds cheap clones (the URI and authority
-//! share the request's bytes), so keeping one per request allocates nothing.
+//! share the request's bytes), so keeping one per request allocates nothing; with
+//! the access log off (`RUST_LOG` below `info` for `tether::access`, as the benches
+//! run) it keeps no method or URI and works out no duration.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -25,8 +27,8 @@ use crate::upstream::{BodyBytes, Timing, Upstream};
 pub struct Exchange {
     started: Instant,
     client: SocketAddr,
-    method: Method,
-    uri: Uri,
+    /// The request's method and target, when the access log is on.
+    logged: Option<(Method, Uri)>,
     target: Target,
     /// The upstream chosen for it, once chosen.
     pub(super) upstream: Option<Arc<Upstream>>,
@@ -35,8 +37,8 @@ pub struct Exchange {
     status: StatusCode,
     /// Why it failed, if it did.
     error: Option<ErrorKind>,
-    /// From the request head to the response head.
-    ttfb: std::time::Duration,
+    /// When the response head was ready (the time to first byte ends there).
+    head_at: Instant,
     /// Response body bytes sent to the client.
     pub(super) response_bytes: u64,
 }
@@ -57,18 +59,19 @@ impl Exchange {
                 None => Target::None,
             },
         };
+        let logged = tracing::enabled!(target: "tether::access", tracing::Level::INFO)
+            .then(|| (req.method().clone(), req.uri().clone()));
         Exchange {
             started,
             client,
-            method: req.method().clone(),
-            uri: req.uri().clone(),
+            logged,
             target,
             upstream: None,
             timing: Timing::default(),
             request_bytes: BodyBytes::default(),
             status: StatusCode::OK,
             error: None,
-            ttfb: std::time::Duration::ZERO,
+            head_at: started,
             response_bytes: 0,
         }
     }
@@ -93,8 +96,7 @@ impl Exchange {
     pub(super) fn head(&mut self, status: StatusCode, error: Option<ErrorKind>) {
         self.status = status;
         self.error = error;
-        let head_at = self.timing.head_at.unwrap_or_else(Instant::now);
-        self.ttfb = head_at.saturating_duration_since(self.started);
+        self.head_at = self.timing.head_at.unwrap_or_else(Instant::now);
         if let Some(upstream) = &self.upstream {
             upstream.pool.metrics().responded(status, error);
         }
@@ -110,21 +112,24 @@ impl Exchange {
         }
     }
 
-    /// Writes the line: the exchange is over.
+    /// Writes the line, if the access log is on: the exchange is over.
     pub(super) fn finish(&self) {
+        let Some((method, uri)) = &self.logged else {
+            return;
+        };
         tracing::info!(
             target: "tether::access",
             client = %self.client,
             upstream = self.upstream.as_ref().map(|u| &*u.name),
             target = self.target.shown().map(tracing::field::display),
-            method = %self.method,
-            path = self.uri.path(),
+            method = %method,
+            path = uri.path(),
             status = self.status.as_u16(),
             error = self.error.map(ErrorKind::as_str),
             queue_ms = self.upstream.as_ref().map(|_| millis(self.timing.queue)),
             connect_ms = self.timing.connect.map(millis),
             reused = self.timing.reused,
-            ttfb_ms = millis(self.ttfb),
+            ttfb_ms = millis(self.head_at.saturating_duration_since(self.started)),
             duration_ms = millis(self.started.elapsed()),
             bytes_in = self.request_bytes.get(),
             bytes_out = self.response_bytes,
