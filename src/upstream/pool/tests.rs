@@ -398,18 +398,24 @@ async fn each_waiter_is_expired_at_its_own_deadline() {
     assert_eq!(pool.counts().queued, 0);
 }
 
+/// Two pools of one name and origin reporting to `telemetry`, as every unlisted
+/// origin's pool is `upstream="unlisted"`.
+fn two_pools_of_one_name(telemetry: &Telemetry, config: PoolConfig) -> (Pool, Pool) {
+    let origin = Origin::parse_authority("upstream.test:80").unwrap();
+    let new_pool = || {
+        let connector = Connector::plain(origin.clone(), false);
+        Pool::new("up", connector, config.clone(), telemetry)
+    };
+    (new_pool(), new_pool())
+}
+
 /// Pools that share a name share its gauges (every unlisted origin's pool, a pool
 /// draining after a reload beside its successor): each adds its own sockets, and
 /// one that goes takes only its own away.
 #[tokio::test(start_paused = true)]
 async fn pools_of_one_name_add_up_in_their_gauges() {
     let telemetry = Telemetry::new();
-    let origin = Origin::parse_authority("upstream.test:80").unwrap();
-    let new_pool = || {
-        let connector = Connector::plain(origin.clone(), false);
-        Pool::new("up", connector, PoolConfig::default(), &telemetry)
-    };
-    let (first, second) = (new_pool(), new_pool());
+    let (first, second) = two_pools_of_one_name(&telemetry, PoolConfig::default());
     let idle = || {
         let text = telemetry.render();
         metric(
@@ -441,16 +447,11 @@ async fn pools_of_one_name_add_up_in_their_gauges() {
 #[tokio::test(start_paused = true)]
 async fn the_queue_depth_of_pools_of_one_name_adds_up_at_each_scrape() {
     let telemetry = Telemetry::new();
-    let origin = Origin::parse_authority("upstream.test:80").unwrap();
-    let new_pool = || {
-        let connector = Connector::plain(origin.clone(), false);
-        let config = PoolConfig {
-            max_connections: 1,
-            ..PoolConfig::default()
-        };
-        Pool::new("up", connector, config, &telemetry)
+    let config = PoolConfig {
+        max_connections: 1,
+        ..PoolConfig::default()
     };
-    let (first, second) = (new_pool(), new_pool());
+    let (first, second) = two_pools_of_one_name(&telemetry, config);
     let depth = || {
         let text = telemetry.render();
         metric(
