@@ -20,7 +20,8 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHENTICATE,
 ];
 
-/// The bits of [`bit`] for the names whose values a response head is read for.
+/// The bits of [`bit`] for the hop-by-hop names whose values a head is read for
+/// (`Transfer-Encoding` by the request's pass too, for its framing).
 pub const CONNECTION: u16 = 1;
 pub const KEEP_ALIVE: u16 = 1 << 1;
 pub const TRANSFER_ENCODING: u16 = 1 << 5;
@@ -93,7 +94,9 @@ impl Present {
         bit
     }
 
-    /// Whether the head has the header of `bit`.
+    /// Whether the head has the hop-by-hop header of `bit` (never true for the
+    /// end-to-end bits, which a pass gets from [`Present::note`] and this keeps none
+    /// of).
     pub fn has(&self, bit: u16) -> bool {
         self.bits & bit != 0
     }

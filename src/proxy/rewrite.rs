@@ -14,12 +14,11 @@ use crate::policy::Origin;
 use crate::route::{self, Mode};
 use crate::Table;
 
-/// Rewrites `WWW-Authenticate` Bearer realms and `Location` in place. (`forward`
-/// calls it only for a head that has either, as the pass over the response head
-/// found: `Timing::links`.)
+/// Rewrites `WWW-Authenticate` Bearer realms and `Location` in place. `forward`
+/// calls it only for a response whose head had either, as the pass over the head
+/// found (`Timing::links`), so a response with neither works nothing out here.
 ///
-/// `client_host` gives the host the client addressed (read only when there is
-/// something to rewrite).
+/// `client_host` gives the host the client addressed.
 pub fn response_headers<'h>(
     table: &Table,
     mode: Mode,

@@ -2,8 +2,8 @@
 //!
 //! A waiter is sent a grant (a ready connection, or the right to open one) through a
 //! oneshot channel; one that gave up has dropped its receiver, so a grant it could not
-//! take comes back to the pool. Its depth gauge is set when a scrape renders
-//! ([`Queue::publish_depth`]), not at each change.
+//! take comes back to the pool. Its share of the depth gauge is brought up to date
+//! when a scrape renders ([`Queue::publish_depth`]), not at each change.
 //!
 //! Each waiter has a deadline, and the queue keeps the time its pool's timer must
 //! next look at it ([`Queue::armed`]): the reaper's one timer sends [`Expired`] to the
@@ -41,8 +41,9 @@ pub(super) struct Queue<G> {
     waiters: VecDeque<Waiter<G>>,
     next_id: u64,
     depth: Gauge,
-    /// The depth last added to `depth`, which the pools of one name share (every
-    /// unlisted origin's, and a draining pool's with its successor's).
+    /// This queue's share of `depth` as last published: the pools of one name share
+    /// the gauge (every unlisted origin's, and a draining pool's with its
+    /// successor's), and each adds only its own change.
     published: usize,
     /// When the pool's timer looks at the queue next: no later than the earliest
     /// deadline of a waiter.
@@ -216,6 +217,33 @@ mod tests {
     ) -> (u64, oneshot::Receiver<Granted<&'static str>>) {
         let (id, rx, _) = q.push(slot_only, Instant::now() + Duration::from_secs(3600));
         (id, rx)
+    }
+
+    /// Two queues of one gauge each publish their own share, and one that ends
+    /// takes out what it last published, waiters or none.
+    #[test]
+    fn queues_of_one_gauge_add_their_shares_and_an_ended_one_takes_its_out() {
+        let telemetry = crate::telemetry::Telemetry::new();
+        let name = crate::telemetry::UPSTREAM_QUEUE_DEPTH;
+        let gauge = || telemetry.gauge(name, &[("upstream", "up")]);
+        let depth = || {
+            let text = telemetry.render();
+            crate::testkit::metric(&text, name, &[("upstream", "up")])
+        };
+        let (mut a, mut b) = (Queue::<&str>::new(gauge()), Queue::<&str>::new(gauge()));
+        let _a1 = push(&mut a, false);
+        let _a2 = push(&mut a, false);
+        let (b1, _b1_rx) = push(&mut b, false);
+        assert_eq!(depth(), Some(0.0), "nothing is published before a scrape");
+        a.publish_depth();
+        b.publish_depth();
+        assert_eq!(depth(), Some(3.0));
+        assert!(b.remove(b1));
+        b.publish_depth();
+        assert_eq!(depth(), Some(2.0), "the second queue's waiter left");
+        // The first queue ends with its waiters still in it, before another scrape.
+        a.unpublish_depth();
+        assert_eq!(depth(), Some(0.0));
     }
 
     #[test]
