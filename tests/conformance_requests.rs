@@ -624,6 +624,18 @@ async fn an_http_1_0_request_without_host_is_forwarded_with_the_upstreams_host()
 }
 
 #[tokio::test]
+async fn a_connection_header_naming_host_leaves_the_upstream_its_own_host() {
+    // RFC 9110 §7.6.1: the fields Connection names are removed, Host included; the
+    // upstream still gets a Host (RFC 9112 §3.2), the one naming it.
+    Case::forwarded(
+        "GET {abs}/x HTTP/1.1\r\nHost: {host}\r\nConnection: host\r\n\r\n",
+        FORWARDED_GET,
+    )
+    .check()
+    .await;
+}
+
+#[tokio::test]
 async fn an_absolute_form_target_wins_over_a_differing_host() {
     // RFC 9112 §3.2.2: the Host is ignored for the target's authority, on both
     // listeners (a route listener must accept absolute-form too).
