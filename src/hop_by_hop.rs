@@ -186,18 +186,7 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A head of `fields`, in order.
-    fn head(fields: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        for &(name, value) in fields {
-            headers.append(
-                HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            );
-        }
-        headers
-    }
+    use crate::testkit::head;
 
     /// The names left in `headers` once stripped, in order.
     fn stripped(mut headers: HeaderMap) -> Vec<String> {

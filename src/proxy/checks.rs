@@ -184,14 +184,7 @@ mod tests {
     use super::*;
 
     fn notes(fields: &[(&'static str, &'static str)]) -> RequestNotes {
-        let mut headers = HeaderMap::new();
-        for &(name, value) in fields {
-            headers.append(
-                HeaderName::from_static(name),
-                http::HeaderValue::from_static(value),
-            );
-        }
-        RequestNotes::of(&headers)
+        RequestNotes::of(&crate::testkit::head(fields))
     }
 
     /// The one pass finds what the checks need wherever in the head it is.

@@ -71,6 +71,18 @@ where
     }
 }
 
+/// A header map of `fields`, in order (repeated names appended).
+pub fn head(fields: &[(&'static str, &'static str)]) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    for &(name, value) in fields {
+        headers.append(
+            http::HeaderName::from_static(name),
+            http::HeaderValue::from_static(value),
+        );
+    }
+    headers
+}
+
 /// The value of one sample in a Prometheus text exposition: `name` with exactly
 /// the given labels (in any order). `None` when absent.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

@@ -99,19 +99,7 @@ fn wants_close(value: &HeaderValue) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    fn headers(lines: &[(&'static str, &'static str)]) -> http::HeaderMap {
-        lines
-            .iter()
-            .map(|(n, v)| {
-                (
-                    http::HeaderName::from_static(n),
-                    HeaderValue::from_static(v),
-                )
-            })
-            .collect()
-    }
+    use crate::testkit::head as headers;
 
     #[test]
     fn a_response_framed_one_way_keeps_its_socket_unless_it_asks_to_close() {
