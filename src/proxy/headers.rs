@@ -1,7 +1,7 @@
 //! The request head as the upstream gets it: no hop-by-hop headers (RFC 9110
 //! §7.6.1), `Host` naming the upstream, `Via` added. (A response loses its hop-by-hop
 //! headers in [`Upstream::send`], in the pass that reads what its head says about
-//! its socket, and gets its `Via` in `forward`.)
+//! its socket, and gets its `Via` in `handle`.)
 
 use http::header::{self, HeaderValue};
 use http::Request;

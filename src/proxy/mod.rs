@@ -28,7 +28,6 @@ use checks::{check_host, check_target, RequestNotes};
 use headers::{prepare_request, VIA};
 
 use crate::downstream::{ClientConn, RequestGuard};
-use crate::error::ProxyError;
 use crate::route::{self, Mode};
 use crate::upstream::RequestBody;
 use crate::Shared;
@@ -37,17 +36,19 @@ use crate::Shared;
 /// `guard` until its response is done. Its access-log line is written by the
 /// response body when the exchange ends ([`access`]).
 ///
-/// This and [`forward`] return `async move` blocks rather than being `async fn`s,
+/// This returns an `async move` block rather than being an `async fn`,
 /// as [`Upstream::send`](crate::upstream::Upstream::send) does: an `async fn` keeps
 /// its arguments twice in its future, and the request is 264 bytes that every move of
-/// the future copies. The output is hyper's service's, so the response is not moved
-/// once more to wrap it, and the guard and the exchange are put in its body in place.
+/// the future copies. Forwarding is written out in the block too, not awaited as a
+/// future of its own, which would keep the request once more beside it. The output
+/// is hyper's service's, so the response is not moved once more to wrap it, and the
+/// guard and the exchange are put in its body in place.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn keeps its arguments twice"
 )]
 pub fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     shared: Arc<Shared>,
     mode: Mode,
     client: Arc<ClientConn>,
@@ -74,7 +75,39 @@ pub fn handle(
                 ))
                 .await
             }
-            Ok(()) => forward(req, notes, &shared, mode, &mut exchange).await,
+            // Forwarded: written out here rather than awaited as a future of its
+            // own, which would keep the request a second time beside it.
+            Ok(()) => 'forward: {
+                macro_rules! check {
+                    ($e:expr) => {
+                        match $e {
+                            Ok(v) => v,
+                            Err(e) => break 'forward Err(e),
+                        }
+                    };
+                }
+                check!(check_target(req.method(), req.uri(), mode));
+                let table = shared.table();
+                let upstream = check!(route::upstream(&shared, &table, mode, req.uri()).await);
+                exchange.upstream = Some(upstream.clone());
+                let keep_host = matches!(mode, Mode::Intercept(_));
+                check!(prepare_request(&mut req, &notes, &upstream, keep_host));
+                let (parts, body) = req.into_parts();
+                let (body, bytes) = RequestBody::counted(body);
+                exchange.request_bytes = bytes;
+                let req = Request::from_parts(parts, body);
+                let mut response: Response<ProxyBody> =
+                    check!(upstream.send(req, started, &mut exchange.timing).await);
+                // Its hop-by-hop headers are gone (`Upstream::send`).
+                response.headers_mut().append(header::VIA, VIA);
+                // Most responses have neither Location nor WWW-Authenticate (`Timing::links`).
+                if upstream.rewrite_realm && exchange.timing.links {
+                    // The host the client addressed points rewritten URLs back at tether.
+                    let client_host = || exchange.client_host();
+                    rewrite::response_headers(&table, mode, client_host, response.headers_mut());
+                }
+                Ok(response)
+            }
         };
         let mut response = match result {
             Ok(response) => response,
@@ -93,43 +126,6 @@ pub fn handle(
         // A tunnel's line is written when it closes.
         let exchange = (!connect).then_some(exchange);
         response.body_mut().attach(guard, exchange);
-        Ok(response)
-    }
-}
-
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn keeps its arguments twice"
-)]
-fn forward<'a>(
-    mut req: Request<Incoming>,
-    notes: RequestNotes,
-    shared: &'a Shared,
-    mode: Mode,
-    exchange: &'a mut Exchange,
-) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a {
-    async move {
-        check_target(req.method(), req.uri(), mode)?;
-        let table = shared.table();
-        let upstream = route::upstream(shared, &table, mode, req.uri()).await?;
-        exchange.upstream = Some(upstream.clone());
-        let keep_host = matches!(mode, Mode::Intercept(_));
-        prepare_request(&mut req, &notes, &upstream, keep_host)?;
-        let (parts, body) = req.into_parts();
-        let (body, bytes) = RequestBody::counted(body);
-        exchange.request_bytes = bytes;
-        let req = Request::from_parts(parts, body);
-        let started = exchange.started();
-        let mut response: Response<ProxyBody> =
-            upstream.send(req, started, &mut exchange.timing).await?;
-        // Its hop-by-hop headers are gone (`Upstream::send`).
-        response.headers_mut().append(header::VIA, VIA);
-        // Most responses have neither Location nor WWW-Authenticate (`Timing::links`).
-        if upstream.rewrite_realm && exchange.timing.links {
-            // The host the client addressed points rewritten URLs back at tether.
-            let client_host = || exchange.client_host();
-            rewrite::response_headers(&table, mode, client_host, response.headers_mut());
-        }
         Ok(response)
     }
 }

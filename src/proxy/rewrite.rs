@@ -14,7 +14,7 @@ use crate::policy::Origin;
 use crate::route::{self, Mode};
 use crate::Table;
 
-/// Rewrites `WWW-Authenticate` Bearer realms and `Location` in place. `forward`
+/// Rewrites `WWW-Authenticate` Bearer realms and `Location` in place. `handle`
 /// calls it only for a response whose head had either, as the pass over the head
 /// found (`Timing::links`), so a response with neither works nothing out here.
 ///
