@@ -3,7 +3,7 @@
 //! forward faithfully. hyper has already refused what HTTP/1.1 itself forbids; these
 //! are the rules a proxy adds, re-framing the request for another hop.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap};
 use http::uri::Authority;
 use http::{Method, Uri, Version};
 
@@ -139,11 +139,11 @@ pub(super) fn check_target(method: &Method, uri: &Uri, mode: Mode) -> Result<(),
 /// own) would reach the upstream undeclared, and HTTP/2 upstreams have no transfer
 /// codings at all. RFC 9112 §6.1: a coding the server does not understand SHOULD get
 /// 501. Chunked twice is a malformed message (a sender MUST NOT, §7): 400.
+///
+/// A head with neither `Content-Length` nor `Transfer-Encoding` passes; tether calls
+/// this only for one that has either ([`RequestNotes::framed`]), which most requests
+/// (GETs) do not.
 pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
-    // Most requests (GETs) have neither.
-    if !has_either(headers, &header::CONTENT_LENGTH, &header::TRANSFER_ENCODING) {
-        return Ok(());
-    }
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     if let Some(first) = lengths.next() {
         if lengths.any(|other| other != first) {
@@ -171,12 +171,6 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), ProxyError> {
         return Err(ProxyError::UnsupportedCoding);
     }
     Ok(())
-}
-
-/// Whether the head has a field named `a` or `b`: one pass over its few names costs
-/// less than the two hashed lookups, for the checks that most heads skip.
-pub(super) fn has_either(headers: &HeaderMap, a: &HeaderName, b: &HeaderName) -> bool {
-    headers.keys().any(|name| name == a || name == b)
 }
 
 #[cfg(test)]
