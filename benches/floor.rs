@@ -10,8 +10,11 @@
 //!                                 bytes forwarded unchanged, Content-Length framing
 //! ```
 //!
-//! Both run tokio's multi-threaded runtime with its default worker count, as tether
-//! does. Neither is a proxy to deploy: no timeouts, no header rewriting, no policy,
+//! Both pick their runtime as tether does (`tether::instance::runtime`): one thread
+//! per core the process may use, or `TOKIO_WORKER_THREADS`; one thread is tokio's
+//! current-thread scheduler, more the multi-threaded one.
+//!
+//! Neither is a proxy to deploy: no timeouts, no header rewriting, no policy,
 //! no metrics, and `raw` understands only `Content-Length` bodies (what the bench's
 //! nginx origin sends). Built with `cargo build --release --example floor`.
 
@@ -58,8 +61,12 @@ impl<C> Pool<C> {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
+fn main() -> std::io::Result<()> {
+    // tether's runtime, so that tether / floor-hyper measures tether's own work.
+    tether::instance::runtime(0).build()?.block_on(run())
+}
+
+async fn run() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [mode, listen, origin, cap] = args.as_slice() else {
         eprintln!("usage: floor hyper|raw LISTEN ORIGIN CAP");

@@ -233,11 +233,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.proxy.worker_threads > 0 {
-        runtime.worker_threads(config.proxy.worker_threads);
-    }
-    let runtime = runtime.enable_all().build().expect("tokio runtime");
+    let runtime = tether::instance::runtime(config.proxy.worker_threads)
+        .build()
+        .expect("tokio runtime");
     let code = runtime.block_on(async move {
         let running = match tether::start(config).await {
             Ok(r) => r,

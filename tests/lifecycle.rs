@@ -396,7 +396,8 @@ async fn a_drain_asked_for_on_the_admin_listener_finishes_in_flight_requests_and
     assert_eq!(tether.wait_exit(WAIT), Some(0));
 }
 
-/// The runtime's worker threads of a running tether process (tokio names them).
+/// The runtime's worker threads of a running tether process (tokio names them;
+/// the current-thread scheduler has none).
 fn runtime_threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -408,19 +409,32 @@ fn runtime_threads(pid: u32) -> usize {
 #[tokio::test]
 async fn worker_threads_sets_the_runtime_threads_the_binary_serves_on() {
     let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    cfg.proxy.worker_threads = 1;
-    let tether = Binary::start(&cfg);
     let url = format!("http://{}/bytes/10", origin.authority());
+    let serving = |threads: usize| {
+        let mut cfg = config(&[("up", &origin)]);
+        cfg.proxy.worker_threads = threads;
+        Binary::start(&cfg)
+    };
+    // One thread is the current-thread scheduler: the main thread serves, and
+    // there are no worker threads.
+    let tether = serving(1);
     assert_eq!(proxy_get(tether.proxy, &url).await.status, 200);
-    assert_eq!(runtime_threads(tether.child.id()), 1, "worker_threads = 1");
+    assert_eq!(runtime_threads(tether.child.id()), 0, "worker_threads = 1");
 
-    // 0 (the default) is one per CPU core.
-    let cores = std::thread::available_parallelism().unwrap().get();
-    let tether = Binary::start(&config(&[("up", &origin)]));
+    let tether = serving(3);
     assert_eq!(proxy_get(tether.proxy, &url).await.status, 200);
     assert!(
-        runtime_threads(tether.child.id()) >= cores,
-        "one worker per core by default"
+        runtime_threads(tether.child.id()) >= 3,
+        "worker_threads = 3"
     );
+
+    // 0 (the default) is one per CPU core, and one core is the one-thread shape.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let tether = serving(0);
+    assert_eq!(proxy_get(tether.proxy, &url).await.status, 200);
+    let threads = runtime_threads(tether.child.id());
+    match cores {
+        1 => assert_eq!(threads, 0, "one core: the current-thread scheduler"),
+        _ => assert!(threads >= cores, "one worker per core by default"),
+    }
 }
