@@ -126,7 +126,8 @@ run_wrk() {
     local size=$1 target=$2 round=$3 dur=$4
     local tag="$size.$target.$round" url="http://127.0.0.1:${PORT[$target]}/$size"
     local out="$WORK/wrk.$tag.txt" peakf="$WORK/peak.$tag" opens="-" before="" after
-    local wpid spid rc=0 pids ticks0="" ticks1
+    local wpid spid rc=0 pids ticks0="" ticks1 steal0
+    steal0=$(host_steal)
     if [[ $target == tether ]]; then before=$(tether_opens "$P_TETHER_ADMIN"); fi
     if [[ $target != direct ]]; then
         # shellcheck disable=SC2046
@@ -167,8 +168,8 @@ run_wrk() {
         cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$size" "$target" "$round" "$parsed" "$peak" "$opens" "$cpu" >>"$WORK/results.tsv"
-    log "$(printf '%-3s round %s %-12s %10s req/s  p50 %8s ms  p99 %8s ms  %9s MiB/s  peak upstream %3s  opens %s  cpu %s us/req' \
-        "$size" "$round" "$target" "$rps" "$p50" "$p99" "$mib" "$peak" "$opens" "$cpu")"
+    log "$(printf '%-3s round %s %-12s %10s req/s  p50 %8s ms  p99 %8s ms  %9s MiB/s  peak upstream %3s  opens %s  cpu %s us/req  steal %s%%' \
+        "$size" "$round" "$target" "$rps" "$p50" "$p99" "$mib" "$peak" "$opens" "$cpu" "$(steal_since "$steal0")")"
 }
 
 # --- the runs ---------------------------------------------------------------

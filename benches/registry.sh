@@ -257,7 +257,8 @@ run_load() {
     local tool=$1 target=$2 round=$3 dur=$4
     local tag="$tool.$target.$round" url=${URL[$target]}
     local out="$WORK/$tag.txt" peakf="$WORK/peak.$tag" opens="-" before="" after
-    local lpid spid rc=0 pids ticks0="" ticks1 lines0 lines1
+    local lpid spid rc=0 pids ticks0="" ticks1 lines0 lines1 steal0
+    steal0=$(host_steal)
     lines0=$(origin_lines)
     if [[ -n ${ADMIN[$target]:-} ]]; then before=$(tether_opens "${ADMIN[$target]}"); fi
     if [[ $target != direct ]]; then
@@ -325,8 +326,8 @@ run_load() {
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tool" "$target" "$round" "$parsed" "$peak" \
         "$opens" "$cpu" "$new" "$full" >>"$WORK/results.tsv"
-    log "$(printf 'round %s %-7s %-12s %8s req/s  p50 %8s ms  p99 %8s ms  %8s MiB/s  peak upstream %3s  opens %s  TLS new/full %s/%s  cpu %s us/req' \
-        "$round" "$tool" "$target" "$rps" "$p50" "$p99" "$mib" "$peak" "$opens" "$new" "$full" "$cpu")"
+    log "$(printf 'round %s %-7s %-12s %8s req/s  p50 %8s ms  p99 %8s ms  %8s MiB/s  peak upstream %3s  opens %s  TLS new/full %s/%s  cpu %s us/req  steal %s%%' \
+        "$round" "$tool" "$target" "$rps" "$p50" "$p99" "$mib" "$peak" "$opens" "$new" "$full" "$cpu" "$(steal_since "$steal0")")"
 }
 
 # --- the runs ---------------------------------------------------------------

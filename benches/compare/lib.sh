@@ -437,10 +437,29 @@ split_targets() {
 # version CMD... : the first line CMD prints about itself (stdout or stderr).
 version() { "$@" 2>&1 | head -n 1 || true; }
 
-# host_line : a report's "- host:" line (CPUs, their model, the kernel).
+# host_steal : "STEAL TOTAL", the host's CPU ticks so far from /proc/stat's cpu line:
+# those the hypervisor gave to other guests (steal), and all of them.
+host_steal() {
+    awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print $9, t; exit }' /proc/stat
+}
+
+# steal_since "STEAL TOTAL" : the percent of the host's CPU time stolen since then.
+# On a shared VM this is the noise no ratio within a run can remove: a round run
+# with a quarter of the CPUs stolen is not comparable with one run without.
+steal_since() {
+    local s0 t0 s1 t1
+    read -r s0 t0 <<<"$1"
+    read -r s1 t1 <<<"$(host_steal)"
+    awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) 'BEGIN { printf "%.0f", (t > 0 ? 100 * s / t : 0) }'
+}
+STEAL_AT_START=$(host_steal)
+
+# host_line : a report's "- host:" line (CPUs, their model, the kernel), and the
+# share of CPU time the hypervisor took while the script ran.
 host_line() {
     # getconf, not nproc: nproc counts only the CPUs this (maybe pinned) script may use.
     echo "- host: $(getconf _NPROCESSORS_ONLN) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(uname -sr)"
+    echo "- steal time while the script ran: $(steal_since "$STEAL_AT_START") % of the host's CPU time (/proc/stat; per run in the progress log)"
     pin_line
 }
 
