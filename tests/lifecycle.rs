@@ -205,6 +205,9 @@ impl Binary {
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("TETHER_")) {
             cmd.env_remove(k);
         }
+        // The config file is the whole config: tokio's own thread-count variable
+        // would stand in for `worker_threads = 0`.
+        cmd.env_remove("TOKIO_WORKER_THREADS");
         let mut child = cmd
             .args(["run", "--config"])
             .arg(&path)

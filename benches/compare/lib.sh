@@ -450,7 +450,7 @@ steal_since() {
     local s0 t0 s1 t1
     read -r s0 t0 <<<"$1"
     read -r s1 t1 <<<"$(host_steal)"
-    awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) 'BEGIN { printf "%.0f", (t > 0 ? 100 * s / t : 0) }'
+    awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) 'BEGIN { printf "%.1f", (t > 0 ? 100 * s / t : 0) }'
 }
 STEAL_AT_START=$(host_steal)
 
