@@ -86,7 +86,8 @@ fn route_keys(config: &Config) -> Vec<RouteKey> {
 }
 
 /// The runtime an instance runs on, for `proxy.worker_threads` (0: one thread per
-/// core the process may use, CPU quota included, or `TOKIO_WORKER_THREADS`).
+/// core the process may use, CPU quota included, or `TOKIO_WORKER_THREADS`, held
+/// to the config's own [`MAX_WORKER_THREADS`](crate::config::MAX_WORKER_THREADS)).
 ///
 /// One thread is tokio's current-thread scheduler: the thread that reads a request
 /// also forwards it, drives the upstream socket and writes the response, with no
@@ -100,6 +101,7 @@ pub fn runtime(worker_threads: usize) -> tokio::runtime::Builder {
             .ok()
             .and_then(|v| v.trim().parse().ok())
             .filter(|&n: &usize| n > 0)
+            .map(|n| n.min(crate::config::MAX_WORKER_THREADS))
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         n => n,
     };
