@@ -200,6 +200,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         %admin_addr,
         routes = %Joined(&running.route_addrs),
         transparent = transparent_addr.map(tracing::field::display),
+        // What `worker_threads` (or a CPU quota) came to: one is the
+        // current-thread scheduler.
+        threads = tokio::runtime::Handle::current().metrics().num_workers(),
         version = telemetry::VERSION,
         commit = telemetry::COMMIT,
         "tether is ready"

@@ -192,6 +192,8 @@ struct Binary {
     child: Child,
     proxy: SocketAddr,
     admin: SocketAddr,
+    /// The runtime threads its ready line names.
+    threads: usize,
     path: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -224,19 +226,15 @@ impl Binary {
             .expect("tether logs that it is ready");
         // Keep draining the log so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let field = |name: &str| -> SocketAddr {
-            let start = ready.find(&format!("{name}=")).unwrap() + name.len() + 1;
-            ready[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
+        let field = |name: &str| -> &str {
+            let start = ready.find(&format!(" {name}=")).unwrap() + name.len() + 2;
+            ready[start..].split_whitespace().next().unwrap()
         };
         Binary {
+            proxy: field("proxy_addr").parse().unwrap(),
+            admin: field("admin_addr").parse().unwrap(),
+            threads: field("threads").parse().unwrap(),
             child,
-            proxy: field("proxy_addr"),
-            admin: field("admin_addr"),
             path,
             _dir: dir,
         }
@@ -423,6 +421,7 @@ async fn worker_threads_sets_the_runtime_threads_the_binary_serves_on() {
     let tether = serving(1);
     assert_eq!(proxy_get(tether.proxy, &url).await.status, 200);
     assert_eq!(runtime_threads(tether.child.id()), 0, "worker_threads = 1");
+    assert_eq!(tether.threads, 1, "the ready line says so");
 
     let tether = serving(3);
     assert_eq!(proxy_get(tether.proxy, &url).await.status, 200);
@@ -430,12 +429,14 @@ async fn worker_threads_sets_the_runtime_threads_the_binary_serves_on() {
         runtime_threads(tether.child.id()) >= 3,
         "worker_threads = 3"
     );
+    assert_eq!(tether.threads, 3);
 
     // 0 (the default) is one per CPU core, and one core is the one-thread shape.
     let cores = std::thread::available_parallelism().unwrap().get();
     let tether = serving(0);
     assert_eq!(proxy_get(tether.proxy, &url).await.status, 200);
     let threads = runtime_threads(tether.child.id());
+    assert_eq!(tether.threads, cores, "the ready line names what 0 came to");
     match cores {
         1 => assert_eq!(threads, 0, "one core: the current-thread scheduler"),
         _ => assert!(threads >= cores, "one worker per core by default"),
