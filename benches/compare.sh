@@ -9,6 +9,8 @@
 # and `direct` (wrk straight at the origin) as the ceiling. Two reference proxies
 # (benches/floor.rs) show what the stack costs without tether's work on top:
 #   floor-hyper  hyper 1.x server + client, capped pool of 16, nothing else
+#   floor-proxy  floor-hyper plus the header work RFC 9110 asks of every proxy
+#                (hop-by-hop removed, Via, Host); not in the default TARGETS
 #   floor-raw    tokio sockets + httparse, bytes forwarded unchanged
 # For each file size,
 # `wrk -t2 -c64 -d${DURATION}s --latency` runs against every target in turn,
@@ -53,7 +55,7 @@ while (($#)); do
     esac
     shift
 done
-split_targets direct tether tether-base floor-hyper floor-raw haproxy-1t haproxy-2t nginx-proxy
+split_targets direct tether tether-base floor-hyper floor-proxy floor-raw haproxy-1t haproxy-2t nginx-proxy
 has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
 
 DURATION=${DURATION:-10}
@@ -74,14 +76,14 @@ has_target tether && resolve_tether
 if has_target tether-base; then
     [[ -x ${TETHER_BASE_BIN:-} ]] || die "the tether-base target needs TETHER_BASE_BIN, an executable"
 fi
-if has_target floor-hyper || has_target floor-raw; then resolve_floor; fi
+if has_target floor-hyper || has_target floor-proxy || has_target floor-raw; then resolve_floor; fi
 
 ulimit -n "$(ulimit -Hn)"
 bench_init
 log "work directory $WORK"
 
 # --- start everything -----------------------------------------------------
-read -r P_UP P_TETHER P_TETHER_FWD P_TETHER_ADMIN P_H1 P_H2 P_NGX P_FH P_FR P_TB P_TB_FWD P_TB_ADMIN <<<"$(free_ports 12)"
+read -r P_UP P_TETHER P_TETHER_FWD P_TETHER_ADMIN P_H1 P_H2 P_NGX P_FH P_FR P_TB P_TB_FWD P_TB_ADMIN P_FP <<<"$(free_ports 13)"
 declare -A PORT PID
 start_upstream "$P_UP"
 PORT[direct]=$P_UP
@@ -96,6 +98,10 @@ fi
 if has_target floor-hyper; then
     start_floor floor-hyper "$P_FH" hyper
     PORT[floor-hyper]=$P_FH PID[floor-hyper]=$PROXY_PID
+fi
+if has_target floor-proxy; then
+    start_floor floor-proxy "$P_FP" proxy
+    PORT[floor-proxy]=$P_FP PID[floor-proxy]=$PROXY_PID
 fi
 if has_target floor-raw; then
     start_floor floor-raw "$P_FR" raw
@@ -201,8 +207,8 @@ done
     has_target haproxy-1t || has_target haproxy-2t && echo "- haproxy: $(version haproxy -v | sed 's/ - https.*//')"
     has_target nginx-proxy && echo "- nginx-proxy: ${NGINX_PROXY_WORKERS:-2} worker(s)"
     has_target tether && echo "- tether: $(version "$TETHER_BIN" --version)"
-    echo "- runtime threads: tether ${WORKER_THREADS:-one per core}, tether-base ${BASE_WORKER_THREADS:-one per core}, floor-hyper/floor-raw ${WORKER_THREADS:-one per core}"
-    has_target floor-hyper || has_target floor-raw && echo "- floor-hyper / floor-raw: the reference proxies of benches/floor.rs (the stack's cost, without tether's work)"
+    echo "- runtime threads: tether ${WORKER_THREADS:-one per core}, tether-base ${BASE_WORKER_THREADS:-one per core}, floor-hyper/floor-proxy/floor-raw ${WORKER_THREADS:-one per core}"
+    { has_target floor-hyper || has_target floor-proxy || has_target floor-raw; } && echo "- floor-hyper / floor-proxy / floor-raw: the reference proxies of benches/floor.rs (the stack's cost; floor-proxy adds the header work RFC 9110 asks of every proxy)"
     echo "- peak upstream sockets: established sockets to the origin owned by the target's processes, sampled every ${SAMPLE_INTERVAL}s (for direct: wrk's own)"
     echo "- upstream opens/run: delta of tether_upstream_connections_opened_total per round (tether only)"
     echo "- proxy CPU µs/req: CPU time (user + system) the proxy's processes used during the run, per request served"

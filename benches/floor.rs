@@ -6,6 +6,10 @@
 //! ```text
 //! floor hyper LISTEN ORIGIN CAP   hyper 1.x HTTP/1.1 server and client, a capped
 //!                                 keep-alive pool of CAP sockets, and nothing else
+//! floor proxy LISTEN ORIGIN CAP   `hyper`, plus what RFC 9110 asks of every proxy on
+//!                                 every message and tether does: hop-by-hop headers
+//!                                 removed (tether's own `strip_hop_by_hop`), `Via`
+//!                                 added both ways, `Host` naming the origin
 //! floor raw   LISTEN ORIGIN CAP   tokio sockets and httparse: request and response
 //!                                 bytes forwarded unchanged, Content-Length framing
 //! ```
@@ -14,8 +18,11 @@
 //! per core the process may use, or `TOKIO_WORKER_THREADS`; one thread is tokio's
 //! current-thread scheduler, more the multi-threaded one.
 //!
-//! Neither is a proxy to deploy: no timeouts, no header rewriting, no policy,
-//! no metrics, and `raw` understands only `Content-Length` bodies (what the bench's
+//! tether / floor-hyper is what tether costs over the stack; tether / floor-proxy
+//! is what its governance costs (the pool's accounting, timeouts, metrics, access
+//! log), the header work every proxy must do being in both.
+//!
+//! None is a proxy to deploy: no timeouts, no policy, no metrics, and `raw` understands only `Content-Length` bodies (what the bench's
 //! nginx origin sends). Built with `cargo build --release --example floor`.
 
 use std::pin::Pin;
@@ -23,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::{self, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -39,13 +47,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Idle upstream connections, at most `cap` open (a permit per open socket in use).
 struct Pool<C> {
     origin: String,
+    /// `Host` for the origin, and whether to do a proxy's header duties (`proxy`).
+    host: HeaderValue,
+    duties: bool,
     idle: Mutex<Vec<C>>,
     permits: Arc<Semaphore>,
 }
 
 impl<C> Pool<C> {
-    fn new(origin: String, cap: usize) -> Arc<Pool<C>> {
+    fn new(origin: String, cap: usize, duties: bool) -> Arc<Pool<C>> {
         Arc::new(Pool {
+            host: HeaderValue::from_str(&origin).expect("ORIGIN is a valid Host"),
+            duties,
             origin,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(cap)),
@@ -69,14 +82,16 @@ fn main() -> std::io::Result<()> {
 async fn run() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [mode, listen, origin, cap] = args.as_slice() else {
-        eprintln!("usage: floor hyper|raw LISTEN ORIGIN CAP");
+        eprintln!("usage: floor hyper|proxy|raw LISTEN ORIGIN CAP");
         std::process::exit(2);
     };
     let cap: usize = cap.parse().expect("CAP is a number");
     let listener = TcpListener::bind(listen).await?;
+    let duties = mode == "proxy";
+    let origin = origin.clone();
     match mode.as_str() {
-        "hyper" => serve(listener, Pool::new(origin.clone(), cap), hyper_client).await,
-        "raw" => serve(listener, Pool::new(origin.clone(), cap), raw_client).await,
+        "hyper" | "proxy" => serve(listener, Pool::new(origin, cap, duties), hyper_client).await,
+        "raw" => serve(listener, Pool::new(origin, cap, false), raw_client).await,
         other => panic!("unknown mode {other}"),
     }
 }
@@ -114,10 +129,19 @@ async fn hyper_client(stream: TcpStream, pool: Arc<Pool<Sender>>) {
         .await;
 }
 
+/// The `Via` a proxy adds (RFC 9110 §7.6.3).
+const VIA: HeaderValue = HeaderValue::from_static("1.1 floor");
+
 async fn forward(
-    req: http::Request<Incoming>,
+    mut req: http::Request<Incoming>,
     pool: Arc<Pool<Sender>>,
 ) -> Result<http::Response<Returning>, Box<dyn std::error::Error + Send + Sync>> {
+    if pool.duties {
+        let headers = req.headers_mut();
+        tether::proxy::strip_hop_by_hop(headers);
+        headers.insert(header::HOST, pool.host.clone());
+        headers.append(header::VIA, VIA);
+    }
     let permit = pool.permits.clone().acquire_owned().await?;
     let mut sender = match pool.take() {
         Some(sender) => sender,
@@ -129,7 +153,12 @@ async fn forward(
         }
     };
     sender.ready().await?;
-    let resp = sender.send_request(req).await?;
+    let mut resp = sender.send_request(req).await?;
+    if pool.duties {
+        let headers = resp.headers_mut();
+        tether::proxy::strip_hop_by_hop(headers);
+        headers.append(header::VIA, VIA);
+    }
     Ok(resp.map(|body| Returning {
         body,
         back: Some((sender, permit)),

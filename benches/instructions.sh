@@ -15,8 +15,10 @@
 # Usage:  benches/instructions.sh
 # Env:    TETHER_BIN       tether build (default: cargo build --profile profiling)
 #         TETHER_BASE_BIN  a second build, target "tether-base"
-#         FLOOR_BIN        benches/floor.rs build, target "floor-hyper"
-#         TARGETS          default "tether floor-hyper" (any of tether tether-base floor-hyper)
+#         FLOOR_BIN        benches/floor.rs build, targets "floor-hyper" and "floor-proxy"
+#                          (floor-hyper plus the header work RFC 9110 asks of a proxy)
+#         TARGETS          default "tether floor-hyper" (any of tether tether-base
+#                          floor-hyper floor-proxy)
 #         CONNS=64         wrk connections (64 over a cap of 16 queues every request;
 #                          4 queues none). Under callgrind the proxy runs ~50× slower,
 #                          so with 64 each connection waits ~60 ms between requests and
@@ -38,7 +40,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/compare/lib.sh"
 help_or_no_args "$@"
 
 TARGETS=${TARGETS:-"tether floor-hyper"}
-split_targets tether tether-base floor-hyper
+split_targets tether tether-base floor-hyper floor-proxy
 has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
 CONNS=${CONNS:-64}
 DURATION=${DURATION:-6}
@@ -57,7 +59,7 @@ if has_target tether && [[ -z ${TETHER_BIN:-} ]]; then
     TETHER_BIN="${CARGO_TARGET_DIR:-$REPO_DIR/target}/profiling/tether"
 fi
 has_target tether-base && [[ -z ${TETHER_BASE_BIN:-} ]] && die "tether-base needs TETHER_BASE_BIN"
-has_target floor-hyper && [[ -z ${FLOOR_BIN:-} ]] && die "floor-hyper needs FLOOR_BIN"
+{ has_target floor-hyper || has_target floor-proxy; } && [[ -z ${FLOOR_BIN:-} ]] && die "floor-hyper and floor-proxy need FLOOR_BIN"
 
 bench_init
 read -r P_UP P_PROXY P_FWD P_ADMIN <<<"$(free_ports 4)"
@@ -89,6 +91,7 @@ for target in "${TARGET_LIST[@]}"; do
     tether) start_tether tether "$P_PROXY" "$P_FWD" "$P_ADMIN" "$(under_callgrind tether "$TETHER_BIN")" ;;
     tether-base) start_tether tether-base "$P_PROXY" "$P_FWD" "$P_ADMIN" "$(under_callgrind tether-base "$TETHER_BASE_BIN")" ;;
     floor-hyper) FLOOR_BIN=$(under_callgrind floor-hyper "$FLOOR_BIN") start_floor floor-hyper "$P_PROXY" hyper ;;
+    floor-proxy) FLOOR_BIN=$(under_callgrind floor-proxy "$FLOOR_BIN") start_floor floor-proxy "$P_PROXY" proxy ;;
     esac
     url="http://127.0.0.1:$P_PROXY/$SIZE"
     check_get "$url" "$([[ $SIZE == 1m ]] && echo 1048576 || echo 1024)"
@@ -117,6 +120,10 @@ echo
 if [[ -n ${PER_REQUEST[tether]:-} && -n ${PER_REQUEST[floor-hyper]:-} ]]; then
     awk -v t="${PER_REQUEST[tether]}" -v f="${PER_REQUEST[floor-hyper]}" \
         'BEGIN { printf "- tether / floor-hyper: %.2f×\n", t / f }'
+fi
+if [[ -n ${PER_REQUEST[tether]:-} && -n ${PER_REQUEST[floor-proxy]:-} ]]; then
+    awk -v t="${PER_REQUEST[tether]}" -v f="${PER_REQUEST[floor-proxy]}" \
+        'BEGIN { printf "- tether / floor-proxy: %.2f× (governance alone)\n", t / f }'
 fi
 if [[ -n ${PER_REQUEST[tether]:-} && -n ${PER_REQUEST[tether-base]:-} ]]; then
     awk -v t="${PER_REQUEST[tether]}" -v b="${PER_REQUEST[tether-base]}" \

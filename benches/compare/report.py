@@ -108,8 +108,8 @@ def table(path, size, title):
     best_label = f"haproxy-best ({best})" if best else "haproxy-best"
     pairs = [("tether", best, best_label), ("tether", "direct", "direct")]
     # The reference proxies: where the stack alone stands, and what tether adds to it.
-    pairs += [(f, best, best_label) for f in ("floor-hyper", "floor-raw") if f in med]
-    pairs += [("tether", f, f) for f in ("floor-hyper",) if f in med]
+    pairs += [(f, best, best_label) for f in ("floor-hyper", "floor-proxy", "floor-raw") if f in med]
+    pairs += [("tether", f, f) for f in ("floor-hyper", "floor-proxy") if f in med]
     for this, other, label in pairs:
         if this not in med or other is None or other not in med:
             print(f"- {this} / {label}: n/a (not measured)")
