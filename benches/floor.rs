@@ -22,8 +22,8 @@
 //! is what its governance costs (the pool's accounting, timeouts, metrics, access
 //! log), the header work every proxy must do being in both.
 //!
-//! None is a proxy to deploy: no timeouts, no policy, no metrics, and `raw` understands only `Content-Length` bodies (what the bench's
-//! nginx origin sends). Built with `cargo build --release --example floor`.
+//! None is a proxy to deploy: no timeouts, no policy, no metrics, and `raw`
+//! understands only `Content-Length` bodies (what the bench's nginx origin sends). Built with `cargo build --release --example floor`.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};

@@ -117,18 +117,14 @@ for target in "${TARGET_LIST[@]}"; do
     fi
 done
 echo
-if [[ -n ${PER_REQUEST[tether]:-} && -n ${PER_REQUEST[floor-hyper]:-} ]]; then
-    awk -v t="${PER_REQUEST[tether]}" -v f="${PER_REQUEST[floor-hyper]}" \
-        'BEGIN { printf "- tether / floor-hyper: %.2f×\n", t / f }'
-fi
-if [[ -n ${PER_REQUEST[tether]:-} && -n ${PER_REQUEST[floor-proxy]:-} ]]; then
-    awk -v t="${PER_REQUEST[tether]}" -v f="${PER_REQUEST[floor-proxy]}" \
-        'BEGIN { printf "- tether / floor-proxy: %.2f× (governance alone)\n", t / f }'
-fi
-if [[ -n ${PER_REQUEST[tether]:-} && -n ${PER_REQUEST[tether-base]:-} ]]; then
-    awk -v t="${PER_REQUEST[tether]}" -v b="${PER_REQUEST[tether-base]}" \
-        'BEGIN { printf "- tether / tether-base: %.3f×\n", t / b }'
-fi
+# ratio A B FORMAT: A's instructions per request over B's, when both ran.
+ratio() {
+    [[ -n ${PER_REQUEST[$1]:-} && -n ${PER_REQUEST[$2]:-} ]] || return 0
+    awk -v a="${PER_REQUEST[$1]}" -v b="${PER_REQUEST[$2]}" -v f="$3" 'BEGIN { printf f, a / b }'
+}
+ratio tether floor-hyper '- tether / floor-hyper: %.2f×\n'
+ratio tether floor-proxy '- tether / floor-proxy: %.2f× (governance alone)\n'
+ratio tether tether-base '- tether / tether-base: %.3f×\n'
 if ((TOP > 0)) && [[ -s $WORK/top.tsv ]]; then
     echo
     echo "| target | instructions per request (own) | function |"
