@@ -57,6 +57,7 @@ while (($#)); do
 done
 split_targets direct tether tether-base floor-hyper floor-proxy floor-raw haproxy-1t haproxy-2t nginx-proxy
 has_target() { [[ " ${TARGET_LIST[*]} " == *" $1 "* ]]; }
+has_floor() { [[ " ${TARGET_LIST[*]} " == *" floor-"* ]]; }
 
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
@@ -76,7 +77,7 @@ has_target tether && resolve_tether
 if has_target tether-base; then
     [[ -x ${TETHER_BASE_BIN:-} ]] || die "the tether-base target needs TETHER_BASE_BIN, an executable"
 fi
-if has_target floor-hyper || has_target floor-proxy || has_target floor-raw; then resolve_floor; fi
+if has_floor; then resolve_floor; fi
 
 ulimit -n "$(ulimit -Hn)"
 bench_init
@@ -208,7 +209,7 @@ done
     has_target nginx-proxy && echo "- nginx-proxy: ${NGINX_PROXY_WORKERS:-2} worker(s)"
     has_target tether && echo "- tether: $(version "$TETHER_BIN" --version)"
     echo "- runtime threads: tether ${WORKER_THREADS:-one per core}, tether-base ${BASE_WORKER_THREADS:-one per core}, floor-hyper/floor-proxy/floor-raw ${WORKER_THREADS:-one per core}"
-    { has_target floor-hyper || has_target floor-proxy || has_target floor-raw; } && echo "- floor-hyper / floor-proxy / floor-raw: the reference proxies of benches/floor.rs (the stack's cost; floor-proxy adds the header work RFC 9110 asks of every proxy)"
+    has_floor && echo "- floor-hyper / floor-proxy / floor-raw: the reference proxies of benches/floor.rs (the stack's cost; floor-proxy adds the header work RFC 9110 asks of every proxy)"
     echo "- peak upstream sockets: established sockets to the origin owned by the target's processes, sampled every ${SAMPLE_INTERVAL}s (for direct: wrk's own)"
     echo "- upstream opens/run: delta of tether_upstream_connections_opened_total per round (tether only)"
     echo "- proxy CPU µs/req: CPU time (user + system) the proxy's processes used during the run, per request served"

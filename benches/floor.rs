@@ -23,7 +23,8 @@
 //! log), the header work every proxy must do being in both.
 //!
 //! None is a proxy to deploy: no timeouts, no policy, no metrics, and `raw`
-//! understands only `Content-Length` bodies (what the bench's nginx origin sends). Built with `cargo build --release --example floor`.
+//! understands only `Content-Length` bodies (what the bench's nginx origin sends).
+//! Built with `cargo build --release --example floor`.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -47,9 +48,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Idle upstream connections, at most `cap` open (a permit per open socket in use).
 struct Pool<C> {
     origin: String,
-    /// `Host` for the origin, and whether to do a proxy's header duties (`proxy`).
-    host: HeaderValue,
-    duties: bool,
+    /// The origin's `Host`, when the proxy does a proxy's header duties (`proxy`).
+    duties: Option<HeaderValue>,
     idle: Mutex<Vec<C>>,
     permits: Arc<Semaphore>,
 }
@@ -57,8 +57,7 @@ struct Pool<C> {
 impl<C> Pool<C> {
     fn new(origin: String, cap: usize, duties: bool) -> Arc<Pool<C>> {
         Arc::new(Pool {
-            host: HeaderValue::from_str(&origin).expect("ORIGIN is a valid Host"),
-            duties,
+            duties: duties.then(|| HeaderValue::from_str(&origin).expect("ORIGIN is a valid Host")),
             origin,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(cap)),
@@ -136,10 +135,10 @@ async fn forward(
     mut req: http::Request<Incoming>,
     pool: Arc<Pool<Sender>>,
 ) -> Result<http::Response<Returning>, Box<dyn std::error::Error + Send + Sync>> {
-    if pool.duties {
+    if let Some(host) = &pool.duties {
         let headers = req.headers_mut();
         tether::proxy::strip_hop_by_hop(headers);
-        headers.insert(header::HOST, pool.host.clone());
+        headers.insert(header::HOST, host.clone());
         headers.append(header::VIA, VIA);
     }
     let permit = pool.permits.clone().acquire_owned().await?;
@@ -154,7 +153,7 @@ async fn forward(
     };
     sender.ready().await?;
     let mut resp = sender.send_request(req).await?;
-    if pool.duties {
+    if pool.duties.is_some() {
         let headers = resp.headers_mut();
         tether::proxy::strip_hop_by_hop(headers);
         headers.append(header::VIA, VIA);
