@@ -106,3 +106,78 @@ async fn saturated_h2_connections_open_more_within_the_cap() {
         "60 requests, 10 streams each, cap 3: {n} connections"
     );
 }
+
+/// The authority an HTTP/2 request names, as the origin read it: its `Host` fields
+/// and the URI's authority (hyper's server puts `:authority` there).
+type Seen = Arc<std::sync::Mutex<Vec<(Vec<String>, Option<String>)>>>;
+
+/// A cleartext HTTP/2 origin as strict as nginx: it answers 400 to a request that
+/// carries a `Host` field beside `:authority` (nginx reads both as Host and refuses
+/// the duplicate), and records what every request named.
+async fn strict_h2c_origin() -> (SocketAddr, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let hosts: Vec<String> = req
+                        .headers()
+                        .get_all(http::header::HOST)
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect();
+                    let authority = req.uri().authority().map(|a| a.to_string());
+                    let status = if hosts.is_empty() && authority.is_some() {
+                        200
+                    } else {
+                        400
+                    };
+                    record.lock().unwrap().push((hosts, authority));
+                    let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+                    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// RFC 9113 §8.3.1: a request forwarded over HTTP/2 carries its authority in
+/// `:authority`, and a `Host` field beside it is what strict origins (nginx, so a
+/// registry behind it) refuse. The `Host` tether chose is the authority, through a
+/// route listener and as a forward proxy alike, and no `Host` field goes with it.
+#[tokio::test]
+async fn an_h2_upstream_gets_the_authority_as_a_pseudo_header_and_no_host_field() {
+    let (addr, seen) = strict_h2c_origin().await;
+    let mut cfg = config(&[]);
+    let mut up = tether::config::UpstreamConfig::new("h2", addr.to_string());
+    up.protocol = Protocol::Http2;
+    cfg.upstream.push(up);
+    route(&mut cfg, "h2");
+    let tether = start(cfg).await;
+
+    let routed = route_get(tether.route_addrs[0], "/v2/").await;
+    assert_eq!((routed.status.as_u16(), routed.text()), (200, "ok".into()));
+    let forwarded = proxy_get(tether.proxy_addr, &format!("http://{addr}/v2/")).await;
+    assert_eq!(
+        (forwarded.status.as_u16(), forwarded.text()),
+        (200, "ok".into())
+    );
+
+    let authority = addr.to_string();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [(vec![], Some(authority.clone())), (vec![], Some(authority))],
+        "each request's (Host fields, :authority) at the origin"
+    );
+}

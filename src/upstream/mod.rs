@@ -24,6 +24,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use http::header::HeaderValue;
+use http::uri::Authority;
 use http::{header, Request, Response, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
@@ -403,19 +404,115 @@ impl Upstream {
     /// HTTP/1.1 takes an origin-form target and `Host`; HTTP/2 an absolute URI, from
     /// which hyper writes `:scheme` and `:authority`. A client's origin-form target
     /// (a route listener's usual case) goes to HTTP/1.1 as it is.
-    fn request_form(&self, req: &mut Request<RequestBody>, h2: bool) -> Result<(), ProxyError> {
-        let uri = req.uri();
+    ///
+    /// Over HTTP/2 the `Host` tether chose (the origin's, or the client's where it is
+    /// kept) becomes the authority and leaves the header map: RFC 9113 §8.3.1 puts
+    /// the authority in `:authority`, and strict servers refuse a `Host` field beside
+    /// it (nginx answers 400, taking both for Host). A request made ready for an HTTP/2
+    /// connection that was gone before it went out gets its `Host` back from the
+    /// authority if its retry goes over HTTP/1.1.
+    fn request_form<B: http_body::Body>(
+        &self,
+        req: &mut Request<B>,
+        h2: bool,
+    ) -> Result<(), ProxyError> {
         let bad = |e: http::Error| ProxyError::BadTarget(e.to_string());
         if h2 {
+            let authority = match req.headers_mut().remove(header::HOST) {
+                Some(host) => Authority::try_from(host.as_bytes())
+                    .map_err(|e| ProxyError::BadTarget(format!("Host {host:?}: {e}")))?,
+                None => match req.uri().authority() {
+                    Some(authority) => authority.clone(),
+                    None => Authority::try_from(self.origin.to_string())
+                        .map_err(|e| ProxyError::BadTarget(format!("{}: {e}", self.origin)))?,
+                },
+            };
             *req.uri_mut() = Uri::builder()
                 .scheme(self.pool.connector().scheme())
-                .authority(self.origin.to_string())
-                .path_and_query(forwarded_path(uri)?)
+                .authority(authority)
+                .path_and_query(forwarded_path(req.uri())?)
                 .build()
                 .map_err(bad)?;
             *req.version_mut() = http::Version::HTTP_2;
             return Ok(());
         }
+        if req.version() == http::Version::HTTP_2 {
+            if let Some(authority) = req.uri().authority() {
+                let host = HeaderValue::from_str(authority.as_str())
+                    .map_err(|e| ProxyError::BadTarget(format!("{authority}: {e}")))?;
+                req.headers_mut().entry(header::HOST).or_insert(host);
+            }
+        }
         h1_form(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(origin: &str) -> Upstream {
+        let origin = crate::policy::Origin::parse_authority(origin).unwrap();
+        Upstream::new(
+            "up",
+            Connector::plain(origin, false),
+            PoolConfig::default(),
+            &Telemetry::new(),
+        )
+    }
+
+    fn request(target: &str, host: Option<&str>) -> Request<http_body_util::Empty<bytes::Bytes>> {
+        let mut req = Request::get(target);
+        if let Some(host) = host {
+            req = req.header(header::HOST, host);
+        }
+        req.body(http_body_util::Empty::new()).unwrap()
+    }
+
+    /// The `Host` chosen for the request is the HTTP/2 authority and leaves the map;
+    /// with none, a forward proxy's absolute target or else the origin names it.
+    #[tokio::test]
+    async fn over_h2_the_host_becomes_the_authority() {
+        let up = upstream("registry.test:5000");
+        for (target, host, authority) in [
+            ("/v2/", Some("registry.test:5000"), "registry.test:5000"),
+            ("/v2/", Some("mirror.test"), "mirror.test"),
+            ("http://other.test:81/v2/", None, "other.test:81"),
+            ("/v2/", None, "registry.test:5000"),
+        ] {
+            let mut req = request(target, host);
+            up.request_form(&mut req, true).unwrap();
+            assert_eq!(req.uri().to_string(), format!("http://{authority}/v2/"));
+            assert_eq!(req.version(), http::Version::HTTP_2);
+            assert!(
+                req.headers().get(header::HOST).is_none(),
+                "{target} {host:?}"
+            );
+        }
+        let mut bad = request("/", None);
+        bad.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("a b"));
+        assert!(matches!(
+            up.request_form(&mut bad, true),
+            Err(ProxyError::BadTarget(_))
+        ));
+    }
+
+    /// A request made ready for an HTTP/2 connection that closed before it went out
+    /// may be retried on an HTTP/1.1 one: it goes in origin form with its `Host` back.
+    #[tokio::test]
+    async fn a_request_made_ready_for_h2_and_retried_over_h1_gets_its_host_back() {
+        let up = upstream("registry.test:5000");
+        let mut req = request("/v2/?n=1", Some("mirror.test:8080"));
+        up.request_form(&mut req, true).unwrap();
+        up.request_form(&mut req, false).unwrap();
+        assert_eq!(req.uri().to_string(), "/v2/?n=1");
+        assert_eq!(req.version(), http::Version::HTTP_11);
+        assert_eq!(req.headers()[header::HOST], "mirror.test:8080");
+        assert_eq!(req.headers().get_all(header::HOST).iter().count(), 1);
+        // An HTTP/1.1 request keeps the Host it has, and gets none added.
+        let mut plain = request("/x", Some("registry.test:5000"));
+        up.request_form(&mut plain, false).unwrap();
+        assert_eq!(plain.headers().get_all(header::HOST).iter().count(), 1);
     }
 }
