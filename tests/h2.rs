@@ -181,3 +181,106 @@ async fn an_h2_upstream_gets_the_authority_as_a_pseudo_header_and_no_host_field(
         "each request's (Host fields, :authority) at the origin"
     );
 }
+
+/// A cleartext HTTP/2 origin whose `/endless` body never ends (flow control paces
+/// it), whose `/stall` head never comes (it counts those requests), and whose other
+/// paths answer `ok`; it counts its sockets.
+async fn endless_h2c_origin() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let stalled = Arc::new(AtomicUsize::new(0));
+    let (a, s) = (accepted.clone(), stalled.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let s = s.clone();
+                    async move {
+                        if req.uri().path() == "/stall" {
+                            s.fetch_add(1, Ordering::SeqCst);
+                            std::future::pending::<()>().await;
+                        }
+                        let body = if req.uri().path() == "/endless" {
+                            let chunks = futures_util::stream::repeat_with(|| {
+                                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(
+                                    vec![b'x'; 64 * 1024],
+                                )))
+                            });
+                            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(chunks))
+                        } else {
+                            http_body_util::BodyExt::boxed(Full::new(Bytes::from_static(b"ok")))
+                        };
+                        Ok::<_, Infallible>(Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted, stalled)
+}
+
+/// A client that leaves in the middle of a response body, or before its head came,
+/// resets that one stream: its place on the shared connection is free again, and
+/// the connection, which did nothing wrong, goes on carrying streams. (A stream cut short used to keep its
+/// place for good, so leavers, such as a registry client cancelling a blob pull,
+/// wedged a pool whose connections all filled with dead streams.)
+#[tokio::test]
+async fn a_client_leaving_mid_exchange_frees_its_stream_and_keeps_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, accepted, stalled) = endless_h2c_origin().await;
+    let mut cfg = config(&[]);
+    let mut up = tether::config::UpstreamConfig::new("h2", addr.to_string());
+    up.protocol = Protocol::Http2;
+    up.max_connections = Some(1);
+    up.max_streams_per_connection = Some(1);
+    up.queue_timeout = Some(Duration::from_secs(2));
+    cfg.upstream.push(up);
+    route(&mut cfg, "h2");
+    let tether = start(cfg).await;
+    let route = tether.route_addrs[0];
+    for _ in 0..3 {
+        let mut leaver = tokio::net::TcpStream::connect(route).await.unwrap();
+        leaver
+            .write_all(format!("GET /endless HTTP/1.1\r\nHost: {route}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = vec![0; 64 * 1024];
+        let mut read = 0;
+        while read < 128 * 1024 {
+            let n = leaver.read(&mut got).await.unwrap();
+            assert!(n > 0, "the body streams");
+            read += n;
+        }
+        drop(leaver);
+        // The one stream there is is free again for the next request.
+        let reply = route_get(route, "/ok").await;
+        assert_eq!((reply.status.as_u16(), reply.text()), (200, "ok".into()));
+    }
+    for n in 1..=3 {
+        let mut leaver = tokio::net::TcpStream::connect(route).await.unwrap();
+        leaver
+            .write_all(format!("GET /stall HTTP/1.1\r\nHost: {route}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert!(eventually(WAIT, || async { stalled.load(Ordering::SeqCst) == n }).await);
+        drop(leaver);
+        let reply = route_get(route, "/ok").await;
+        assert_eq!((reply.status.as_u16(), reply.text()), (200, "ok".into()));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one connection throughout"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&admin(&tether, "/debug/pools").await.body).unwrap();
+    assert_eq!(json["pools"][0]["connections"][0]["protocol"], "h2");
+    assert_eq!(json["pools"][0]["connections"].as_array().unwrap().len(), 1);
+}

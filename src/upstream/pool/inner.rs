@@ -481,18 +481,24 @@ impl Pooled {
         }
     }
 
-    /// Closes the connection, counted with `reason`.
+    /// Closes the connection, counted with `reason`. An HTTP/2 stream is reset
+    /// instead (hyper resets it as its handles drop) and the connection, shared with
+    /// other streams, is kept: the stream's place is free again, and the connection
+    /// closes only if check-in finds it closed or past a limit.
     pub fn discard(mut self, reason: CloseReason) {
-        self.inner.set_reason(self.id, reason);
-        self.value = None;
+        match self.value.take() {
+            Some(value @ Client::H2(_)) => self.inner.check_in(self.id, value),
+            _ => self.inner.set_reason(self.id, reason),
+        }
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(value) = self.value.take() {
-            if self.sent {
-                // The exchange was cut short: the connection's state is unknown.
+            if self.sent && !value.is_h2() {
+                // The exchange was cut short: the connection's state is unknown. (A
+                // cut-short HTTP/2 stream is reset alone; see `discard`.)
                 self.inner.set_reason(self.id, CloseReason::Error);
             } else {
                 self.inner.check_in(self.id, value);
