@@ -46,11 +46,21 @@
 # Env:    TETHER_BIN      use this binary instead of `cargo build --release`
 #         TETHER_BASE_BIN the binary of the tether-base target (another build of
 #                         tether, to A/B two builds in one run; not in the default)
+#         BASE_UPSTREAM   TOML lines added to tether-base's [[upstream]] table, to
+#                         A/B one build against itself: with ORIGIN_H2=1,
+#                         TETHER_BASE_BIN=$TETHER_BIN and
+#                         BASE_UPSTREAM='protocol = "http1"', HTTP/2 to the origin
+#                         against HTTP/1.1
 #         TARGETS         default "direct tether haproxy-1t nginx-proxy"
 #         DURATION=8 ROUNDS=3 WARMUP=2 (seconds; 0 = no warm-up run)
 #         THREADS=2 CONNECTIONS=64 POOL_SIZE=16
 #         NGINX_PROXY_WORKERS=2 UPSTREAM_WORKERS=1 SAMPLE_INTERVAL=0.25
 #         CLASS_RUNS=1    0: wrk runs only (no per-class latency)
+#         ORIGIN_H2=0     1: the origin also speaks HTTP/2 (ALPN h2, as a registry
+#                         served by Go's net/http does); tether's `protocol = "auto"`
+#                         and HAProxy's `alpn h2,http/1.1` then multiplex requests
+#                         over its sockets; nginx's proxy_pass has no HTTP/2 and
+#                         stays on HTTP/1.1
 #         BURST=1         0: skip the reconnect burst after the rounds
 #         TIMEOUT=60s     wrk --timeout (latencies above it leave wrk's histogram)
 #         SETTLE=1        seconds after each run before its origin-log lines are
@@ -98,7 +108,13 @@ POOL_SIZE=${POOL_SIZE:-16}
 CLIENT_IDLE_TIMEOUT=${CLIENT_IDLE_TIMEOUT:-10m}
 MAX_CLIENTS=${MAX_CLIENTS:-4096}
 SERVER_NAME=registry.test
-export POOL_SIZE CLIENT_IDLE_TIMEOUT MAX_CLIENTS SAMPLE_INTERVAL SERVER_NAME
+ORIGIN_H2=${ORIGIN_H2:-0}
+case $ORIGIN_H2 in
+0) ORIGIN_LISTEN_H2="" HAPROXY_ALPN="" ;;
+1) ORIGIN_LISTEN_H2=" http2" HAPROXY_ALPN=" alpn h2,http/1.1" ;;
+*) die "ORIGIN_H2 is 0 or 1, not $ORIGIN_H2" ;;
+esac
+export POOL_SIZE CLIENT_IDLE_TIMEOUT MAX_CLIENTS SAMPLE_INTERVAL SERVER_NAME ORIGIN_LISTEN_H2 HAPROXY_ALPN
 
 require_tools wrk haproxy nginx curl ss python3 envsubst getconf openssl
 CLK_TCK=$(getconf CLK_TCK)
