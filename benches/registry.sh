@@ -51,6 +51,7 @@
 #                         TETHER_BASE_BIN=$TETHER_BIN and
 #                         BASE_UPSTREAM='protocol = "http1"', HTTP/2 to the origin
 #                         against HTTP/1.1
+#         BENCH_UPSTREAM  the same for the tether target
 #         TARGETS         default "direct tether haproxy-1t nginx-proxy"
 #         DURATION=8 ROUNDS=3 WARMUP=2 (seconds; 0 = no warm-up run)
 #         THREADS=2 CONNECTIONS=64 POOL_SIZE=16

@@ -353,10 +353,13 @@ start_tether() { # NAME ROUTE_PORT PROXY_PORT ADMIN_PORT [BINARY, default $TETHE
     elif [[ -n ${5:-} && -n ${BASE_WORKER_THREADS:-} ]]; then
         threads=(TOKIO_WORKER_THREADS="$BASE_WORKER_THREADS")
     fi
-    # BASE_UPSTREAM: TOML lines added to tether-base's [[upstream]] table (such as
-    # 'protocol = "http1"'), to set one build against itself configured otherwise.
-    if [[ -n ${5:-} && -n ${BASE_UPSTREAM:-} ]]; then
-        awk -v extra="$BASE_UPSTREAM" '{ print } /^\[\[upstream\]\]$/ { print extra }' \
+    # BENCH_UPSTREAM / BASE_UPSTREAM: TOML lines added to the [[upstream]] table of
+    # tether / tether-base (such as 'protocol = "http1"'), to set one build against
+    # itself configured otherwise.
+    local extra=${BENCH_UPSTREAM:-}
+    [[ -n ${5:-} ]] && extra=${BASE_UPSTREAM:-}
+    if [[ -n $extra ]]; then
+        awk -v extra="$extra" '{ print } /^\[\[upstream\]\]$/ { print extra }' \
             "$dir/tether.toml" >"$dir/tether.toml.new" && mv "$dir/tether.toml.new" "$dir/tether.toml"
     fi
     # tether merges every TETHER_* environment variable into its config (figment,
