@@ -476,34 +476,35 @@ impl Pooled {
 
     /// Returns the connection after a complete exchange.
     pub fn check_in(mut self) {
-        if let Some(value) = self.value.take() {
-            self.inner.check_in(self.id, value);
-        }
+        self.release(None);
     }
 
-    /// Closes the connection, counted with `reason`. An HTTP/2 stream is reset
-    /// instead (hyper resets it as its handles drop) and the connection, shared with
-    /// other streams, is kept: the stream's place is free again, and the connection
-    /// closes only if check-in finds it closed or past a limit.
+    /// Closes the connection, counted with `reason`, or, for an HTTP/2 stream, ends
+    /// that stream alone (see [`release`](Self::release)).
     pub fn discard(mut self, reason: CloseReason) {
-        match self.value.take() {
-            Some(value @ Client::H2(_)) => self.inner.check_in(self.id, value),
-            _ => self.inner.set_reason(self.id, reason),
+        self.release(Some(reason));
+    }
+
+    /// Ends this handle's exchange: checked in when it completed (`cut_short` is
+    /// `None`); otherwise an HTTP/1.1 connection, in a state unknown, closes with the
+    /// reason. An HTTP/2 stream cut short is checked in all the same: hyper resets it
+    /// as its handles drop, its place on the shared connection is free again, and
+    /// the connection closes only if check-in finds it closed or past a limit.
+    fn release(&mut self, cut_short: Option<CloseReason>) {
+        let Some(value) = self.value.take() else {
+            return;
+        };
+        match cut_short {
+            Some(reason) if !value.is_h2() => self.inner.set_reason(self.id, reason),
+            _ => self.inner.check_in(self.id, value),
         }
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        if let Some(value) = self.value.take() {
-            if self.sent && !value.is_h2() {
-                // The exchange was cut short: the connection's state is unknown. (A
-                // cut-short HTTP/2 stream is reset alone; see `discard`.)
-                self.inner.set_reason(self.id, CloseReason::Error);
-            } else {
-                self.inner.check_in(self.id, value);
-            }
-        }
+        // A request sent and not seen through was cut short.
+        self.release(self.sent.then_some(CloseReason::Error));
     }
 }
 
