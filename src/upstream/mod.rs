@@ -418,14 +418,16 @@ impl Upstream {
     ) -> Result<(), ProxyError> {
         let bad = |e: http::Error| ProxyError::BadTarget(e.to_string());
         if h2 {
-            let authority = match req.headers_mut().remove(header::HOST) {
-                Some(host) => Authority::try_from(host.as_bytes())
-                    .map_err(|e| ProxyError::BadTarget(format!("Host {host:?}: {e}")))?,
-                None => match req.uri().authority() {
-                    Some(authority) => authority.clone(),
-                    None => Authority::try_from(self.origin.to_string())
-                        .map_err(|e| ProxyError::BadTarget(format!("{}: {e}", self.origin)))?,
-                },
+            // The Host chosen; else the authority of a target already made ready for
+            // HTTP/2 (a retry) or of a forward proxy's absolute one; else the origin.
+            let host = req.headers_mut().remove(header::HOST);
+            let authority = match (host, req.uri().authority()) {
+                (None, Some(authority)) => authority.clone(),
+                (host, _) => {
+                    let host = host.map_or_else(|| self.host_header(), Ok)?;
+                    Authority::try_from(host.as_bytes())
+                        .map_err(|e| ProxyError::BadTarget(format!("Host {host:?}: {e}")))?
+                }
             };
             *req.uri_mut() = Uri::builder()
                 .scheme(self.pool.connector().scheme())
