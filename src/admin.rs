@@ -428,6 +428,7 @@ mod tests {
                 address: "127.0.0.9".into(),
                 connections_open: 30,
                 opened_in_window: 40,
+                used_in_window: 40,
                 requests_in_window: 40,
                 requests_per_connection: 1.0,
                 suspected_leak: true,

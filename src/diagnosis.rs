@@ -1,9 +1,12 @@
 //! Leak diagnosis: which client is leaking connections.
 //!
-//! Per client address tether counts connections opened and requests served over a
-//! sliding window (six buckets). A client that opens many connections and sends
-//! about one request on each is creating a new HTTP client per job; tether names it
-//! in a rate-limited warning and at `/debug/clients`. Memory stays bounded: clients
+//! Per client address tether counts connections opened, connections used (that sent
+//! a first request) and requests served over a sliding window (six buckets). A
+//! client whose many used connections carried about one request each is creating a
+//! new HTTP client per job; tether names it in a rate-limited warning and at
+//! `/debug/clients`. Requests per connection are counted over the used connections
+//! only: a client that opens its whole pool at once (a load generator, a pooled
+//! client warming up) has sent nothing on it yet, and is judged once it has. Memory stays bounded: clients
 //! with no open connection are forgotten, fewest-opened first, past a fixed bound.
 
 use foldhash::HashMap;
@@ -29,6 +32,8 @@ pub struct Clients {
 struct Stats {
     open: usize,
     opened: Window,
+    /// Connections that sent their first request.
+    used: Window,
     requests: Window,
     warned_at: Option<Instant>,
 }
@@ -79,7 +84,10 @@ pub struct ClientReport {
     pub address: String,
     pub connections_open: usize,
     pub opened_in_window: u64,
+    /// Connections whose first request came in the window.
+    pub used_in_window: u64,
     pub requests_in_window: u64,
+    /// Requests in the window per connection used in it.
     pub requests_per_connection: f64,
     /// Many connections, about one request each: a new HTTP client per job.
     pub suspected_leak: bool,
@@ -94,6 +102,7 @@ impl Clients {
         let stats = map.entry(ip).or_insert_with(|| Stats {
             open: 0,
             opened: Window::new(now, config.leak_window),
+            used: Window::new(now, config.leak_window),
             requests: Window::new(now, config.leak_window),
             warned_at: None,
         });
@@ -129,10 +138,13 @@ impl Clients {
         }
     }
 
-    /// A request from `ip` began, `now`.
-    pub fn request(&self, ip: IpAddr, now: Instant) {
+    /// A request from `ip` began, `now`; `first` on its connection.
+    pub fn request(&self, ip: IpAddr, now: Instant, first: bool) {
         if let Some(stats) = self.map.lock().get_mut(&ip) {
             stats.requests.add(now);
+            if first {
+                stats.used.add(now);
+            }
         }
     }
 
@@ -156,19 +168,21 @@ impl Clients {
 
 fn report(ip: IpAddr, stats: &mut Stats, now: Instant, config: &DiagnosisConfig) -> ClientReport {
     let opened = stats.opened.total(now);
+    let used = stats.used.total(now);
     let requests = stats.requests.total(now);
-    let ratio = if opened == 0 {
+    let ratio = if used == 0 {
         0.0
     } else {
-        requests as f64 / opened as f64
+        requests as f64 / used as f64
     };
     ClientReport {
         address: ip.to_string(),
         connections_open: stats.open,
         opened_in_window: opened,
+        used_in_window: used,
         requests_in_window: requests,
         requests_per_connection: (ratio * 10.0).round() / 10.0,
-        suspected_leak: opened >= config.leak_min_connections && ratio < config.leak_reuse_below,
+        suspected_leak: used >= config.leak_min_connections && ratio < config.leak_reuse_below,
     }
 }
 
@@ -221,16 +235,43 @@ mod tests {
         let good: IpAddr = "10.0.3.8".parse().unwrap();
         for _ in 0..20 {
             clients.opened(leaky, &config);
-            clients.request(leaky, Instant::now());
+            clients.request(leaky, Instant::now(), true);
         }
         clients.opened(good, &config);
-        for _ in 0..200 {
-            clients.request(good, Instant::now());
+        for i in 0..200 {
+            clients.request(good, Instant::now(), i == 0);
         }
         let top = clients.top(&config);
         assert_eq!(top[0].address, "10.0.3.7");
         assert!(top[0].suspected_leak);
         assert_eq!(top[0].requests_per_connection, 1.0);
         assert!(!top[1].suspected_leak);
+    }
+
+    /// Connections opened all at once, before any request, are not judged on
+    /// requests they have not had the chance to carry; once used, on what they
+    /// carried.
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_opened_at_once_is_judged_only_once_its_connections_are_used() {
+        let config = DiagnosisConfig {
+            leak_min_connections: 10,
+            ..DiagnosisConfig::default()
+        };
+        let clients = Clients::default();
+        let pooled: IpAddr = "10.0.3.9".parse().unwrap();
+        for _ in 0..30 {
+            clients.opened(pooled, &config);
+        }
+        let report = |clients: &Clients| clients.top(&config)[0].clone();
+        assert!(!report(&clients).suspected_leak, "nothing sent yet");
+        // Three requests on each: the first round is each connection's first.
+        for round in 0..3 {
+            for _ in 0..30 {
+                clients.request(pooled, Instant::now(), round == 0);
+            }
+        }
+        let r = report(&clients);
+        assert_eq!((r.opened_in_window, r.used_in_window), (30, 30));
+        assert!(!r.suspected_leak, "{r:?}");
     }
 }

@@ -86,7 +86,79 @@ async fn without_adaptive_keepalive_the_upstream_closes_first() {
     assert_eq!(closed(&tether, "idle_timeout"), 0.0);
 }
 
-/// Log lines captured from this test's thread.
+/// A client that opens its whole pool before sending anything (a load generator,
+/// a pooled client warming up) is not taken for a leak: its connections are judged
+/// on the requests they carry once used, here three each.
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_opening_its_pool_at_once_is_not_named() {
+    let (logs, _guard) = Captured::install();
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.diagnosis.leak_min_connections = 20;
+    let tether = start(cfg).await;
+    let route = tether.route_addrs[0];
+    let ip: std::net::IpAddr = "127.0.0.4".parse().unwrap();
+    let mut pool = Vec::new();
+    for _ in 0..30 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
+        pool.push(socket.connect(route).await.unwrap());
+    }
+    let opened = |t: &tether::Running| {
+        metric(
+            &t.metrics(),
+            "tether_downstream_connections_opened_total",
+            &[],
+        )
+    };
+    assert!(
+        eventually(WAIT, || async { opened(&tether) == Some(30.0) }).await,
+        "all thirty admitted before any request"
+    );
+    let mut senders = Vec::new();
+    for stream in pool {
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        senders.push(send);
+    }
+    for _ in 0..3 {
+        for send in &mut senders {
+            let req = http::Request::get("/")
+                .header("host", "x")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap();
+        }
+    }
+    let text = String::from_utf8(logs.bytes()).unwrap();
+    assert!(!text.contains("client 127.0.0.4 opened"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&admin(&tether, "/debug/clients").await.body).unwrap();
+    let me = json["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["address"] == "127.0.0.4")
+        .unwrap()
+        .clone();
+    assert_eq!(me["opened_in_window"], 30);
+    assert_eq!(me["used_in_window"], 30);
+    assert_eq!(me["requests_per_connection"], 3.0);
+    assert_eq!(me["suspected_leak"], false);
+    let scrape = admin(&tether, "/metrics").await.text();
+    assert_eq!(
+        metric(&scrape, "tether_suspected_leaking_clients", &[]),
+        Some(0.0)
+    );
+}
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
@@ -133,7 +205,7 @@ async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
     assert_eq!(warnings.len(), 1, "one warning, rate-limited: {warnings:?}");
     assert!(
         warnings[0]
-            .contains("client 127.0.0.2 opened 20 connections in 1m, 1.0 requests per connection"),
+            .contains("client 127.0.0.2 opened 21 connections in 1m, 1.0 requests per connection"),
         "{}",
         warnings[0]
     );

@@ -156,6 +156,8 @@ pub struct ClientConn {
     pub(super) reason: AtomicU8,
     /// Chosen as an eviction victim: never chosen again.
     pub(super) evicting: AtomicBool,
+    /// A request began on it (for the leak diagnosis: connections used).
+    used: AtomicBool,
     /// What the connection's watcher is to look at: [`Events`] bits, and [`POLLING`]
     /// while it is inside hyper's poll (then it looks anyway, and needs no wake-up).
     events: AtomicU8,
@@ -341,6 +343,7 @@ impl Downstream {
             head_started: AtomicU64::new(now + 1),
             reason: AtomicU8::new(ClientClose::ClientClosed as u8),
             evicting: AtomicBool::new(false),
+            used: AtomicBool::new(false),
             events: AtomicU8::new(0),
             watcher: AtomicWaker::new(),
             downstream: self.clone(),
@@ -507,7 +510,11 @@ impl ClientConn {
     /// deadline share.
     pub fn begin_request_at(self: &Arc<Self>, started: Instant) -> RequestGuard {
         self.head_started.store(0, Ordering::Relaxed);
-        self.downstream.clients.request(self.peer.ip(), started);
+        // Requests on one connection come one at a time; the swap is taken once.
+        let first = !self.used.load(Ordering::Relaxed) && !self.used.swap(true, Ordering::Relaxed);
+        self.downstream
+            .clients
+            .request(self.peer.ip(), started, first);
         if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             self.downstream
                 .counts
