@@ -6,8 +6,9 @@
 //! new HTTP client per job; tether names it in a rate-limited warning and at
 //! `/debug/clients`. Requests per connection are counted over the used connections
 //! only: a client that opens its whole pool at once (a load generator, a pooled
-//! client warming up) has sent nothing on it yet, and is judged once it has. Memory stays bounded: clients
-//! with no open connection are forgotten, fewest-opened first, past a fixed bound.
+//! client warming up) has sent nothing on it yet, and is judged once it has.
+//! Memory stays bounded: clients with no open connection are forgotten,
+//! fewest-opened first, past a fixed bound.
 
 use foldhash::HashMap;
 use std::net::IpAddr;
@@ -262,15 +263,15 @@ mod tests {
         for _ in 0..30 {
             clients.opened(pooled, &config);
         }
-        let report = |clients: &Clients| clients.top(&config)[0].clone();
-        assert!(!report(&clients).suspected_leak, "nothing sent yet");
+        let first = |clients: &Clients| clients.top(&config)[0].clone();
+        assert!(!first(&clients).suspected_leak, "nothing sent yet");
         // Three requests on each: the first round is each connection's first.
         for round in 0..3 {
             for _ in 0..30 {
                 clients.request(pooled, Instant::now(), round == 0);
             }
         }
-        let r = report(&clients);
+        let r = first(&clients);
         assert_eq!((r.opened_in_window, r.used_in_window), (30, 30));
         assert!(!r.suspected_leak, "{r:?}");
     }
