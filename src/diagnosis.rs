@@ -225,13 +225,17 @@ mod tests {
         assert_eq!(w.total(Instant::now()), 0);
     }
 
+    /// Suspects a client from `n` used connections on.
+    fn judging_at(n: u64) -> DiagnosisConfig {
+        DiagnosisConfig {
+            leak_min_connections: n,
+            ..DiagnosisConfig::default()
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_client_with_one_request_per_connection_is_suspected() {
-        let config = DiagnosisConfig {
-            leak_min_connections: 10,
-            ..DiagnosisConfig::default()
-        };
-        let clients = Clients::default();
+        let (config, clients) = (judging_at(10), Clients::default());
         let leaky: IpAddr = "10.0.3.7".parse().unwrap();
         let good: IpAddr = "10.0.3.8".parse().unwrap();
         for _ in 0..20 {
@@ -254,11 +258,7 @@ mod tests {
     /// carried.
     #[tokio::test(start_paused = true)]
     async fn a_pool_opened_at_once_is_judged_only_once_its_connections_are_used() {
-        let config = DiagnosisConfig {
-            leak_min_connections: 10,
-            ..DiagnosisConfig::default()
-        };
-        let clients = Clients::default();
+        let (config, clients) = (judging_at(10), Clients::default());
         let pooled: IpAddr = "10.0.3.9".parse().unwrap();
         for _ in 0..30 {
             clients.opened(pooled, &config);

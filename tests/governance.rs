@@ -86,24 +86,58 @@ async fn without_adaptive_keepalive_the_upstream_closes_first() {
     assert_eq!(closed(&tether, "idle_timeout"), 0.0);
 }
 
+/// A tether whose diagnosis names a client after 20 used connections, in front of
+/// an origin (kept alive with it).
+async fn diagnosed() -> (tether::Running, Origin) {
+    let origin = Origin::start().await;
+    let mut cfg = config(&[("up", &origin)]);
+    route(&mut cfg, "up");
+    cfg.diagnosis.leak_min_connections = 20;
+    (start(cfg).await, origin)
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// A connection to `route` from `ip`, nothing sent on it.
+async fn tcp_from(ip: std::net::IpAddr, route: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
+    socket.connect(route).await.unwrap()
+}
+
+/// A keep-alive HTTP/1.1 client on `stream` (a handshake sends nothing).
+async fn http1(stream: tokio::net::TcpStream) -> Sender {
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// `GET /` on `send`, its body read to the end.
+async fn get_on(send: &mut Sender) {
+    let req = http::Request::get("/")
+        .header("host", "x")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+}
+
 /// A client that opens its whole pool before sending anything (a load generator,
 /// a pooled client warming up) is not taken for a leak: its connections are judged
 /// on the requests they carry once used, here three each.
 #[tokio::test(flavor = "current_thread")]
 async fn a_client_opening_its_pool_at_once_is_not_named() {
     let (logs, _guard) = Captured::install();
-    let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    cfg.diagnosis.leak_min_connections = 20;
-    let tether = start(cfg).await;
+    let (tether, _origin) = diagnosed().await;
     let route = tether.route_addrs[0];
     let ip: std::net::IpAddr = "127.0.0.4".parse().unwrap();
     let mut pool = Vec::new();
     for _ in 0..30 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
-        pool.push(socket.connect(route).await.unwrap());
+        pool.push(tcp_from(ip, route).await);
     }
     let opened = |t: &tether::Running| {
         metric(
@@ -118,24 +152,11 @@ async fn a_client_opening_its_pool_at_once_is_not_named() {
     );
     let mut senders = Vec::new();
     for stream in pool {
-        let (send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        senders.push(send);
+        senders.push(http1(stream).await);
     }
     for _ in 0..3 {
         for send in &mut senders {
-            let req = http::Request::get("/")
-                .header("host", "x")
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .unwrap();
-            let resp = send.send_request(req).await.unwrap();
-            assert_eq!(resp.status(), 200);
-            http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .unwrap();
+            get_on(send).await;
         }
     }
     let text = String::from_utf8(logs.bytes()).unwrap();
@@ -163,12 +184,7 @@ async fn a_client_opening_its_pool_at_once_is_not_named() {
 #[tokio::test(flavor = "current_thread")]
 async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
     let (logs, _guard) = Captured::install();
-
-    let origin = Origin::start().await;
-    let mut cfg = config(&[("up", &origin)]);
-    route(&mut cfg, "up");
-    cfg.diagnosis.leak_min_connections = 20;
-    let tether = start(cfg).await;
+    let (tether, _origin) = diagnosed().await;
     let route = tether.route_addrs[0];
     let leaky_ip: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let good_ip: std::net::IpAddr = "127.0.0.3".parse().unwrap();
@@ -178,23 +194,9 @@ async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
         assert_eq!(leaky.job(route, "x", "/").await.unwrap().status, 200);
     }
     // A well-behaved client: one keep-alive connection for sixty requests.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(std::net::SocketAddr::new(good_ip, 0)).unwrap();
-    let stream = socket.connect(route).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = http1(tcp_from(good_ip, route).await).await;
     for _ in 0..60 {
-        let req = http::Request::get("/")
-            .header("host", "x")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .unwrap();
+        get_on(&mut send).await;
     }
 
     let text = String::from_utf8(logs.bytes()).unwrap();
