@@ -274,10 +274,13 @@ run_load() {
     local tool=$1 target=$2 round=$3 dur=$4
     local tag="$tool.$target.$round" url=${URL[$target]}
     local out="$WORK/$tag.txt" peakf="$WORK/peak.$tag" opens="-" before="" after
-    local lpid spid rc=0 pids ticks0="" ticks1 lines0 lines1 steal0
+    local lpid spid rc=0 pids ticks0="" ticks1 lines0 lines1 steal0 queue0="" queue="-"
     steal0=$(host_steal)
     lines0=$(origin_lines)
-    if [[ -n ${ADMIN[$target]:-} ]]; then before=$(tether_opens "${ADMIN[$target]}"); fi
+    if [[ -n ${ADMIN[$target]:-} ]]; then
+        before=$(tether_opens "${ADMIN[$target]}")
+        queue0=$(tether_queue "${ADMIN[$target]}")
+    fi
     if [[ $target != direct ]]; then
         # shellcheck disable=SC2046
         ticks0=$(cpu_ticks $(proc_tree "${PID[$target]}"))
@@ -320,6 +323,7 @@ run_load() {
     if [[ -n ${ADMIN[$target]:-} ]]; then
         after=$(tether_opens "${ADMIN[$target]}")
         opens=$(counter_delta "$before" "$after")
+        queue=$(queue_wait_ms "$queue0" "$(tether_queue "${ADMIN[$target]}")")
     fi
     local new full
     read -r new full <<<"$(tls_opens "$lines0" "$lines1")"
@@ -341,10 +345,10 @@ run_load() {
     if [[ -n $ticks0 ]] && ((requests > 0)); then
         cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tool" "$target" "$round" "$parsed" "$peak" \
-        "$opens" "$cpu" "$new" "$full" >>"$WORK/results.tsv"
-    log "$(printf 'round %s %-7s %-12s %8s req/s  p50 %8s ms  p99 %8s ms  %8s MiB/s  peak upstream %3s  opens %s  TLS new/full %s/%s  cpu %s us/req  steal %s%%' \
-        "$round" "$tool" "$target" "$rps" "$p50" "$p99" "$mib" "$peak" "$opens" "$new" "$full" "$cpu" "$(steal_since "$steal0")")"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tool" "$target" "$round" "$parsed" "$peak" \
+        "$opens" "$cpu" "$new" "$full" "$queue" >>"$WORK/results.tsv"
+    log "$(printf 'round %s %-7s %-12s %8s req/s  p50 %8s ms  p99 %8s ms  %8s MiB/s  peak upstream %3s  opens %s  queue %s ms  TLS new/full %s/%s  cpu %s us/req  steal %s%%' \
+        "$round" "$tool" "$target" "$rps" "$p50" "$p99" "$mib" "$peak" "$opens" "$queue" "$new" "$full" "$cpu" "$(steal_since "$steal0")")"
 }
 
 # --- the runs ---------------------------------------------------------------
@@ -404,6 +408,7 @@ fi
     has_target tether && echo "- tether: $(version "$TETHER_BIN" --version), runtime threads ${WORKER_THREADS:-one per core}"
     echo "- TLS new / full: TLS connections the target opened at the origin per round (from the origin's access log, \`\$connection_requests\` = 1), and how many were full handshakes (\`\$ssl_session_reused\` not \`r\`); warm-up runs not counted"
     echo "- peak upstream sockets: established sockets to the origin owned by the target's processes, sampled every ${SAMPLE_INTERVAL}s (for direct: wrk's own)"
+    echo "- queue wait ms/req: tether only, the mean time a request waited for an upstream socket in the run (\`tether_upstream_queue_wait_seconds\` sum over count); the other targets do not say"
     echo "- per-class latency: regload.py times each request from its write to the last byte of its body; non-2xx counted per class"
     echo
     python3 "$TEMPLATES/report.py" "$WORK/results.tsv" "$WORK/classes.tsv"

@@ -400,6 +400,24 @@ tether_opens() {
         awk '/^tether_upstream_connections_opened_total\{/ && /upstream="bench"/ { v = $NF } END { print (v == "" ? "?" : v) }'
 }
 
+# tether_queue ADMIN_PORT : "SUM COUNT" of tether_upstream_queue_wait_seconds for the
+# upstream "bench" (every request that took a socket through the pool, queued or not).
+tether_queue() {
+    curl -sS --max-time 5 "http://127.0.0.1:$1/metrics" 2>/dev/null |
+        awk '/upstream="bench"/ && /^tether_upstream_queue_wait_seconds_sum\{/ { s = $NF }
+             /upstream="bench"/ && /^tether_upstream_queue_wait_seconds_count\{/ { c = $NF }
+             END { print (s == "" ? "?" : s), (c == "" ? "?" : c) }'
+}
+
+# queue_wait_ms "SUM0 COUNT0" "SUM1 COUNT1" : the mean wait in ms between two
+# tether_queue readings, or "-".
+queue_wait_ms() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        split(a, x, " "); split(b, y, " ")
+        if (x[2] == "?" || y[2] == "?" || y[2] - x[2] <= 0) { print "-"; exit }
+        printf "%.1f", (y[1] - x[1]) * 1000 / (y[2] - x[2]) }'
+}
+
 # resolve_tether : sets TETHER_BIN, building with cargo when it is not given.
 resolve_tether() {
     if [[ -n ${TETHER_BIN:-} ]]; then

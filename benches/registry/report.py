@@ -5,7 +5,8 @@
 
 RESULTS_TSV columns: tool target round rps mibps p50_ms p99_ms requests errors
 peak_upstream_sockets upstream_opens proxy_cpu_us_per_request tls_new tls_full
-(tool: wrk or regload). CLASSES_TSV columns: target round class completed p50_ms
+queue_wait_ms (tool: wrk or regload; queue_wait_ms, tether's mean wait for a socket,
+"-" for the other targets). CLASSES_TSV columns: target round class completed p50_ms
 p99_ms max_ms non_2xx (regload.py's class lines, prefixed with target and round).
 
 Prints markdown: the medians over rounds per target of the wrk runs, of the regload
@@ -116,13 +117,13 @@ def table(rows, order, title, tool):
     mib = "MiB/s" if tool == "wrk" else "body MiB/s"
     print(
         f"| target | req/s | {mib} | p50 ms | p99 ms | peak upstream sockets | upstream opens/run "
-        "| TLS new/run | TLS full/run | proxy CPU µs/req | errors | rounds |"
+        "| TLS new/run | TLS full/run | queue wait ms/req | proxy CPU µs/req | errors | rounds |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in order:
         rs = rows[t]
         m = {k: median(r[i] for r in rs) for k, i in
-             (("rps", 2), ("mibps", 3), ("p50", 4), ("p99", 5), ("cpu", 10))}
+             (("rps", 2), ("mibps", 3), ("p50", 4), ("p99", 5), ("cpu", 10), ("queue", 13))}
         m["full"] = sum(int(r[12]) for r in rs)
         med[t] = m
         peak = max(int(r[8]) for r in rs)
@@ -133,7 +134,7 @@ def table(rows, order, title, tool):
             f"| {t} | {fmt(m['rps'], 0)} | {fmt(m['mibps'], 1)} | {fmt(m['p50'], 1)} "
             f"| {fmt(m['p99'], 1)} | {peak}{f' ({client})' if t == 'direct' else ''} | {opens_txt} "
             f"| {'/'.join(r[11] for r in rs)} | {'/'.join(r[12] for r in rs)} "
-            f"| {fmt(m['cpu'], 1)} | {sum(int(r[7]) for r in rs)} | {len(rs)} |"
+            f"| {fmt(m['queue'], 1) if m['queue'] is not None else '-'} | {fmt(m['cpu'], 1)} | {sum(int(r[7]) for r in rs)} | {len(rs)} |"
         )
     print()
     return med
