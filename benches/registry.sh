@@ -273,14 +273,11 @@ wait_children() {
 run_load() {
     local tool=$1 target=$2 round=$3 dur=$4
     local tag="$tool.$target.$round" url=${URL[$target]}
-    local out="$WORK/$tag.txt" peakf="$WORK/peak.$tag" opens="-" before="" after
-    local lpid spid rc=0 pids ticks0="" ticks1 lines0 lines1 steal0 queue0="" queue="-"
+    local out="$WORK/$tag.txt" peakf="$WORK/peak.$tag" opens="-" queue="-" before="" after
+    local lpid spid rc=0 pids ticks0="" ticks1 lines0 lines1 steal0
     steal0=$(host_steal)
     lines0=$(origin_lines)
-    if [[ -n ${ADMIN[$target]:-} ]]; then
-        before=$(tether_opens "${ADMIN[$target]}")
-        queue0=$(tether_queue "${ADMIN[$target]}")
-    fi
+    if [[ -n ${ADMIN[$target]:-} ]]; then before=$(tether_counters "${ADMIN[$target]}"); fi
     if [[ $target != direct ]]; then
         # shellcheck disable=SC2046
         ticks0=$(cpu_ticks $(proc_tree "${PID[$target]}"))
@@ -321,9 +318,9 @@ run_load() {
     stop_tree "$spid"
     lines1=$(origin_lines)
     if [[ -n ${ADMIN[$target]:-} ]]; then
-        after=$(tether_opens "${ADMIN[$target]}")
-        opens=$(counter_delta "$before" "$after")
-        queue=$(queue_wait_ms "$queue0" "$(tether_queue "${ADMIN[$target]}")")
+        after=$(tether_counters "${ADMIN[$target]}")
+        opens=$(counter_delta "${before%% *}" "${after%% *}")
+        queue=$(queue_wait_ms "$before" "$after")
     fi
     local new full
     read -r new full <<<"$(tls_opens "$lines0" "$lines1")"

@@ -394,28 +394,33 @@ start_floor() { # NAME PORT MODE  (benches/floor.rs: MODE hyper or raw)
     wait_port "$port" "$PROXY_PID" "$dir/floor.log"
 }
 
+# tether_counters ADMIN_PORT : one scrape of tether's /metrics for the upstream
+# "bench", as "OPENS QUEUE_SUM QUEUE_COUNT": tether_upstream_connections_opened_total
+# and tether_upstream_queue_wait_seconds (every request that took a socket through
+# the pool, queued or not); "?" for what it lacks.
+tether_counters() {
+    curl -sS --max-time 5 "http://127.0.0.1:$1/metrics" 2>/dev/null |
+        awk '!/upstream="bench"/ { next }
+             /^tether_upstream_connections_opened_total\{/ { o = $NF }
+             /^tether_upstream_queue_wait_seconds_sum\{/ { s = $NF }
+             /^tether_upstream_queue_wait_seconds_count\{/ { c = $NF }
+             END { print (o == "" ? "?" : o), (s == "" ? "?" : s), (c == "" ? "?" : c) }'
+}
+
 # tether_opens ADMIN_PORT : tether_upstream_connections_opened_total{upstream="bench"}
 tether_opens() {
-    curl -sS --max-time 5 "http://127.0.0.1:$1/metrics" 2>/dev/null |
-        awk '/^tether_upstream_connections_opened_total\{/ && /upstream="bench"/ { v = $NF } END { print (v == "" ? "?" : v) }'
+    local opens _
+    read -r opens _ <<<"$(tether_counters "$1")"
+    echo "$opens"
 }
 
-# tether_queue ADMIN_PORT : "SUM COUNT" of tether_upstream_queue_wait_seconds for the
-# upstream "bench" (every request that took a socket through the pool, queued or not).
-tether_queue() {
-    curl -sS --max-time 5 "http://127.0.0.1:$1/metrics" 2>/dev/null |
-        awk '/upstream="bench"/ && /^tether_upstream_queue_wait_seconds_sum\{/ { s = $NF }
-             /upstream="bench"/ && /^tether_upstream_queue_wait_seconds_count\{/ { c = $NF }
-             END { print (s == "" ? "?" : s), (c == "" ? "?" : c) }'
-}
-
-# queue_wait_ms "SUM0 COUNT0" "SUM1 COUNT1" : the mean wait in ms between two
-# tether_queue readings, or "-".
+# queue_wait_ms BEFORE AFTER : the mean queue wait in ms between two
+# tether_counters readings, or "-".
 queue_wait_ms() {
     awk -v a="$1" -v b="$2" 'BEGIN {
         split(a, x, " "); split(b, y, " ")
-        if (x[2] == "?" || y[2] == "?" || y[2] - x[2] <= 0) { print "-"; exit }
-        printf "%.1f", (y[1] - x[1]) * 1000 / (y[2] - x[2]) }'
+        if (x[3] == "?" || y[3] == "?" || y[3] - x[3] <= 0) { print "-"; exit }
+        printf "%.1f", (y[2] - x[2]) * 1000 / (y[3] - x[3]) }'
 }
 
 # resolve_tether : sets TETHER_BIN, building with cargo when it is not given.
