@@ -98,13 +98,6 @@ async fn diagnosed() -> (tether::Running, Origin) {
 
 type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
 
-/// A connection to `route` from `ip`, nothing sent on it.
-async fn tcp_from(ip: std::net::IpAddr, route: std::net::SocketAddr) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
-    socket.connect(route).await.unwrap()
-}
-
 /// A keep-alive HTTP/1.1 client on `stream` (a handshake sends nothing).
 async fn http1(stream: tokio::net::TcpStream) -> Sender {
     let io = hyper_util::rt::TokioIo::new(stream);
@@ -137,7 +130,7 @@ async fn a_client_opening_its_pool_at_once_is_not_named() {
     let ip: std::net::IpAddr = "127.0.0.4".parse().unwrap();
     let mut pool = Vec::new();
     for _ in 0..30 {
-        pool.push(tcp_from(ip, route).await);
+        pool.push(connect_from(ip, route).await.unwrap());
     }
     let opened = |t: &tether::Running| {
         metric(
@@ -194,7 +187,7 @@ async fn the_leaking_client_is_named_and_a_well_behaved_one_is_not() {
         assert_eq!(leaky.job(route, "x", "/").await.unwrap().status, 200);
     }
     // A well-behaved client: one keep-alive connection for sixty requests.
-    let mut send = http1(tcp_from(good_ip, route).await).await;
+    let mut send = http1(connect_from(good_ip, route).await.unwrap()).await;
     for _ in 0..60 {
         get_on(&mut send).await;
     }

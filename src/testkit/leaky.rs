@@ -122,15 +122,7 @@ impl LeakyClient {
     /// A new connection to `addr`, counted until the server side closes it.
     async fn connect(&mut self, addr: SocketAddr) -> io::Result<http1::SendRequest<Full<Bytes>>> {
         let stream = match self.source {
-            Some(ip) => {
-                let socket = if ip.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()?
-                } else {
-                    tokio::net::TcpSocket::new_v6()?
-                };
-                socket.bind(SocketAddr::new(ip, 0))?;
-                socket.connect(addr).await?
-            }
+            Some(ip) => super::connect_from(ip, addr).await?,
             None => TcpStream::connect(addr).await?,
         };
         self.connected.push(addr);

@@ -35,6 +35,21 @@ pub fn refusing_addr() -> (std::net::SocketAddr, tokio::net::TcpSocket) {
     (addr, socket)
 }
 
+/// A TCP connection to `addr` from `source` (another loopback address stands for
+/// another client host).
+pub async fn connect_from(
+    source: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
 /// A connected TCP pair on loopback: `(client, server, the client's address as the
 /// server sees it)`.
 pub async fn tcp_pair() -> (

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 pub use tether::testkit::leaky::LeakyClient;
 pub use tether::testkit::listening::Listening;
 pub use tether::testkit::origin::{Origin, OriginOptions};
-pub use tether::testkit::{eventually, metric, ss_established_to};
+pub use tether::testkit::{connect_from, eventually, metric, ss_established_to};
 
 /// How long a condition may take to become true before a test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
